@@ -1,0 +1,76 @@
+"""Value types shared by the pure stages: what the kernel must hold.
+
+An element is a (key, value) pair of plain Python values; `value` is None for
+set elements. Atoms are str (addresses, prefixes, interface names, cgroup
+paths), int (marks; stale cgroup elements, which the kernel shows by id) and
+(lo, hi) port ranges; concatenations are tuples of atoms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+Atom = Union[str, int, tuple[int, int]]
+Key = Union[Atom, tuple[Atom, ...]]
+Element = tuple[Key, Optional[Union[Atom, tuple[Atom, ...]]]]
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    """The default route of one of our tables: `default via GW dev DEV table T`."""
+
+    family: int  # 4 or 6
+    table: int
+    dev: str
+    gateway: Optional[str] = None  # None: on-link default route via dev
+
+    def describe(self) -> str:
+        via = f"via {self.gateway} " if self.gateway else ""
+        return f"route -{self.family} default {via}dev {self.dev} table {self.table}"
+
+
+@dataclass(frozen=True, order=True)
+class Rule:
+    """`ip rule add fwmark MARK/MASK lookup TABLE priority PRIO`."""
+
+    family: int
+    priority: int
+    fwmark: int
+    mask: int
+    table: int
+
+    def describe(self) -> str:
+        return (f"rule -{self.family} priority {self.priority} fwmark "
+                f"{self.fwmark:#x}/{self.mask:#x} lookup {self.table}")
+
+
+@dataclass(frozen=True)
+class RouteOp:
+    op: str  # "add" | "delete"
+    obj: Union[Route, Rule]
+
+    def describe(self) -> str:
+        return f"{self.op} {self.obj.describe()}"
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Everything of ours the kernel should hold after a sync."""
+
+    elements: dict[str, frozenset[Element]] = field(default_factory=dict)
+    policy_rules: tuple[str, ...] = ()
+    routes: frozenset[Route] = frozenset()
+    rules: frozenset[Rule] = frozenset()
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the kernel holds of ours. `table` False: our table does not exist."""
+
+    table: bool = False
+    skeleton: Optional[str] = None  # the skeleton digest in the table comment
+    elements: dict[str, frozenset[Element]] = field(default_factory=dict)
+    policy_rules: tuple[str, ...] = ()
+    routes: frozenset[Route] = frozenset()
+    rules: frozenset[Rule] = frozenset()

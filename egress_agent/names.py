@@ -1,0 +1,96 @@
+"""Every name, mark bit, table id and rule priority the agent owns.
+
+One module so that what the agent touches is recognisable in `nft list`,
+`ip rule` and `ip route show table all`, and so that nothing outside these
+ranges is ever read or written (DESIGN.md, "Kernel objects").
+"""
+
+from __future__ import annotations
+
+TABLE_FAMILY = "inet"
+TABLE_NAME = "egress_agent"
+TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
+
+# --- packet / conntrack mark layout -------------------------------------------
+# bits  0-19  workload id (wid), 1..WID_MAX; 0 means "not a workload"
+# bits 20-27  egress id (eid) of the chosen egress IP, 1..EID_MAX; 0 = host default
+# bit  31     drop decision (never stored in conntrack: the first packet is dropped)
+# The agent owns the whole mark of connections that come from workloads; marks
+# of all other traffic are left alone.
+WID_BITS = 20
+WID_MASK = (1 << WID_BITS) - 1  # 0x000fffff
+WID_MAX = WID_MASK
+EID_SHIFT = 20
+EID_MASK = 0xFF << EID_SHIFT  # 0x0ff00000
+EID_MAX = 0xFF
+DROP_FLAG = 0x80000000
+
+
+def lease_mark(wid: int, eid: int) -> int:
+    """The mark a connection of workload `wid` carries when it leaves via `eid`."""
+    if not 1 <= wid <= WID_MAX:
+        raise ValueError(f"workload id {wid} outside 1..{WID_MAX}")
+    if not 0 <= eid <= EID_MAX:
+        raise ValueError(f"egress id {eid} outside 0..{EID_MAX}")
+    return (eid << EID_SHIFT) | wid
+
+
+def split_mark(mark: int) -> tuple[int, int]:
+    return mark & WID_MASK, (mark & EID_MASK) >> EID_SHIFT
+
+
+# --- policy routing ------------------------------------------------------------
+# One route table and one ip rule per egress IP that has `via`. Table ids and
+# priorities are eid + base, so `ip rule` shows e.g. "7101: from all fwmark
+# 0x100000/0xff00000 lookup 7101" for eid 1.
+ROUTE_TABLE_BASE = 7100
+RULE_PRIORITY_BASE = 7100
+
+
+def route_table(eid: int) -> int:
+    return ROUTE_TABLE_BASE + eid
+
+
+def rule_priority(eid: int) -> int:
+    return RULE_PRIORITY_BASE + eid
+
+
+def rule_fwmark(eid: int) -> tuple[int, int]:
+    """(fwmark, mask) of the ip rule that sends egress `eid` to its table."""
+    return eid << EID_SHIFT, EID_MASK
+
+
+def is_our_table(table_id: int) -> bool:
+    return ROUTE_TABLE_BASE + 1 <= table_id <= ROUTE_TABLE_BASE + EID_MAX
+
+
+def is_our_priority(priority: int) -> bool:
+    return RULE_PRIORITY_BASE + 1 <= priority <= RULE_PRIORITY_BASE + EID_MAX
+
+
+# --- nftables object names -----------------------------------------------------
+# cgroupv2 matching needs the ancestor level in the expression
+# (`socket cgroupv2 level N`), so there is one map per level.
+CGROUP_LEVELS = range(1, 9)
+
+
+def cgroup_map(level: int) -> str:
+    return f"cgroup_l{level}"
+
+
+def policy_set(index: int) -> str:
+    """Named set of the workload ids one policy applies to (by position)."""
+    return f"policy_{index}_workloads"
+
+
+# The static maps and sets of the skeleton, by family where it matters.
+SOURCE_MAP = {4: "source4", 6: "source6"}            # saddr : wid-mark
+SOURCE_IF_MAP = {4: "source4_if", 6: "source6_if"}    # saddr . iifname : wid-mark
+BOUND_SET = {4: "bound4", 6: "bound6"}                # sources bound to an interface
+MANAGED_SET = {4: "managed4", 6: "managed6"}          # managed networks (intervals)
+EXCLUDE_SET = {4: "exclude4", 6: "exclude6"}          # excluded destinations
+ASSIGN_MAP = {4: "assign4", 6: "assign6"}             # wid-mark : lease mark (default route)
+SNAT4_PORTS_MAP = "snat4"                            # lease mark : addr . port block
+SNAT4_ADDR_MAP = "snat4_addr"                        # lease mark : addr (ICMP and others)
+SNAT6_MAP = "snat6"                                  # lease mark : ipv6 addr
+POLICY_CHAIN = "policies"
