@@ -1,0 +1,331 @@
+"""Allocations: workload ids, egress ids, and leases (port block + IPv6 address).
+
+Pure: `allocate(config, previous, usable)` returns the next allocations and
+the events (assign/release) that the store appends to its history once the
+kernel has accepted the sync. Stability is the point: anything that still fits
+is kept, so adding or removing one workload moves no other workload, and a
+workload that falls back while its IP is away gets the same block back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional
+
+from . import names
+from .config import Config, EgressIP, Policy, PolicyEgress, Workload
+
+Ports = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Workload `workload` may leave via egress IP `ip` with these addresses."""
+
+    workload: str
+    ip: str
+    ipv4: Optional[str] = None
+    ports: Optional[Ports] = None
+    ipv6: Optional[str] = None
+    temporary: bool = False  # a failover block, released when the IP comes back
+
+    def to_json(self) -> dict:
+        return {"workload": self.workload, "ip": self.ip, "ipv4": self.ipv4,
+                "ports": list(self.ports) if self.ports else None, "ipv6": self.ipv6,
+                "temporary": self.temporary}
+
+    @staticmethod
+    def from_json(d: dict) -> "Lease":
+        return Lease(d["workload"], d["ip"], d.get("ipv4"),
+                     tuple(d["ports"]) if d.get("ports") else None,  # type: ignore[arg-type]
+                     d.get("ipv6"), bool(d.get("temporary")))
+
+
+@dataclass(frozen=True)
+class Allocations:
+    wids: dict[str, int] = field(default_factory=dict)     # workload id -> wid
+    eids: dict[str, int] = field(default_factory=dict)     # egress IP id -> eid
+    app_choice: dict[str, str] = field(default_factory=dict)  # workload -> app IP id
+    leases: dict[tuple[str, str], Lease] = field(default_factory=dict)  # (workload, ip)
+
+    def to_json(self) -> dict:
+        return {"version": 1, "wids": self.wids, "eids": self.eids,
+                "app_choice": self.app_choice,
+                "leases": [l.to_json() for l in sorted(self.leases.values(),
+                                                        key=lambda l: (l.workload, l.ip))]}
+
+    @staticmethod
+    def from_json(d: dict) -> "Allocations":
+        leases = [Lease.from_json(x) for x in d.get("leases", [])]
+        return Allocations(dict(d.get("wids", {})), dict(d.get("eids", {})),
+                           dict(d.get("app_choice", {})),
+                           {(l.workload, l.ip): l for l in leases})
+
+    def lease(self, workload: str, ip: str) -> Optional[Lease]:
+        return self.leases.get((workload, ip))
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "assign" | "release"
+    lease: Lease
+
+
+class CapacityError(Exception):
+    """A workload needs a lease on an IP that has no room left."""
+
+    def __init__(self, workload: str, ip: str, reason: str):
+        self.workload, self.ip, self.reason = workload, ip, reason
+        super().__init__(f"workload {workload!r} needs a port block on egress IP {ip!r}: {reason}")
+
+
+@dataclass(frozen=True)
+class Usable:
+    """Which egress IPs can carry new traffic now, per family (None: all)."""
+
+    v4: Optional[frozenset[str]] = None
+    v6: Optional[frozenset[str]] = None
+
+    def ok(self, ip: EgressIP, family: int) -> bool:
+        if ip.state != "active":
+            return False
+        if family == 4:
+            return ip.ipv4 is not None and (self.v4 is None or ip.id in self.v4)
+        return ip.ipv6 is not None and (self.v6 is None or ip.id in self.v6)
+
+
+def policy_matches(policy: Policy, w: Workload) -> bool:
+    m = policy.match
+    if not m.workloads and not m.apps:
+        return True
+    return w.id in m.workloads or (w.app is not None and w.app in m.apps)
+
+
+def policy_ips(policy: Policy, cfg: Config) -> list[str]:
+    """The egress IPs a policy may send a workload to (each needs a lease)."""
+    e = policy.egress
+    if not isinstance(e, PolicyEgress):
+        return []
+    # with ipv6 unset, the ipv4 IP's own range serves IPv6: it is in the list already
+    out = [x for x in (e.ipv4, e.ipv4_fallback, e.ipv6) if x and x not in ("default", "drop")]
+    return list(dict.fromkeys(out))
+
+
+def own_ips(cfg: Config, w: Workload) -> list[EgressIP]:
+    return [ip for ip in cfg.ips_here() if ip.workload == w.id]
+
+
+def app_ips(cfg: Config, w: Workload) -> list[EgressIP]:
+    return [ip for ip in cfg.ips_here() if w.app and ip.app == w.app]
+
+
+def _lowest_free(taken: Iterable[int], start: int = 1, limit: int = 1 << 30) -> int:
+    used = set(taken)
+    i = start
+    while i in used:
+        i += 1
+    if i > limit:
+        raise OverflowError
+    return i
+
+
+class _Room:
+    """Free port blocks, IPv6 addresses and workload slots of one egress IP."""
+
+    def __init__(self, cfg: Config, ip: EgressIP):
+        self.ip = ip
+        self.lo, self.hi = cfg.ip_ports(ip)
+        self.size = cfg.defaults.ports_per_workload
+        self.max = ip.limits.max_workloads
+        self.blocks: list[Ports] = []
+        self.v6_used: set[int] = set()
+        self.workloads: set[str] = set()
+        if ip.ipv6:
+            net = ipaddress.IPv6Network(ip.ipv6)
+            self.net6 = net
+            # low offsets are left to the host and the gateway of the range
+            self.v6_first = 0x100 if net.num_addresses > 0x200 else 2
+
+    def fits(self, lease: Lease) -> bool:
+        if self.ip.ipv4 and lease.ports:
+            lo, hi = lease.ports
+            if hi - lo + 1 != self.size or lo < self.lo or hi > self.hi or lease.ipv4 != self.ip.ipv4:
+                return False
+            if any(not (hi < a or lo > b) for a, b in self.blocks):
+                return False
+        elif self.ip.ipv4:
+            return False
+        if self.ip.ipv6:
+            if not lease.ipv6 or ipaddress.IPv6Address(lease.ipv6) not in self.net6:
+                return False
+            if self._offset(lease.ipv6) in self.v6_used:
+                return False
+        elif lease.ipv6:
+            return False
+        return True
+
+    def _offset(self, addr: str) -> int:
+        return int(ipaddress.IPv6Address(addr)) - int(self.net6.network_address)
+
+    def take(self, lease: Lease) -> None:
+        self.workloads.add(lease.workload)
+        if lease.ports:
+            self.blocks.append(lease.ports)
+        if lease.ipv6:
+            self.v6_used.add(self._offset(lease.ipv6))
+
+    def new_lease(self, workload: str, temporary: bool) -> Lease:
+        if self.max is not None and len(self.workloads - {workload}) >= self.max:
+            raise CapacityError(workload, self.ip.id,
+                                f"max_workloads {self.max} reached; add an egress IP to the "
+                                "app or raise limits.max_workloads")
+        ports = None
+        if self.ip.ipv4:
+            start = self.lo
+            for a, b in sorted(self.blocks):
+                if start + self.size - 1 < a:
+                    break
+                if b >= start:
+                    # next aligned start after this block
+                    start = self.lo + ((b + 1 - self.lo + self.size - 1) // self.size) * self.size
+            if start + self.size - 1 > self.hi:
+                raise CapacityError(workload, self.ip.id,
+                                    f"no free block of {self.size} ports left in "
+                                    f"{self.lo}-{self.hi}; lower defaults.ports_per_workload, "
+                                    "widen the port range or add an egress IP")
+            ports = (start, start + self.size - 1)
+        ipv6 = None
+        if self.ip.ipv6:
+            off = _lowest_free(self.v6_used, self.v6_first)
+            if off >= self.net6.num_addresses:
+                raise CapacityError(workload, self.ip.id, f"range {self.ip.ipv6} is full")
+            ipv6 = str(self.net6.network_address + off)
+        lease = Lease(workload, self.ip.id, self.ip.ipv4, ports, ipv6, temporary)
+        self.take(lease)
+        return lease
+
+
+def needed_ips(cfg: Config, w: Workload) -> list[str]:
+    """Every egress IP this workload may leave from, by policy or assignment."""
+    out: list[str] = [ip.id for ip in own_ips(cfg, w)]
+    for p in cfg.policies:
+        if policy_matches(p, w):
+            out += policy_ips(p, cfg)
+    return list(dict.fromkeys(out))
+
+
+def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple[Allocations, list[Event]]:
+    here = {ip.id: ip for ip in cfg.ips_here()}
+    workloads = {w.id: w for w in cfg.workloads}
+
+    wids = {w: i for w, i in prev.wids.items() if w in workloads}
+    for w in workloads:
+        if w not in wids:
+            wids[w] = _lowest_free(wids.values())
+            if wids[w] > names.WID_MAX:
+                raise CapacityError(w, "-", f"more than {names.WID_MAX} workloads")
+    eids = {ip: i for ip, i in prev.eids.items() if ip in here}
+    for ip in here:
+        if ip not in eids:
+            eids[ip] = _lowest_free(eids.values())
+            if eids[ip] > names.EID_MAX:
+                raise CapacityError("-", ip, f"more than {names.EID_MAX} egress IPs on one host")
+
+    rooms = {ip_id: _Room(cfg, ip) for ip_id, ip in here.items()}
+    leases: dict[tuple[str, str], Lease] = {}
+
+    # What each workload needs, before any new allocation.
+    need: dict[str, list[str]] = {w.id: needed_ips(cfg, w) for w in cfg.workloads}
+
+    # 1. keep what still fits (previous leases, in a stable order)
+    for key in sorted(prev.leases):
+        lease = prev.leases[key]
+        w, ip_id = key
+        if w not in workloads or ip_id not in here:
+            continue
+        room = rooms[ip_id]
+        keep = ip_id in need[w] or ip_id == prev.app_choice.get(w) or lease.temporary
+        if keep and room.fits(lease) and (room.max is None or len(room.workloads) < room.max):
+            room.take(lease)
+            leases[key] = lease
+
+    # 2. app choice: keep it while it is in the app; else least loaded active IP
+    app_choice: dict[str, str] = {}
+    for w in cfg.workloads:
+        candidates = [ip for ip in app_ips(cfg, w)]
+        if not candidates or _own_covers_both(cfg, w):
+            continue
+        prev_choice = prev.app_choice.get(w.id)
+        if prev_choice in {ip.id for ip in candidates} and (w.id, prev_choice) in leases:
+            app_choice[w.id] = prev_choice
+            continue
+        active = [ip for ip in candidates if ip.state == "active"] or candidates
+        for ip in sorted(active, key=lambda ip: (len(rooms[ip.id].workloads), ip.id)):
+            try:
+                leases[(w.id, ip.id)] = leases.get((w.id, ip.id)) or rooms[ip.id].new_lease(w.id, False)
+                app_choice[w.id] = ip.id
+                break
+            except CapacityError:
+                continue
+        else:
+            raise CapacityError(w.id, ",".join(ip.id for ip in active),
+                                f"every egress IP of app {w.app!r} is full; add one or raise its limits")
+
+    # 3. the IPs named by policies and machine-scoped IPs
+    for w in cfg.workloads:
+        for ip_id in need[w.id]:
+            if (w.id, ip_id) not in leases and ip_id in here:
+                leases[(w.id, ip_id)] = rooms[ip_id].new_lease(w.id, False)
+
+    # 4. failover: an app choice that cannot carry new traffic borrows a block
+    #    on another usable IP of the same app; the original lease is kept, and
+    #    the borrowed block is kept while the failover lasts, then released.
+    borrowed: set[tuple[str, str]] = set()
+    for w in cfg.workloads:
+        choice = app_choice.get(w.id)
+        if choice is None:
+            continue
+        for fam in (4, 6):
+            if not _family_wanted(here[choice], fam) or usable.ok(here[choice], fam):
+                continue
+            alt_id = failover_target(cfg, w, here[choice], fam, usable, leases)
+            if alt_id is None:
+                for alt in sorted(app_ips(cfg, w), key=lambda ip: (len(rooms[ip.id].workloads), ip.id)):
+                    if alt.id != choice and usable.ok(alt, fam):
+                        try:
+                            leases[(w.id, alt.id)] = rooms[alt.id].new_lease(w.id, True)
+                            alt_id = alt.id
+                            break
+                        except CapacityError:
+                            continue
+            if alt_id is not None:
+                borrowed.add((w.id, alt_id))
+    leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
+
+    events = [Event("release", l) for k, l in sorted(prev.leases.items()) if leases.get(k) != l]
+    events += [Event("assign", l) for k, l in sorted(leases.items()) if prev.leases.get(k) != l]
+    return Allocations(wids, eids, app_choice, leases), events
+
+
+def _family_wanted(ip: EgressIP, fam: int) -> bool:
+    return (ip.ipv4 if fam == 4 else ip.ipv6) is not None
+
+
+def _own_covers_both(cfg: Config, w: Workload) -> bool:
+    own = own_ips(cfg, w)
+    return any(ip.ipv4 for ip in own) and (any(ip.ipv6 for ip in own) or not any(
+        ip.ipv6 for ip in app_ips(cfg, w)))
+
+
+def failover_target(cfg: Config, w: Workload, ip: EgressIP, fam: int, usable: Usable,
+                    leases: dict[tuple[str, str], Lease]) -> Optional[str]:
+    """Another usable IP of the same app on which `w` already holds a lease."""
+    for alt in app_ips(cfg, w):
+        if alt.id != ip.id and usable.ok(alt, fam) and (w.id, alt.id) in leases:
+            return alt.id
+    return None
+
+
+def without_temporary(a: Allocations) -> Allocations:
+    return replace(a, leases={k: l for k, l in a.leases.items() if not l.temporary})

@@ -1,0 +1,506 @@
+"""Config version 1: load, validate, explain errors as FILE:LINE: reason.
+
+pydantic checks the shape and each field (and gives `egress-agent schema`);
+`_check_semantics` checks what spans fields (duplicate ids, references,
+overlaps, capacity). Every error is reported with the line of the YAML node
+it is about, found through the path -> line map built while parsing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field,
+                      ValidationError, WithJsonSchema, model_validator)
+
+from . import names
+
+PathT = tuple[Union[str, int], ...]
+
+
+# --- errors ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.file}:{self.line}: {where}{self.message}"
+
+
+class ConfigError(Exception):
+    """One or more problems with a config file; str() gives one line each."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# --- field types -----------------------------------------------------------------
+
+def _ipv4(v: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(v)))
+    except ValueError:
+        if _is_ipv6(v):
+            raise ValueError(f"{v!r} is an IPv6 address; this field takes an IPv4 "
+                             "address like 203.0.113.10 (IPv6 goes under ipv6:)") from None
+        raise ValueError(f"{v!r} is not an IPv4 address like 203.0.113.10") from None
+
+
+def _ipv6(v: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(str(v)))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IPv6 address like 2001:db8::1") from None
+
+
+def _is_ipv6(v: Any) -> bool:
+    try:
+        ipaddress.IPv6Address(str(v).split("/")[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _network(v: str, version: Optional[int] = None) -> str:
+    try:
+        net = ipaddress.ip_network(str(v), strict=False)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an address or prefix like 192.0.2.0/24 "
+                         "or 2001:db8::/32") from None
+    if str(v).count("/") and net.network_address != ipaddress.ip_interface(str(v)).ip:
+        raise ValueError(f"{v!r} has host bits set; did you mean {net}?")
+    if version and net.version != version:
+        raise ValueError(f"{v!r} is IPv{net.version}; this field takes an IPv{version} "
+                         + ("range like 2001:db8:10::/64" if version == 6 else "prefix"))
+    return str(net)
+
+
+def _host_address(v: str) -> str:
+    """A workload source: one address (a /32 or /128 is accepted as the same)."""
+    net = ipaddress.ip_network(_network(v))
+    if net.num_addresses != 1:
+        raise ValueError(f"{v!r} is a network; a workload source is one address "
+                         "(list each, and put the network under managed_sources)")
+    return str(net.network_address)
+
+
+def _ipv6_range(v: str) -> str:
+    net = ipaddress.IPv6Network(_network(v, 6))
+    if net.prefixlen > 120:
+        raise ValueError(f"{v!r} is too small: give each workload its own address "
+                         "from a range of /120 or larger (e.g. /64)")
+    return str(net)
+
+
+def _port_range(v: Any) -> str:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(v))
+    if not m:
+        raise ValueError(f"{v!r} is not a port range like 1024-65535")
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"{v!r}: ports go from 1 to 65535, low before high")
+    return f"{lo}-{hi}"
+
+
+_IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
+_CGROUP = re.compile(r"[A-Za-z0-9_.:@+=-]+(/[A-Za-z0-9_.:@+=-]+)*")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _ifname(v: str) -> str:
+    if not _IFNAME.fullmatch(str(v)):
+        raise ValueError(f"{v!r} is not an interface name (1-15 characters of "
+                         "letters, digits, _ . : @ -)")
+    return str(v)
+
+
+def _cgroup(v: str) -> str:
+    s = str(v).strip("/")
+    if not _CGROUP.fullmatch(s) or ".." in s.split("/"):
+        raise ValueError(f"{v!r} is not a cgroup path nftables can take: use the path "
+                         "below the cgroup2 root, like system.slice/cron.service "
+                         "(letters, digits and _ . : @ + = - only)")
+    depth = s.count("/") + 1
+    if depth > max(names.CGROUP_LEVELS):
+        raise ValueError(f"{v!r} is {depth} levels deep; at most "
+                         f"{max(names.CGROUP_LEVELS)} are supported")
+    return s
+
+
+def _id(v: str) -> str:
+    if not _ID.fullmatch(str(v)):
+        raise ValueError(f"{v!r} is not an id: start with a letter or digit, then "
+                         "letters, digits, _ . - (at most 63)")
+    return str(v)
+
+
+def _str_type(fn, fmt: Optional[str] = None, pattern: Optional[str] = None,
+              example: Optional[str] = None):
+    schema: dict[str, Any] = {"type": "string"}
+    if fmt:
+        schema["format"] = fmt
+    if pattern:
+        schema["pattern"] = pattern
+    if example:
+        schema["examples"] = [example]
+    return Annotated[str, AfterValidator(fn), WithJsonSchema(schema)]
+
+
+def _coerce_str(v: Any) -> str:
+    return v if isinstance(v, str) else str(v)
+
+
+IPv4 = _str_type(_ipv4, "ipv4", example="203.0.113.10")
+IPv6 = _str_type(_ipv6, "ipv6", example="2001:db8::1")
+IPv6Range = _str_type(_ipv6_range, example="2001:db8:10::/64")
+Prefix = _str_type(_network, example="10.0.0.0/8")
+HostAddress = _str_type(_host_address, example="10.0.1.2")
+IfName = _str_type(_ifname, pattern=_IFNAME.pattern)
+CgroupPath = _str_type(_cgroup, example="system.slice/cron.service")
+Id = _str_type(_id, pattern=_ID.pattern)
+PortRange = Annotated[Union[int, str], AfterValidator(_port_range),
+                      WithJsonSchema({"type": ["string", "integer"],
+                                      "examples": ["1024-65535", 443]})]
+
+
+def port_bounds(r: str) -> tuple[int, int]:
+    lo, hi = r.split("-")
+    return int(lo), int(hi)
+
+
+# --- the model -------------------------------------------------------------------
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Host(_Model):
+    name: str = Field(description="this host's name, for logs and status")
+    region: Id = Field(description="egress IPs of other regions are ignored here")
+
+
+class Defaults(_Model):
+    port_range: PortRange = Field("1024-65535", description="SNAT source ports usable on each IPv4")
+    ports_per_workload: int = Field(1024, ge=1, le=65535,
+                                    description="one workload's port block on one IPv4: "
+                                                "its concurrent connections to one destination ip:port")
+    warn_at: float = Field(0.8, gt=0, le=1, description="usage ratio that raises a warning")
+    unavailable: Literal["default", "drop"] = Field(
+        "default", description="what a workload gets when no dedicated IP is usable")
+
+
+class Via(_Model):
+    dev: IfName
+    gateway: Optional[IPv4] = None
+    gateway6: Optional[IPv6] = None
+
+
+class Limits(_Model):
+    connections_per_destination: Optional[int] = Field(
+        None, ge=1, description="connections this IP may carry to one origin ip:port")
+    max_workloads: Optional[int] = Field(None, ge=1, description="workloads that may share this IP")
+
+
+class EgressIP(_Model):
+    id: Id
+    region: Optional[Id] = Field(None, description="default: the host's region")
+    app: Optional[Id] = Field(None, description="app-scoped: shared by the app's workloads")
+    workload: Optional[Id] = Field(None, description="machine-scoped: takes precedence over the app's")
+    ipv4: Optional[IPv4] = None
+    ipv6: Optional[IPv6Range] = Field(None, description="each workload gets its own address in it")
+    via: Optional[Via] = Field(None, description="optional policy route for this IP's traffic")
+    ports: Optional[PortRange] = Field(None, description="this host's slice of the port space")
+    state: Literal["active", "draining"] = "active"
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _scope(self):
+        if (self.app is None) == (self.workload is None):
+            raise ValueError("set exactly one of app (shared by an app's workloads) "
+                             "or workload (machine-scoped)")
+        if self.ipv4 is None and self.ipv6 is None:
+            raise ValueError("set ipv4, ipv6 or both")
+        return self
+
+
+class Workload(_Model):
+    id: Id
+    app: Optional[Id] = None
+    source: list[HostAddress] = Field(default_factory=list,
+                                      description="a machine's source addresses (VM or container)")
+    interface: Optional[IfName] = Field(None, description="the machine's sources only count "
+                                                          "when they arrive on this interface")
+    cgroup: Optional[CgroupPath] = Field(None, description="local processes in this cgroupv2 "
+                                                           "(path below the cgroup2 root)")
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if bool(self.source) == bool(self.cgroup):
+            raise ValueError("set either source (a machine) or cgroup (local processes)")
+        if self.interface and not self.source:
+            raise ValueError("interface only applies to a machine with source addresses")
+        return self
+
+
+class Exclude(_Model):
+    dns: bool = True
+    icmp: bool = True
+    destinations: list[Prefix] = Field(default_factory=list)
+
+
+Protocol = Literal["tcp", "udp", "icmp"]
+
+
+class Match(_Model):
+    workloads: list[Id] = Field(default_factory=list)
+    apps: list[Id] = Field(default_factory=list)
+    destinations: list[Prefix] = Field(default_factory=list)
+    ports: list[PortRange] = Field(default_factory=list)
+    protocols: list[Protocol] = Field(default_factory=list)
+
+
+class PolicyEgress(_Model):
+    ipv4: Optional[Id] = None
+    ipv4_fallback: Optional[str] = Field(
+        None, description="an egress IP id, default or drop; unset: defaults.unavailable")
+    ipv6: Optional[Id] = Field(None, description="unset: the ipv4 IP's range, if it has one")
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.ipv4 is None and self.ipv6 is None:
+            raise ValueError("name an egress IP in ipv4 or ipv6, or write egress: default / drop")
+        return self
+
+
+class Policy(_Model):
+    name: Id
+    match: Match = Match()
+    egress: Union[Literal["default", "drop"], PolicyEgress]
+
+
+class Config(_Model):
+    version: Literal[1]
+    host: Host
+    state_dir: str = "/var/lib/egress-agent"
+    defaults: Defaults = Defaults()
+    egress_ips: list[EgressIP] = Field(default_factory=list)
+    workloads: list[Workload] = Field(default_factory=list)
+    managed_sources: list[Prefix] = Field(
+        default_factory=list,
+        description="networks whose forwarded traffic must come from a known workload: "
+                    "an unknown source in them is dropped, never sent with the host's address")
+    exclude: Exclude = Exclude()
+    policies: list[Policy] = Field(default_factory=list)
+
+    # --- lookups the planner uses -------------------------------------------------
+    def ips_here(self) -> list[EgressIP]:
+        return [ip for ip in self.egress_ips if (ip.region or self.host.region) == self.host.region]
+
+    def ip(self, ip_id: str) -> EgressIP:
+        return next(ip for ip in self.egress_ips if ip.id == ip_id)
+
+    def ip_ports(self, ip: EgressIP) -> tuple[int, int]:
+        return port_bounds(ip.ports or self.defaults.port_range)
+
+
+# --- YAML with line numbers ------------------------------------------------------
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
+               lines: dict[PathT, int]) -> Any:
+    """Build plain data from YAML nodes, recording the line of every path."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for k, v in node.value:
+            key = loader.construct_object(k, deep=True)
+            if key in out:
+                raise ConfigError([Problem("", k.start_mark.line + 1, _dotted(path + (key,)),
+                                           f"key {key!r} appears twice")])
+            out[key] = _construct(loader, v, path + (key,), lines)
+            lines[path + (key,)] = k.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, v, path + (i,), lines) for i, v in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def _dotted(path: PathT) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _line_of(path: PathT, lines: dict[PathT, int]) -> int:
+    path = tuple(path)
+    while path and path not in lines:
+        path = path[:-1]
+    return lines.get(path, 1)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    config: Config
+    file: str
+    lines: dict[PathT, int]
+
+
+def parse(text: str, file: str = "<config>") -> Loaded:
+    lines: dict[PathT, int] = {}
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = _construct(loader, node, (), lines) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise ConfigError([Problem(file, (mark.line + 1) if mark else 1, "",
+                                   f"YAML syntax: {e.problem or e}")]) from None
+    except ConfigError as e:
+        raise ConfigError([Problem(file, p.line, p.path, p.message) for p in e.problems]) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(file, 1, "", "expected a mapping with version: 1, host:, ...")])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_problem_from_pydantic(err, file, lines) for err in e.errors()]) from None
+    problems = [Problem(file, _line_of(p, lines), _dotted(p), msg)
+                for p, msg in _check_semantics(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return Loaded(cfg, file, lines)
+
+
+def load(path: Union[str, Path]) -> Loaded:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError([Problem(str(p), 0, "", f"cannot read: {e.strerror}")]) from None
+    return parse(text, str(p))
+
+
+def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, int]) -> Problem:
+    # pydantic adds union/validator tags to loc; keep the parts that are config paths.
+    loc: list[Union[str, int]] = []
+    for part in err["loc"]:
+        if (tuple(loc) + (part,)) in lines or isinstance(part, int) or err["type"] == "missing" \
+                or err["type"] == "extra_forbidden":
+            loc.append(part)
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] == "missing":
+        msg = f"missing required field {loc[-1]!r}"
+    elif err["type"] == "extra_forbidden":
+        msg = f"unknown field {loc[-1]!r} (see `egress-agent schema` for the fields)"
+    elif err["type"] == "literal_error":
+        msg = f"{err.get('input')!r} is not allowed: {msg[0].lower()}{msg[1:]}"
+    return Problem(file, _line_of(tuple(loc), lines), _dotted(tuple(loc)), msg)
+
+
+# --- checks that span fields -----------------------------------------------------
+
+def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
+    out: list[tuple[PathT, str]] = []
+
+    def dupes(items, what: str, key, base: str):
+        seen: dict[Any, int] = {}
+        for i, it in enumerate(items):
+            for k, sub in key(it):
+                if k in seen:
+                    out.append(((base, i) + sub, f"{what} {k!r} is already used by "
+                                f"{base}[{seen[k]}]; each must be unique"))
+                else:
+                    seen[k] = i
+
+    dupes(cfg.egress_ips, "id", lambda ip: [(ip.id, ("id",))], "egress_ips")
+    dupes(cfg.egress_ips, "ipv4", lambda ip: [(ip.ipv4, ("ipv4",))] if ip.ipv4 else [], "egress_ips")
+    dupes(cfg.workloads, "id", lambda w: [(w.id, ("id",))], "workloads")
+    dupes(cfg.workloads, "source",
+          lambda w: [(s, ("source", j)) for j, s in enumerate(w.source)], "workloads")
+    dupes(cfg.workloads, "cgroup", lambda w: [(w.cgroup, ("cgroup",))] if w.cgroup else [], "workloads")
+    dupes(cfg.policies, "name", lambda p: [(p.name, ("name",))], "policies")
+
+    ranges = [(i, ipaddress.ip_network(ip.ipv6)) for i, ip in enumerate(cfg.egress_ips) if ip.ipv6]
+    for a, (i, na) in enumerate(ranges):
+        for j, nb in ranges[:a]:
+            if na.overlaps(nb):
+                out.append((("egress_ips", i, "ipv6"),
+                            f"range {na} overlaps {nb} of egress_ips[{j}]"))
+
+    workload_ids = {w.id for w in cfg.workloads}
+    apps = {w.app for w in cfg.workloads if w.app} | {ip.app for ip in cfg.egress_ips if ip.app}
+    ips = {ip.id: ip for ip in cfg.egress_ips}
+    lo, hi = port_bounds(cfg.defaults.port_range)
+    if cfg.defaults.ports_per_workload > hi - lo + 1:
+        out.append((("defaults", "ports_per_workload"),
+                    f"a block of {cfg.defaults.ports_per_workload} ports does not fit "
+                    f"port_range {cfg.defaults.port_range} ({hi - lo + 1} ports)"))
+    for i, ip in enumerate(cfg.egress_ips):
+        if ip.workload and ip.workload not in workload_ids:
+            out.append((("egress_ips", i, "workload"),
+                        f"unknown workload {ip.workload!r}; define it under workloads:"))
+        if ip.ports:
+            plo, phi = port_bounds(ip.ports)
+            if cfg.defaults.ports_per_workload > phi - plo + 1:
+                out.append((("egress_ips", i, "ports"),
+                            f"a block of {cfg.defaults.ports_per_workload} ports "
+                            f"(defaults.ports_per_workload) does not fit {ip.ports}"))
+        if ip.via and ip.via.gateway6 and not ip.ipv6:
+            out.append((("egress_ips", i, "via", "gateway6"), "gateway6 needs an ipv6 range on this IP"))
+    for i, p in enumerate(cfg.policies):
+        for j, wid in enumerate(p.match.workloads):
+            if wid not in workload_ids:
+                out.append((("policies", i, "match", "workloads", j), f"unknown workload {wid!r}"))
+        for j, app in enumerate(p.match.apps):
+            if app not in apps:
+                out.append((("policies", i, "match", "apps", j),
+                            f"unknown app {app!r}: no workload or egress IP has it"))
+        if p.match.ports and p.match.protocols and not set(p.match.protocols) & {"tcp", "udp"}:
+            out.append((("policies", i, "match", "ports"), "ports only apply to tcp or udp"))
+        if isinstance(p.egress, PolicyEgress):
+            e = p.egress
+            for field, fam in (("ipv4", 4), ("ipv6", 6)):
+                ref = getattr(e, field)
+                if ref is None:
+                    continue
+                if ref not in ips:
+                    out.append((("policies", i, "egress", field),
+                                f"unknown egress IP {ref!r}; ids are: {', '.join(sorted(ips)) or 'none'}"))
+                elif fam == 4 and not ips[ref].ipv4:
+                    out.append((("policies", i, "egress", field), f"egress IP {ref!r} has no ipv4"))
+                elif fam == 6 and not ips[ref].ipv6:
+                    out.append((("policies", i, "egress", field), f"egress IP {ref!r} has no ipv6 range"))
+            fb = e.ipv4_fallback
+            if fb is not None and fb not in ("default", "drop"):
+                if fb not in ips:
+                    out.append((("policies", i, "egress", "ipv4_fallback"),
+                                f"{fb!r} is neither default, drop nor an egress IP id"))
+                elif not ips[fb].ipv4:
+                    out.append((("policies", i, "egress", "ipv4_fallback"), f"egress IP {fb!r} has no ipv4"))
+                elif fb == e.ipv4:
+                    out.append((("policies", i, "egress", "ipv4_fallback"),
+                                "the fallback must differ from ipv4"))
+            if fb is not None and e.ipv4 is None:
+                out.append((("policies", i, "egress", "ipv4_fallback"), "a fallback needs ipv4"))
+    return out
+
+
+def schema() -> dict:
+    s = Config.model_json_schema()
+    s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    s["title"] = "egress-agent config, version 1"
+    return s

@@ -1,0 +1,53 @@
+"""The real nftables adapter: one long-lived libnftables context.
+
+A long-lived `Nftables()` object adds or deletes one element in about 0.1 ms;
+spawning `nft` costs 4-18 ms (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import nftables  # Debian's python3-nftables, wrapping the installed libnftables
+
+from .. import names
+from . import NftError
+
+
+class Libnft:
+    def __init__(self) -> None:
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(False)
+        self._nft.set_handle_output(False)
+
+    def run(self, batch: str) -> None:
+        if not batch.strip():
+            return
+        rc, out, err = self._nft.cmd(batch)
+        if rc != 0:
+            raise NftError(_relabel(err or out or f"nft exited {rc}"), batch)
+
+    def check(self, batch: str) -> None:
+        """Parse and evaluate `batch` without touching the kernel (`nft -c`)."""
+        self._nft.set_dry_run(True)
+        try:
+            self.run(batch)
+        finally:
+            self._nft.set_dry_run(False)
+
+    def list_table(self) -> dict:
+        self._nft.set_json_output(True)
+        try:
+            rc, out, err = self._nft.cmd(f"list table {names.TABLE}")
+        finally:
+            self._nft.set_json_output(False)
+        if rc != 0:
+            if "No such file or directory" in err:
+                return {"nftables": []}
+            raise NftError(err)
+        return json.loads(out)
+
+
+def _relabel(err: str) -> str:
+    # libnftables names the buffer "/dev/stdin" or "internal"; say "batch".
+    return err.replace("/dev/stdin:", "batch:").replace("internal:", "batch:")

@@ -1,0 +1,322 @@
+"""The planner: Config + Allocations + host facts -> Desired kernel objects.
+
+Pure (imports neither nftables nor pyroute2; tests/unit/test_purity.py proves
+it). The same decision logic serves `explain`, so what `explain` says is what
+the ruleset does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from . import names
+from .alloc import (Allocations, Usable, app_ips, failover_target, own_ips,
+                    policy_matches)
+from .config import Config, Policy, PolicyEgress, Workload, port_bounds
+from .model import Desired, Element, Route, Rule
+
+DEFAULT = "default"
+DROP = "drop"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one family of one workload's traffic gets: an egress IP, default or drop."""
+
+    action: str  # "snat" | "default" | "drop"
+    ip: Optional[str] = None  # egress IP id when action == "snat"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the planner needs to know about the host (all None: assume present)."""
+
+    usable: Usable = Usable()
+    cgroups: Optional[frozenset[str]] = None  # cgroup paths that exist now
+
+
+@dataclass
+class Plan:
+    desired: Desired
+    alloc: Allocations
+    notes: list[str] = field(default_factory=list)  # e.g. cgroups not present yet
+
+
+# --- decisions -------------------------------------------------------------------
+
+def _unavailable(cfg: Config) -> Choice:
+    return Choice(cfg.defaults.unavailable, reason="no usable egress IP: defaults.unavailable")
+
+
+def assignment(cfg: Config, alloc: Allocations, w: Workload, fam: int, usable: Usable) -> Choice:
+    """The workload's own egress for `fam` when no policy matches."""
+    for ip in own_ips(cfg, w):
+        if (ip.ipv4 if fam == 4 else ip.ipv6):
+            if usable.ok(ip, fam):
+                return Choice("snat", ip.id, "machine-scoped IP")
+            break  # own IP present in config but unusable: the app's IPs take over
+    choice = alloc.app_choice.get(w.id)
+    if choice is None:
+        if not app_ips(cfg, w) and not own_ips(cfg, w):
+            return Choice(DEFAULT, reason="no egress IP for this workload: host default")
+        return _unavailable(cfg) if _has_family(cfg, w, fam) else Choice(
+            DEFAULT, reason=f"no IPv{fam} egress for this workload: host default")
+    ip = cfg.ip(choice)
+    if not (ip.ipv4 if fam == 4 else ip.ipv6):
+        return Choice(DEFAULT, reason=f"app IP {ip.id} has no IPv{fam}: host default")
+    if usable.ok(ip, fam):
+        return Choice("snat", ip.id, f"app {w.app} IP")
+    alt = failover_target(cfg, w, ip, fam, usable, alloc.leases)
+    if alt:
+        return Choice("snat", alt, f"failover: {ip.id} unusable, another IP of app {w.app}")
+    return _unavailable(cfg)
+
+
+def _has_family(cfg: Config, w: Workload, fam: int) -> bool:
+    return any((ip.ipv4 if fam == 4 else ip.ipv6) for ip in own_ips(cfg, w) + app_ips(cfg, w))
+
+
+def policy_choice(cfg: Config, p: Policy, fam: int, usable: Usable) -> Optional[Choice]:
+    """What a matching policy gives traffic of `fam`; None: the policy is not for `fam`."""
+    e = p.egress
+    if e == DEFAULT:
+        return Choice(DEFAULT, reason=f"policy {p.name}: egress default")
+    if e == DROP:
+        return Choice(DROP, reason=f"policy {p.name}: egress drop")
+    assert isinstance(e, PolicyEgress)
+    ip_id = e.ipv4 if fam == 4 else (e.ipv6 or (e.ipv4 if e.ipv4 and cfg.ip(e.ipv4).ipv6 else None))
+    if ip_id is None:
+        return None
+    ip = cfg.ip(ip_id)
+    if usable.ok(ip, fam):
+        return Choice("snat", ip_id, f"policy {p.name}")
+    fb = e.ipv4_fallback or cfg.defaults.unavailable
+    if fb == DROP:
+        return Choice(DROP, reason=f"policy {p.name}: {ip_id} unusable, fallback drop")
+    if fb == DEFAULT:
+        return Choice(DEFAULT, reason=f"policy {p.name}: {ip_id} unusable, fallback default")
+    fb_ip = cfg.ip(fb)
+    if fam == 4 and usable.ok(fb_ip, 4):
+        return Choice("snat", fb, f"policy {p.name}: {ip_id} unusable, fallback {fb}")
+    return Choice(cfg.defaults.unavailable,
+                  reason=f"policy {p.name}: {ip_id} and its fallback unusable: defaults.unavailable")
+
+
+def policy_applies(p: Policy, w: Workload, fam: int, dst: str, port: Optional[int],
+                   proto: Optional[str]) -> bool:
+    if not policy_matches(p, w):
+        return False
+    m = p.match
+    fam_dsts = [d for d in m.destinations if ipaddress.ip_network(d).version == fam]
+    if m.destinations and not fam_dsts:
+        return False
+    if fam_dsts and not any(ipaddress.ip_address(dst) in ipaddress.ip_network(d) for d in fam_dsts):
+        return False
+    protos = _policy_protocols(p)
+    if protos is not None and proto not in protos:
+        return False
+    if m.ports:
+        if port is None or not any(lo <= port <= hi for lo, hi in map(port_bounds, m.ports)):
+            return False
+    return True
+
+
+def _policy_protocols(p: Policy) -> Optional[list[str]]:
+    m = p.match
+    protos = list(m.protocols) or None
+    if m.ports:
+        protos = [x for x in (protos or ["tcp", "udp"]) if x in ("tcp", "udp")]
+    return protos
+
+
+# --- explain ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Explanation:
+    workload: Optional[str]
+    policy: Optional[str]
+    action: str
+    source_address: Optional[str]
+    ports: Optional[tuple[int, int]]
+    route_table: Optional[int]
+    reason: str
+    egress_ip: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return {"workload": self.workload, "policy": self.policy, "action": self.action,
+                "egress_ip": self.egress_ip, "source_address": self.source_address,
+                "ports": list(self.ports) if self.ports else None,
+                "route_table": self.route_table, "reason": self.reason}
+
+
+def find_workload(cfg: Config, src: str, iface: Optional[str] = None) -> tuple[Optional[Workload], str]:
+    """Which workload a source (address or cgroup path) belongs to, and why not."""
+    try:
+        addr = str(ipaddress.ip_address(src))
+    except ValueError:
+        path = src.strip("/")
+        best = None
+        for w in cfg.workloads:
+            if w.cgroup and (path == w.cgroup or path.startswith(w.cgroup + "/")):
+                if best is None or w.cgroup.count("/") > best.cgroup.count("/"):
+                    best = w
+        return best, "" if best else f"no workload has cgroup {path} or a parent of it"
+    for w in cfg.workloads:
+        if addr in w.source:
+            if w.interface and iface and iface != w.interface:
+                return None, f"{addr} belongs to {w.id} but arrived on {iface}, not {w.interface}: drop"
+            return w, ""
+    for net in cfg.managed_sources:
+        if ipaddress.ip_address(addr) in ipaddress.ip_network(net):
+            return None, f"unknown source in managed network {net}: drop"
+    return None, "not a workload: the agent leaves this traffic alone"
+
+
+def explain(cfg: Config, alloc: Allocations, src: str, dst: str, port: Optional[int] = None,
+            proto: Optional[str] = None, iface: Optional[str] = None,
+            usable: Usable = Usable()) -> Explanation:
+    w, why = find_workload(cfg, src, iface)
+    if w is None:
+        action = DROP if why.endswith("drop") else "none"
+        return Explanation(None, None, action, None, None, None, why)
+    fam = ipaddress.ip_address(dst).version
+    ex = cfg.exclude
+    if ex.dns and port == 53 and proto in ("tcp", "udp"):
+        return _host_default(w, "excluded: DNS")
+    if ex.icmp and proto == "icmp":
+        return _host_default(w, "excluded: ICMP")
+    for net in ex.destinations:
+        if ipaddress.ip_address(dst) in ipaddress.ip_network(net):
+            return _host_default(w, f"excluded destination {net}")
+    policy = None
+    choice = None
+    for p in cfg.policies:
+        c = policy_choice(cfg, p, fam, usable)
+        if c is not None and policy_applies(p, w, fam, dst, port, proto):
+            policy, choice = p.name, c
+            break
+    if choice is None:
+        choice = assignment(cfg, alloc, w, fam, usable)
+    if choice.action != "snat":
+        return Explanation(w.id, policy, choice.action, None, None, None, choice.reason)
+    lease = alloc.lease(w.id, choice.ip)
+    ip = cfg.ip(choice.ip)
+    table = names.route_table(alloc.eids[ip.id]) if ip.via else None
+    if fam == 4:
+        ports = lease.ports if proto in ("tcp", "udp", None) else None
+        return Explanation(w.id, policy, "snat", lease.ipv4, ports, table, choice.reason, ip.id)
+    return Explanation(w.id, policy, "snat", lease.ipv6, None, table, choice.reason, ip.id)
+
+
+def _host_default(w: Workload, reason: str) -> Explanation:
+    return Explanation(w.id, None, DEFAULT, None, None, None, reason)
+
+
+# --- desired kernel objects --------------------------------------------------------
+
+def _collapse(prefixes: list[str], fam: int) -> frozenset[Element]:
+    nets = [ipaddress.ip_network(p) for p in prefixes if ipaddress.ip_network(p).version == fam]
+    out = set()
+    for n in ipaddress.collapse_addresses(nets):
+        # nft lists a one-address interval as the bare address
+        out.add((str(n.network_address) if n.num_addresses == 1 else str(n), None))
+    return frozenset(out)
+
+
+def _mark_for(alloc: Allocations, wid: int, c: Choice) -> int:
+    if c.action == "snat":
+        return names.lease_mark(wid, alloc.eids[c.ip])
+    if c.action == DROP:
+        return names.DROP_FLAG | wid
+    return wid
+
+
+def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Plan:
+    """The desired kernel objects for this config and these allocations."""
+    from .render import policy_rules  # render owns nft syntax
+
+    notes: list[str] = []
+    el: dict[str, set[Element]] = {n: set() for n in _ALL_SETS}
+    for w in cfg.workloads:
+        wid = alloc.wids[w.id]
+        for src in w.source:
+            fam = ipaddress.ip_address(src).version
+            if w.interface:
+                el[names.SOURCE_IF_MAP[fam]].add(((src, w.interface), wid))
+                el[names.BOUND_SET[fam]].add((src, None))
+            else:
+                el[names.SOURCE_MAP[fam]].add((src, wid))
+        if w.cgroup:
+            if facts.cgroups is not None and w.cgroup not in facts.cgroups:
+                notes.append(f"workload {w.id}: cgroup {w.cgroup} does not exist yet; "
+                             "it is added when it appears")
+            else:
+                el[names.cgroup_map(w.cgroup.count("/") + 1)].add((w.cgroup, wid))
+        for fam in (4, 6):
+            c = assignment(cfg, alloc, w, fam, facts.usable)
+            el[names.ASSIGN_MAP[fam]].add((wid, _mark_for(alloc, wid, c)))
+
+    for lease in alloc.leases.values():
+        mark = names.lease_mark(alloc.wids[lease.workload], alloc.eids[lease.ip])
+        if lease.ipv4:
+            el[names.SNAT4_ADDR_MAP].add((mark, lease.ipv4))
+            if lease.ports:
+                el[names.SNAT4_PORTS_MAP].add((mark, (lease.ipv4, lease.ports)))
+        if lease.ipv6:
+            el[names.SNAT6_MAP].add((mark, lease.ipv6))
+
+    for fam in (4, 6):
+        el[names.MANAGED_SET[fam]] |= _collapse(cfg.managed_sources, fam)
+        el[names.EXCLUDE_SET[fam]] |= _collapse(cfg.exclude.destinations, fam)
+    if cfg.exclude.dns:
+        el["exclude_services"] |= {(("tcp", 53), None), (("udp", 53), None)}
+    if cfg.exclude.icmp:
+        el["exclude_protocols"] |= {("icmp", None), ("ipv6-icmp", None)}
+
+    rules_text: list[str] = []
+    for i, p in enumerate(cfg.policies):
+        set_name = None
+        if p.match.workloads or p.match.apps:
+            set_name = names.policy_set(i)
+            el[set_name] = {(alloc.wids[w.id], None) for w in cfg.workloads if policy_matches(p, w)}
+        choices = {fam: policy_choice(cfg, p, fam, facts.usable) for fam in (4, 6)}
+        rules_text += policy_rules(p, set_name, {f: _choice_mark_or(alloc, c) for f, c in choices.items()})
+
+    routes: set[Route] = set()
+    rules: set[Rule] = set()
+    for ip in cfg.ips_here():
+        if ip.via is None:
+            continue
+        eid = alloc.eids[ip.id]
+        table = names.route_table(eid)
+        fwmark, mask = names.rule_fwmark(eid)
+        if ip.ipv4:
+            routes.add(Route(4, table, ip.via.dev, ip.via.gateway))
+            rules.add(Rule(4, names.rule_priority(eid), fwmark, mask, table))
+        if ip.ipv6:
+            routes.add(Route(6, table, ip.via.dev, ip.via.gateway6))
+            rules.add(Rule(6, names.rule_priority(eid), fwmark, mask, table))
+
+    desired = Desired({k: frozenset(v) for k, v in el.items()}, tuple(rules_text),
+                      frozenset(routes), frozenset(rules))
+    return Plan(desired, alloc, notes)
+
+
+def _choice_mark_or(alloc: Allocations, c: Optional[Choice]) -> Union[None, str, int]:
+    """What a policy rule does for one family: None (no rule), 'default', 'drop' or an eid."""
+    if c is None:
+        return None
+    return alloc.eids[c.ip] if c.action == "snat" else c.action
+
+
+_ALL_SETS = (
+    list(names.SOURCE_MAP.values()) + list(names.SOURCE_IF_MAP.values())
+    + list(names.BOUND_SET.values()) + list(names.MANAGED_SET.values())
+    + list(names.EXCLUDE_SET.values()) + list(names.ASSIGN_MAP.values())
+    + [names.cgroup_map(l) for l in names.CGROUP_LEVELS]
+    + [names.SNAT4_PORTS_MAP, names.SNAT4_ADDR_MAP, names.SNAT6_MAP,
+       "exclude_services", "exclude_protocols"]
+)
