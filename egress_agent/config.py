@@ -375,7 +375,8 @@ def parse(text: str, file: str = "<config>") -> Loaded:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError([_problem_from_pydantic(err, file, lines) for err in e.errors()]) from None
+        errs = [err for err in e.errors() if not _other_union_branch(err)]
+        raise ConfigError([_problem_from_pydantic(err, file, lines) for err in errs]) from None
     problems = [Problem(file, _line_of(p, lines), _dotted(p), msg)
                 for p, msg in _check_semantics(cfg)]
     if problems:
@@ -390,6 +391,13 @@ def load(path: Union[str, Path]) -> Loaded:
     except OSError as e:
         raise ConfigError([Problem(str(p), 0, "", f"cannot read: {e.strerror}")]) from None
     return parse(text, str(p))
+
+
+def _other_union_branch(err: dict) -> bool:
+    """For `egress: default | drop | {ipv4: ...}`, report only the branch the user wrote."""
+    inp = err.get("input")
+    return ((err["type"] == "literal_error" and isinstance(inp, dict))
+            or (err["type"] in ("model_type", "dict_type") and isinstance(inp, str)))
 
 
 def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, int]) -> Problem:

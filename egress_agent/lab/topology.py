@@ -249,12 +249,16 @@ class Lab:
 
     def _host(self) -> None:
         h, o = self.host, self.origin
-        # `default` first, so every interface created later inherits it. IPv6
-        # addresses survive a link flap (keep_addr_on_down), as on most servers.
+        # `default` first, so every interface created later inherits it. As on
+        # a systemd host, removing a primary IPv4 promotes a secondary instead
+        # of deleting them all (with their routes), and IPv6 addresses survive
+        # a link flap.
         self._sysctls(h, {"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0,
                           "net.ipv4.conf.lo.rp_filter": 0, "net.ipv4.ip_forward": 1,
                           "net.ipv6.conf.all.forwarding": 1, "net.ipv6.conf.all.accept_dad": 0,
                           "net.ipv6.conf.default.accept_dad": 0,
+                          "net.ipv4.conf.all.promote_secondaries": 1,
+                          "net.ipv4.conf.default.promote_secondaries": 1,
                           "net.ipv6.conf.all.keep_addr_on_down": 1,
                           "net.ipv6.conf.default.keep_addr_on_down": 1})
         self._sysctls(o, {"net.ipv4.conf.all.rp_filter": 1, "net.ipv4.conf.default.rp_filter": 1,

@@ -1,0 +1,301 @@
+"""egress-agent: static egress IPs for the workloads of one host.
+
+Exit status: 0 ok; 1 the config is invalid (or a check failed); 2 usage
+error; 3 the kernel refused a change (nothing of it was applied); 4 a
+verification found a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from enum import IntEnum
+from typing import Optional
+
+from . import __version__
+from .config import ConfigError, load, schema
+
+
+class Exit(IntEnum):
+    OK = 0
+    INVALID = 1
+    USAGE = 2
+    KERNEL = 3
+    MISMATCH = 4
+
+
+def _out(args, data, human: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=False))
+    else:
+        print(human)
+
+
+def _load(args):
+    loaded = load(args.config)
+    cfg = loaded.config
+    if getattr(args, "state_dir", None):
+        cfg = cfg.model_copy(update={"state_dir": args.state_dir})
+    return cfg
+
+
+# --- pure commands (no root) ----------------------------------------------------
+
+def cmd_check(args) -> int:
+    cfg = _load(args)
+    from .alloc import CapacityError, allocate
+    from .store import Store
+    try:
+        allocate(cfg, _readable_store(cfg))
+    except CapacityError as e:
+        print(f"{args.config}: capacity: {e}", file=sys.stderr)
+        return Exit.INVALID
+    n_ip, n_w, n_p = len(cfg.egress_ips), len(cfg.workloads), len(cfg.policies)
+    _out(args, {"ok": True, "file": args.config, "egress_ips": n_ip, "workloads": n_w,
+                "policies": n_p},
+         f"{args.config}: ok ({n_ip} egress IPs, {n_w} workloads, {n_p} policies)")
+    return Exit.OK
+
+
+def _readable_store(cfg):
+    from .alloc import Allocations
+    from .store import Store
+    try:
+        return Store(cfg.state_dir).load()
+    except (OSError, ValueError):
+        return Allocations()
+
+
+def _offline_plan(cfg):
+    from .alloc import allocate
+    from .plan import build
+    a, events = allocate(cfg, _readable_store(cfg))
+    return build(cfg, a), events
+
+
+def cmd_plan(args) -> int:
+    cfg = _load(args)
+    from .model import Observed
+    from .render import transaction
+    from .routing.diff import diff_routes
+    p, _ = _offline_plan(cfg)
+    tx = transaction(p.desired, Observed())
+    ops = diff_routes(p.desired.routes, p.desired.rules, frozenset(), frozenset())
+    if args.json:
+        print(json.dumps({"nft": tx.text, "route_ops": [o.describe() for o in ops],
+                          "elements": tx.added, "notes": p.notes,
+                          "allocations": p.alloc.to_json()}, indent=2))
+        return Exit.OK
+    print("# route ops, applied before the nft batch")
+    for o in ops:
+        print(f"ip {o.describe()}")
+    print("# nft batch (one transaction)")
+    print(tx.text, end="")
+    for n in p.notes:
+        print(f"# note: {n}")
+    return Exit.OK
+
+
+def cmd_explain(args) -> int:
+    cfg = _load(args)
+    from .plan import explain
+    p, _ = _offline_plan(cfg)
+    dst, port, proto = args.dst, args.port, args.proto
+    if ":" in dst and dst.count(":") == 1:  # 192.0.2.1:443/tcp
+        dst, rest = dst.split(":")
+        port_s, _, proto_s = rest.partition("/")
+        port, proto = int(port_s), proto_s or proto
+    e = explain(cfg, p.alloc, args.src, dst, port, proto or ("tcp" if port else None), args.iif)
+    d = e.to_json()
+    human = "\n".join(f"{k:15} {'-' if v is None else v}" for k, v in d.items())
+    _out(args, d, human)
+    return Exit.OK
+
+
+def cmd_schema(args) -> int:
+    print(json.dumps(schema(), indent=2))
+    return Exit.OK
+
+
+def cmd_who(args) -> int:
+    from .store import Store, who
+    state_dir = args.state_dir or (load(args.config).config.state_dir
+                                   if os.path.exists(args.config) else "/var/lib/egress-agent")
+    addr, port = args.address, None
+    if addr.count(":") == 1:
+        addr, p = addr.split(":")
+        port = int(p)
+    elif addr.startswith("[") and "]:" in addr:
+        addr, p = addr[1:].split("]:")
+        port = int(p)
+    holders = who(Store(state_dir).history(), addr, port, args.at)
+    if args.json:
+        print(json.dumps([h.to_json() for h in holders], indent=2))
+    elif not holders:
+        print(f"nobody held {args.address}" + (f" at {args.at}" if args.at else " now"))
+    else:
+        for h in holders:
+            ports = f" ports {h.ports[0]}-{h.ports[1]}" if h.ports else ""
+            print(f"{h.workload}: {h.address}{ports} via {h.ip}, since {h.since}"
+                  + (f" until {h.until}" if h.until else " (still held)"))
+    return Exit.OK if holders else Exit.INVALID
+
+
+# --- kernel commands (root) --------------------------------------------------------
+
+def _reconciler(cfg):
+    from . import cgroupfs
+    from .hoststate import read_host_state
+    from .nft.libnft import Libnft
+    from .reconcile import Reconciler
+    from .routing.iproute import IPRouteRouting
+    from .store import Store
+    if any(w.cgroup for w in cfg.workloads):
+        cgroupfs.ensure_view()
+    return Reconciler(Libnft(), IPRouteRouting(), Store(cfg.state_dir), read_host_state)
+
+
+def cmd_apply(args) -> int:
+    cfg = _load(args)
+    from .nft import NftError
+    rec = _reconciler(cfg)
+    try:
+        r = rec.sync(cfg, trigger="apply", full=True)
+    except NftError as e:
+        print(f"{args.config}: the kernel refused the change; nothing was applied:\n"
+              f"{e.message}\n{e.excerpt()}", file=sys.stderr)
+        return Exit.KERNEL
+    if args.json:
+        print(json.dumps(r.to_json(), indent=2))
+    elif not r.changed:
+        print("no change")
+    else:
+        print(f"applied: +{r.added} -{r.removed} elements"
+              + (", policies rewritten" if r.policies_changed else "")
+              + (", skeleton replaced" if r.skeleton_replaced else "")
+              + (", allocations adopted from the kernel" if r.adopted else "")
+              + f" in {r.duration_ms:.0f} ms")
+        for op in r.route_ops:
+            print(f"  ip {op}")
+    for n in r.notes:
+        print(f"note: {n}", file=sys.stderr)
+    return Exit.OK
+
+
+def cmd_teardown(args) -> int:
+    from .hoststate import read_host_state
+    from .nft.libnft import Libnft
+    from .reconcile import Reconciler
+    from .routing.iproute import IPRouteRouting
+    from .store import Store
+    rec = Reconciler(Libnft(), IPRouteRouting(), Store("/nonexistent"), read_host_state)
+    r = rec.teardown()
+    _out(args, r.to_json(), f"removed table inet egress_agent ({r.removed} elements)"
+         + "".join(f"\n  ip {op}" for op in r.route_ops))
+    return Exit.OK
+
+
+def cmd_status(args) -> int:
+    cfg = _load(args)
+    from .hoststate import read_host_state
+    from .reconcile import usable_from
+    from .store import Store
+    host = read_host_state()
+    usable = usable_from(cfg, host)
+    a = Store(cfg.state_dir).load()
+    ips = []
+    for ip in cfg.ips_here():
+        n = len({w for (w, i) in a.leases if i == ip.id})
+        present = bool(ip.ipv4 and host.has_address(ip.ipv4))
+        state = ip.state if usable.ok(ip, 4) or usable.ok(ip, 6) or ip.state != "active" else "failed-over"
+        ips.append({"id": ip.id, "ipv4": ip.ipv4, "ipv6": ip.ipv6, "present": present,
+                    "state": state, "workloads": n, "max_workloads": ip.limits.max_workloads})
+    wls = []
+    for w in cfg.workloads:
+        leases = [l.to_json() for (wid, _), l in sorted(a.leases.items()) if wid == w.id]
+        wls.append({"id": w.id, "app": w.app, "source": w.source, "cgroup": w.cgroup,
+                    "app_ip": a.app_choice.get(w.id), "leases": leases})
+    if args.json:
+        print(json.dumps({"egress_ips": ips, "workloads": wls}, indent=2))
+        return Exit.OK
+    print(f"{'EGRESS IP':12} {'IPV4':16} {'PRESENT':8} {'STATE':12} WORKLOADS")
+    for i in ips:
+        print(f"{i['id']:12} {i['ipv4'] or '-':16} {'yes' if i['present'] else 'NO':8} "
+              f"{i['state']:12} {i['workloads']}/{i['max_workloads'] or '-'}")
+    print()
+    print(f"{'WORKLOAD':12} {'EGRESS IP':12} {'IPV4':16} {'PORTS':12} IPV6")
+    for w in wls:
+        for l in w["leases"] or [{"ip": "-", "ipv4": None, "ports": None, "ipv6": None}]:
+            ports = f"{l['ports'][0]}-{l['ports'][1]}" if l["ports"] else "-"
+            print(f"{w['id']:12} {l['ip']:12} {l['ipv4'] or '-':16} {ports:12} {l['ipv6'] or '-'}")
+    return Exit.OK
+
+
+# --- the parser ------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="egress-agent",
+        description="Give every workload of this host (machines by source address, local "
+                    "processes by cgroup) its own static egress IPv4 + IPv6, with nftables "
+                    "SNAT port blocks and policy routes.",
+        epilog="Exit status: 0 ok, 1 invalid config or failed check, 2 usage, "
+               "3 kernel refused the change (nothing applied), 4 verify mismatch.")
+    p.add_argument("--version", action="version", version=f"egress-agent {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    def add(name, fn, help, config=True, json_=True):
+        sp = sub.add_parser(name, help=help, description=help)
+        if config:
+            sp.add_argument("-c", "--config", default=os.environ.get(
+                "EGRESS_AGENT_CONFIG", "/etc/egress-agent/config.yaml"),
+                help="config file (default: $EGRESS_AGENT_CONFIG or /etc/egress-agent/config.yaml)")
+            sp.add_argument("--state-dir", help="override state_dir of the config")
+        if json_:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("check", cmd_check, "validate a config: exit 0, or 1 with FILE:LINE: reason per problem")
+    add("plan", cmd_plan, "print the nft batch and route ops a first apply would run (no root)")
+    sp = add("explain", cmd_explain,
+             "say which workload, policy, action, source address, port block and route "
+             "table a packet would get")
+    sp.add_argument("src", help="source address of a machine, or a cgroup path")
+    sp.add_argument("dst", help="destination address, optionally ADDR:PORT/PROTO")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--proto", choices=["tcp", "udp", "icmp"])
+    sp.add_argument("--iif", help="interface the packet arrives on")
+    add("schema", cmd_schema, "print the JSON Schema of the config (for editors)",
+        config=False, json_=False)
+    sp = add("who", cmd_who, "name the workload that held ADDR[:PORT] now or at --at TIME")
+    sp.add_argument("address", help="egress address, with :PORT for IPv4 ([v6]:port for IPv6)")
+    sp.add_argument("--at", help="ISO-8601 time, e.g. 2026-11-23T10:00:00Z")
+    add("apply", cmd_apply, "reconcile the kernel with the config once (root)")
+    add("teardown", cmd_teardown, "remove every kernel object the agent owns, nothing else (root)",
+        config=False)
+    add("status", cmd_status, "egress IPs (present, state, workloads) and each workload's leases")
+    from .lab.cli import add_lab_commands
+    from .verify import add_verify_command
+    add_verify_command(add)
+    add_lab_commands(sub)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return Exit.INVALID
+    except PermissionError as e:
+        print(f"egress-agent {args.cmd}: {e}; this command needs root (CAP_NET_ADMIN)",
+              file=sys.stderr)
+        return Exit.USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

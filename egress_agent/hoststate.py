@@ -1,0 +1,93 @@
+"""What the host offers the planner: usable addresses and links that are up.
+
+An egress IP is usable while its address is present on a link that is up
+(DESIGN.md). "Up" means IFF_UP is set and the operational state is not
+DOWN, LOWERLAYERDOWN or NOTPRESENT: a veth whose peer is down, or a NIC
+without carrier, keeps IFF_UP but carries nothing. UNKNOWN counts as up
+(loopback, tun and many virtual links never report a state).
+
+`HostState` is a plain value the pure planner imports; pyroute2 is imported
+only inside `read_host_state`, which needs no privileges (link and address
+dumps are readable by anyone).
+
+Seen on Linux 6.x with the default net.ipv6.conf.*.keep_addr_on_down=0:
+`ip link set dev X down` removes every IPv6 address of X (and every route
+through X, ours included), and `up` does not bring them back; provisioning
+must re-add them. IPv4 addresses stay.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+IFF_UP = 0x1
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+_DOWN_STATES = frozenset({"DOWN", "LOWERLAYERDOWN", "NOTPRESENT"})
+
+
+def _canonical(ip: str) -> str:
+    return ipaddress.ip_address(ip).compressed
+
+
+@dataclass(frozen=True)
+class HostState:
+    """Usable addresses (compressed strings, any spelling accepted on input)
+    and the names of the links that are up."""
+
+    addresses: frozenset[str] = field(default_factory=frozenset)
+    links_up: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "addresses",
+                           frozenset(_canonical(a) for a in self.addresses))
+        object.__setattr__(self, "links_up", frozenset(self.links_up))
+
+    def has_address(self, ip: str) -> bool:
+        return _canonical(ip) in self.addresses
+
+    def has_address_in(self, prefix: str) -> bool:
+        """Some usable address lies inside `prefix` (an IPv6 egress range)."""
+        net = ipaddress.ip_network(prefix, strict=False)
+        return any(ipaddress.ip_address(a) in net for a in self.addresses
+                   if ipaddress.ip_address(a).version == net.version)
+
+    def link_up(self, name: str) -> bool:
+        return name in self.links_up
+
+
+def read_host_state(ipr: Optional[Any] = None) -> HostState:
+    """Observe the host (or the namespace of `ipr`, a pyroute2 IPRoute)."""
+    own = ipr is None
+    if own:
+        from pyroute2 import IPRoute  # not at module level: the planner imports us
+        ipr = IPRoute()
+    try:
+        up: dict[int, str] = {}
+        for link in ipr.link("dump"):
+            name = link.get_attr("IFLA_IFNAME")
+            state = link.get_attr("IFLA_OPERSTATE") or "UNKNOWN"
+            if link["flags"] & IFF_UP and state not in _DOWN_STATES:
+                up[link["index"]] = name
+        addresses = set()
+        for addr in ipr.addr("dump"):
+            if addr["index"] not in up:
+                continue
+            flags = addr.get_attr("IFA_FLAGS")
+            if flags is None:
+                flags = addr["flags"]
+            # a tentative IPv6 address answers no neighbour solicitation yet,
+            # a dadfailed one never will: neither can carry return traffic
+            if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                continue
+            # IFA_LOCAL is the local end on point-to-point links, where
+            # IFA_ADDRESS is the peer; elsewhere only IFA_ADDRESS may be set
+            local = addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS")
+            if local:
+                addresses.add(local)
+        return HostState(frozenset(addresses), frozenset(up.values()))
+    finally:
+        if own:
+            ipr.close()

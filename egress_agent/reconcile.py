@@ -1,0 +1,144 @@
+"""One sync: observe, plan, diff, apply, remember. Effects, kept thin.
+
+Apply order keeps every intermediate state harmless (DESIGN.md): routes and ip
+rules are added before the nft batch that marks traffic for them, and removed
+after the batch that stops marking. What was applied is remembered only after
+the kernel said yes; any failure makes the next sync a full one (read the
+kernel again instead of trusting memory).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from . import alloc as alloc_mod
+from .adopt import adopt
+from .config import Config
+from .hoststate import HostState
+from .model import Desired, Observed
+from .nft import NftPort
+from .plan import HostFacts, Plan, build
+from .render import observed_from_json, transaction
+from .routing import RoutingPort, diff_routes
+from .store import Store
+
+
+@dataclass
+class SyncResult:
+    trigger: str
+    mode: str  # "full" | "incremental"
+    added: int = 0
+    removed: int = 0
+    route_ops: list[str] = field(default_factory=list)
+    policies_changed: bool = False
+    skeleton_replaced: bool = False
+    adopted: bool = False
+    duration_ms: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    batch: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.route_ops or self.policies_changed
+                    or self.skeleton_replaced)
+
+    def to_json(self) -> dict:
+        return {"trigger": self.trigger, "mode": self.mode, "changed": self.changed,
+                "elements_added": self.added, "elements_removed": self.removed,
+                "route_ops": self.route_ops, "policies_changed": self.policies_changed,
+                "skeleton_replaced": self.skeleton_replaced, "adopted": self.adopted,
+                "duration_ms": round(self.duration_ms, 2), "notes": self.notes}
+
+
+def usable_from(cfg: Config, host: HostState) -> alloc_mod.Usable:
+    """An egress IP is usable while its address is on the host and its link is up."""
+    v4 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv4 and host.has_address(ip.ipv4)
+                   and (ip.via is None or host.link_up(ip.via.dev)))
+    v6 = set()
+    for ip in cfg.ips_here():
+        if not ip.ipv6 or (ip.via and not host.link_up(ip.via.dev)):
+            continue
+        net = ipaddress.ip_network(ip.ipv6)
+        if any(ipaddress.ip_address(a) in net for a in host.addresses if ":" in a):
+            v6.add(ip.id)
+    return alloc_mod.Usable(v4, frozenset(v6))
+
+
+def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str]:
+    """The configured cgroup paths that exist now (libnftables resolves them there)."""
+    return frozenset(w.cgroup for w in cfg.workloads
+                     if w.cgroup and os.path.isdir(os.path.join(root, w.cgroup)))
+
+
+class Reconciler:
+    def __init__(self, nft: NftPort, routing: RoutingPort, store: Store,
+                 read_host: Callable[[], HostState], cgroup_root: str = "/sys/fs/cgroup"):
+        self.nft = nft
+        self.routing = routing
+        self.store = store
+        self.read_host = read_host
+        self.cgroup_root = cgroup_root
+        self.applied: Optional[Observed] = None  # what the kernel accepted last
+        self.full_next = True
+
+    def facts(self, cfg: Config) -> HostFacts:
+        return HostFacts(usable_from(cfg, self.read_host()),
+                         existing_cgroups(cfg, self.cgroup_root))
+
+    def observe(self) -> Observed:
+        routes, rules = self.routing.dump()
+        return observed_from_json(self.nft.list_table(), routes, rules)
+
+    def plan(self, cfg: Config, observed: Observed) -> tuple[Plan, list[alloc_mod.Event], bool]:
+        prev = self.store.load()
+        adopted = False
+        if not self.store.exists() and observed.table:
+            prev, adopted = adopt(cfg, observed), True
+        facts = self.facts(cfg)
+        new_alloc, events = alloc_mod.allocate(cfg, prev, facts.usable)
+        return build(cfg, new_alloc, facts), events, adopted
+
+    def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
+        t0 = time.perf_counter()
+        mode = "full" if (full or self.full_next or self.applied is None) else "incremental"
+        observed = self.observe() if mode == "full" else self.applied
+        assert observed is not None
+        try:
+            plan, events, adopted = self.plan(cfg, observed)
+            d = plan.desired
+            ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
+            tx = transaction(d, observed)
+            self.routing.apply([op for op in ops if op.op == "add"])
+            self.nft.run(tx.text)
+            self.routing.apply([op for op in ops if op.op == "delete"])
+        except Exception:
+            self.full_next = True
+            raise
+        self.store.save(plan.alloc, events)
+        self.applied = _as_observed(d)
+        self.full_next = False
+        return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
+                          tx.policies_changed and not tx.full, tx.full and observed.table,
+                          adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text)
+
+    def teardown(self) -> SyncResult:
+        t0 = time.perf_counter()
+        observed = self.observe()
+        ops = diff_routes(frozenset(), frozenset(), observed.routes, observed.rules)
+        if observed.table:
+            self.nft.run("delete table inet egress_agent\n")
+        self.routing.apply(ops)
+        removed = sum(len(v) for v in observed.elements.values())
+        self.applied, self.full_next = None, True
+        return SyncResult("teardown", "full", 0, removed, [op.describe() for op in ops],
+                          duration_ms=(time.perf_counter() - t0) * 1000)
+
+
+def _as_observed(d: Desired) -> Observed:
+    from .render import rule_comment, skeleton_digest
+    return Observed(True, skeleton_digest(), dict(d.elements),
+                    tuple(rule_comment(r) for r in d.policy_rules), d.routes, d.rules)

@@ -1,0 +1,122 @@
+"""Each validation error: the right line, the field, and what to do."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from egress_agent.config import ConfigError, parse, schema
+
+HEAD = "version: 1\nhost: {name: h, region: ams}\n"
+DESIGN = Path(__file__).parent.parent / "configs" / "design.yaml"
+
+
+def problems(text):
+    with pytest.raises(ConfigError) as e:
+        parse(text, "f.yaml")
+    return e.value.problems
+
+
+def one(text):
+    ps = problems(text)
+    assert len(ps) == 1, [str(p) for p in ps]
+    return ps[0]
+
+
+def test_design_example_is_valid():
+    cfg = parse(DESIGN.read_text(), str(DESIGN)).config
+    assert [ip.id for ip in cfg.egress_ips] == ["ams-1", "m-42-ip"]
+    assert cfg.policies[0].egress.ipv4_fallback == "drop"
+
+
+@pytest.mark.parametrize("body, line, path, words", [
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 2001:db8::1}\n", 4, "egress_ips[0].ipv4", "IPv6 address"),
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.256}\n", 4, "egress_ips[0].ipv4", "not an IPv4"),
+    ("egress_ips:\n  - {id: a, app: x, ipv6: 203.0.113.0/24}\n", 4, "egress_ips[0].ipv6", "IPv4"),
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.1, ipv6: 2001:db8::/126}\n", 4,
+     "egress_ips[0].ipv6", "too small"),
+    ("egress_ips:\n  - {id: a, ipv4: 203.0.113.1}\n", 4, "egress_ips[0]", "exactly one of app"),
+    ("egress_ips:\n  - {id: a, app: x}\n", 4, "egress_ips[0]", "ipv4, ipv6 or both"),
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.1, state: gone}\n", 4,
+     "egress_ips[0].state", "active"),
+    ("workloads:\n  - {id: w, source: [10.0.0.0/24]}\n", 4, "workloads[0].source[0]", "is a network"),
+    ("workloads:\n  - {id: w, source: [10.0.0.1/8]}\n", 4, "workloads[0].source[0]", "host bits"),
+    ("workloads:\n  - {id: w, cgroup: 'a b/c'}\n", 4, "workloads[0].cgroup", "nftables can take"),
+    ("workloads:\n  - {id: w, cgroup: 'a/\"x'}\n", 4, "workloads[0].cgroup", "nftables can take"),
+    ("workloads:\n  - {id: w, cgroup: a/../b}\n", 4, "workloads[0].cgroup", "nftables can take"),
+    ("workloads:\n  - {id: w, source: [10.0.0.1], interface: this-name-is-too-long}\n", 4,
+     "workloads[0].interface", "interface name"),
+    ("workloads:\n  - {id: w}\n", 4, "workloads[0]", "either source"),
+    ("workloads:\n  - {id: w, cgroup: a, interface: eth0}\n", 4, "workloads[0]", "interface only"),
+    ("workloads:\n  - {id: w, source: [10.0.0.1], colour: red}\n", 4, "workloads[0].colour", "unknown field"),
+    ("defaults: {ports_per_workload: 0}\n", 3, "defaults.ports_per_workload", "greater than"),
+    ("defaults: {port_range: 70000}\n", 3, "defaults.port_range", "1 to 65535"),
+    ("defaults: {unavailable: maybe}\n", 3, "defaults.unavailable", "default"),
+    ("policies:\n  - name: p\n    egress: {}\n", 5, "policies[0].egress", "name an egress IP"),
+    ("policies:\n  - name: p\n    match: {protocols: [sctp]}\n    egress: drop\n", 5,
+     "policies[0].match.protocols[0]", "tcp"),
+    ("exclude: {destinations: [10.0.0.0/33]}\n", 3, "exclude.destinations[0]", "not an address"),
+    ("host: {name: x, region: y}\n", 3, "host", "twice"),
+])
+def test_field_errors(body, line, path, words):
+    p = one(HEAD + body)
+    assert (p.line, p.path) == (line, path), str(p)
+    assert words in p.message, str(p)
+    assert str(p).startswith(f"f.yaml:{line}: {path}: ")
+
+
+@pytest.mark.parametrize("body, line, path, words", [
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.1}\n  - {id: a, app: x, ipv4: 203.0.113.2}\n",
+     5, "egress_ips[1].id", "already used"),
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.1}\n  - {id: b, app: x, ipv4: 203.0.113.1}\n",
+     5, "egress_ips[1].ipv4", "already used"),
+    ("egress_ips:\n  - {id: a, app: x, ipv6: '2001:db8::/64'}\n  - {id: b, app: x, ipv6: '2001:db8::/48'}\n",
+     5, "egress_ips[1].ipv6", "overlaps"),
+    ("workloads:\n  - {id: a, source: [10.0.0.1]}\n  - {id: b, source: [10.0.0.2, 10.0.0.1]}\n",
+     5, "workloads[1].source[1]", "already used"),
+    ("workloads:\n  - {id: a, cgroup: x/y}\n  - {id: b, cgroup: x/y}\n", 5, "workloads[1].cgroup",
+     "already used"),
+    ("egress_ips:\n  - {id: a, workload: ghost, ipv4: 203.0.113.1}\n", 4, "egress_ips[0].workload",
+     "unknown workload"),
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.1, ports: 1000-1500}\n", 4,
+     "egress_ips[0].ports", "does not fit"),
+    ("defaults: {port_range: 1024-2000}\n", 3, "defaults.ports_per_workload", "does not fit"),
+    ("policies:\n  - name: p\n    egress: {ipv4: nope}\n", 5, "policies[0].egress.ipv4", "unknown egress IP"),
+    ("egress_ips:\n  - {id: a, app: x, ipv6: '2001:db8::/64'}\npolicies:\n  - name: p\n"
+     "    egress: {ipv4: a}\n", 7, "policies[0].egress.ipv4", "has no ipv4"),
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.1}\npolicies:\n  - name: p\n"
+     "    egress: {ipv4: a, ipv4_fallback: a}\n", 7, "policies[0].egress.ipv4_fallback", "differ"),
+    ("egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.1}\npolicies:\n  - name: p\n"
+     "    egress: {ipv4: a, ipv4_fallback: somewhere}\n", 7, "policies[0].egress.ipv4_fallback",
+     "neither default, drop"),
+    ("policies:\n  - name: p\n    match: {apps: [ghost]}\n    egress: drop\n", 5,
+     "policies[0].match.apps[0]", "unknown app"),
+    ("policies:\n  - {name: p, egress: drop}\n  - {name: p, egress: default}\n", 5, "policies[1].name",
+     "already used"),
+])
+def test_semantic_errors(body, line, path, words):
+    p = one(HEAD + body)
+    assert (p.line, p.path) == (line, path), str(p)
+    assert words in p.message, str(p)
+
+
+def test_every_problem_is_reported_at_once():
+    ps = problems(HEAD + "egress_ips:\n  - {id: a, app: x, ipv4: bad}\n  - {id: b, app: x, ipv4: worse}\n")
+    assert [p.line for p in ps] == [4, 5]
+
+
+def test_yaml_syntax_error_has_a_line():
+    p = one("version: 1\nhost: {name: h\nworkloads: [\n")
+    assert p.line >= 2 and "YAML syntax" in p.message
+
+
+def test_missing_required_field():
+    p = one("version: 1\n")
+    assert p.message == "missing required field 'host'" and p.line == 1
+
+
+def test_schema_is_json_schema_and_knows_every_section():
+    s = schema()
+    json.dumps(s)
+    assert set(s["properties"]) >= {"version", "host", "egress_ips", "workloads", "exclude",
+                                    "policies", "defaults", "managed_sources"}

@@ -1,0 +1,169 @@
+"""Behaviour of the planned ruleset, traced packet by packet; explain agrees."""
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from egress_agent import names
+from egress_agent.alloc import Allocations, Usable, allocate
+from egress_agent.config import parse
+from egress_agent.plan import HostFacts, build, explain
+from tracer import trace
+
+DESIGN = Path(__file__).parent.parent / "configs" / "design.yaml"
+
+
+def lab_config():
+    text = resources.files("egress_agent").joinpath("lab/demo.yaml").read_text()
+    return parse(text.replace("@PREFIX@", "t"), "demo.yaml").config
+
+
+def planned(cfg, usable=Usable(), prev=Allocations()):
+    a, _ = allocate(cfg, prev, usable)
+    return build(cfg, a, HostFacts(usable=usable)), a
+
+
+@pytest.fixture(scope="module")
+def lab():
+    cfg = lab_config()
+    # the lab host has every address but legacy's
+    usable = Usable(v4=frozenset({"billing-1", "billing-2", "m44-ip", "partner-link"}),
+                    v6=frozenset({"billing-1", "billing-2"}))
+    p, a = planned(cfg, usable)
+    return cfg, p.desired, a, usable
+
+
+def test_machine_scoped_beats_app_scoped(lab):
+    cfg, d, a, _ = lab
+    v = trace(d, "10.0.1.4", "192.0.2.10", "tcp", 8080, iif="vm-m44")
+    assert (v.action, v.address) == ("snat", "203.0.113.20")
+    assert v.ports == a.leases[("m44", "m44-ip")].ports
+
+
+def test_app_scoped_workloads_get_their_app_ip_and_own_block(lab):
+    cfg, d, a, _ = lab
+    v42 = trace(d, "10.0.1.2", "192.0.2.10", "tcp", 8080, iif="vm-m42")
+    v43 = trace(d, "10.0.1.3", "192.0.2.10", "tcp", 8080, iif="vm-m43")
+    assert {v42.address, v43.address} == {"203.0.113.10", "203.0.113.11"}  # balanced
+    assert v42.ports == a.leases[("m42", a.app_choice["m42"])].ports
+    v6 = trace(d, "fd00:1::2", "2001:db8:ff::10", "tcp", 8080, iif="vm-m42")
+    assert v6.action == "snat" and v6.address == a.leases[("m42", a.app_choice["m42"])].ipv6
+
+
+def test_cgroup_workload_and_its_children(lab):
+    cfg, d, a, _ = lab
+    v = trace(d, "", "192.0.2.10", "tcp", 8080, cgroup="egress-lab-t/app.service")
+    child = trace(d, "", "192.0.2.10", "tcp", 8080, cgroup="egress-lab-t/app.service/sub")
+    assert v.action == "snat" and v == child
+    assert trace(d, "", "192.0.2.10", cgroup="egress-lab-t/other.service").action == "none"
+
+
+def test_first_matching_policy_wins_and_destination_policy_routes(lab):
+    cfg, d, a, _ = lab
+    v = trace(d, "10.0.1.3", "198.51.100.10", "tcp", 8080, iif="vm-m43")
+    assert (v.action, v.address) == ("snat", "203.0.113.140")
+    assert names.route_table(v.eid) == names.route_table(a.eids["partner-link"])
+    # m43's UDP: legacy-udp would match, but partner-via-link comes first for 198.51.100.10
+    v = trace(d, "10.0.1.3", "198.51.100.10", "udp", 8081, iif="vm-m43")
+    assert v.address == "203.0.113.140"
+
+
+def test_drop_fallback_never_yields_another_address(lab):
+    cfg, d, a, _ = lab
+    assert trace(d, "10.0.1.3", "192.0.2.10", "udp", 8081, iif="vm-m43").action == "drop"
+    # m42 is not in legacy-udp: its UDP goes out from its app IP
+    assert trace(d, "10.0.1.2", "192.0.2.10", "udp", 8081, iif="vm-m42").action == "snat"
+
+
+def test_partner_link_down_drops_its_traffic():
+    cfg = lab_config()
+    p, _ = planned(cfg, Usable(v4=frozenset({"billing-1", "billing-2", "m44-ip"})))
+    for src, iif in (("10.0.1.2", "vm-m42"), ("10.0.1.4", "vm-m44")):
+        assert trace(p.desired, src, "198.51.100.10", "tcp", 8080, iif=iif).action == "drop"
+
+
+@pytest.mark.parametrize("proto, dst, port", [("udp", "192.0.2.53", 53), ("tcp", "192.0.2.53", 53),
+                                               ("icmp", "192.0.2.10", None),
+                                               ("tcp", "10.99.0.10", 8080)])
+def test_dns_icmp_and_excluded_destinations_use_the_host_default(lab, proto, dst, port):
+    cfg, d, a, _ = lab
+    assert trace(d, "10.0.1.2", dst, proto, port, iif="vm-m42").action == "default"
+
+
+def test_unknown_source_in_managed_prefix_and_spoofing_are_dropped(lab):
+    cfg, d, a, _ = lab
+    assert trace(d, "10.0.1.66", "192.0.2.10", "tcp", 8080, iif="vm-spoof").action == "drop"
+    assert trace(d, "10.0.1.2", "192.0.2.10", "tcp", 8080, iif="vm-spoof").action == "drop"
+    assert trace(d, "fd00:1::99", "2001:db8:ff::10", "tcp", 8080, iif="vm-x").action == "drop"
+    assert trace(d, "172.16.0.9", "192.0.2.10", "tcp", 8080, iif="eth9").action == "none"
+
+
+def test_app_failover_and_unavailable():
+    cfg = lab_config()
+    p, a = planned(cfg)
+    home = a.app_choice["m42"]
+    other = "billing-2" if home == "billing-1" else "billing-1"
+    p2, a2 = planned(cfg, Usable(v4=frozenset({other, "m44-ip", "partner-link"}), v6=frozenset()), a)
+    v = trace(p2.desired, "10.0.1.2", "192.0.2.10", "tcp", 8080, iif="vm-m42")
+    assert v.address == cfg.ip(other).ipv4 and v.ports == a2.leases[("m42", other)].ports
+    # IPv6 of the app is gone entirely: defaults.unavailable (default)
+    assert trace(p2.desired, "fd00:1::2", "2001:db8:ff::10", "tcp", 8080, iif="vm-m42").action == "default"
+    # back: the same block as before
+    p3, a3 = planned(cfg, Usable(), a2)
+    v = trace(p3.desired, "10.0.1.2", "192.0.2.10", "tcp", 8080, iif="vm-m42")
+    assert v.ports == a.leases[("m42", home)].ports and v.address == cfg.ip(home).ipv4
+
+
+def test_unavailable_drop_never_yields_another_address():
+    cfg = lab_config().model_copy(deep=True)
+    cfg = parse(Path(DESIGN).read_text().replace("unavailable: default", "unavailable: drop")).config
+    p, a = planned(cfg, Usable(v4=frozenset(), v6=frozenset()))
+    for dst, port in (("192.0.2.10", 443), ("203.0.113.99", 80), ("2001:db8:ff::1", 443)):
+        v = trace(p.desired, "10.0.1.2" if ":" not in dst else "fd00:1::2", dst, "tcp", port,
+                  iif="vm-m42")
+        assert v.action == "drop", (dst, v)
+
+
+def test_design_example_policies():
+    cfg = parse(DESIGN.read_text()).config
+    p, a = planned(cfg)
+    d = p.desired
+    # m-42 has its machine IP, but finance-static (apps: billing) wins for 192.0.2.0/24:443
+    v = trace(d, "10.0.1.2", "192.0.2.7", "tcp", 443, iif="vm-m42")
+    assert v.address == "203.0.113.10"
+    assert trace(d, "10.0.1.2", "192.0.2.7", "tcp", 80, iif="vm-m42").address == "203.0.113.20"
+    assert trace(d, "10.0.1.2", "198.51.100.1", "tcp", 80, iif="vm-m42").action == "default"
+
+
+packets = st.tuples(
+    st.sampled_from([("10.0.1.2", "vm-m42", None), ("10.0.1.3", "vm-m43", None),
+                     ("10.0.1.4", "vm-m44", None), ("10.0.1.2", "vm-spoof", None),
+                     ("10.0.1.66", "vm-spoof", None), ("fd00:1::2", "vm-m42", None),
+                     ("", None, "egress-lab-t/app.service")]),
+    st.sampled_from(["192.0.2.10", "192.0.2.53", "198.51.100.10", "10.99.0.10", "203.0.113.1",
+                     "2001:db8:ff::10"]),
+    st.sampled_from(["tcp", "udp", "icmp"]),
+    st.sampled_from([None, 53, 443, 8080, 8081]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pkt=packets, down=st.sets(st.sampled_from(["billing-1", "billing-2", "m44-ip", "partner-link"])))
+def test_explain_says_what_the_ruleset_does(pkt, down):
+    (src, iif, cgroup), dst, proto, port = pkt
+    if (":" in dst) != (":" in src) and not cgroup:
+        return
+    if proto == "icmp":
+        port = None
+    cfg = lab_config()
+    up = frozenset({"billing-1", "billing-2", "m44-ip", "partner-link"} - down)
+    usable = Usable(v4=up, v6=up & {"billing-1", "billing-2"})
+    p, a = planned(cfg, usable)
+    v = trace(p.desired, src, dst, proto, port, iif=iif, cgroup=cgroup)
+    e = explain(cfg, a, cgroup or src, dst, port, proto, iif, usable)
+    assert e.action == v.action, (e, v)
+    if v.action == "snat":
+        assert e.source_address == v.address
+        assert (e.ports == v.ports) or proto == "icmp"
