@@ -100,14 +100,22 @@ def cmd_plan(args) -> int:
 
 def cmd_explain(args) -> int:
     cfg = _load(args)
+    from .alloc import Usable
     from .plan import explain
     p, _ = _offline_plan(cfg)
+    if args.assume_usable:
+        usable = Usable()
+    else:  # this host's addresses and links decide what is usable (no root needed)
+        from .hoststate import read_host_state
+        from .reconcile import usable_from
+        usable = usable_from(cfg, read_host_state())
     dst, port, proto = args.dst, args.port, args.proto
     if ":" in dst and dst.count(":") == 1:  # 192.0.2.1:443/tcp
         dst, rest = dst.split(":")
         port_s, _, proto_s = rest.partition("/")
         port, proto = int(port_s), proto_s or proto
-    e = explain(cfg, p.alloc, args.src, dst, port, proto or ("tcp" if port else None), args.iif)
+    e = explain(cfg, p.alloc, args.src, dst, port, proto or ("tcp" if port else None), args.iif,
+                usable)
     d = e.to_json()
     human = "\n".join(f"{k:15} {'-' if v is None else v}" for k, v in d.items())
     _out(args, d, human)
@@ -268,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int)
     sp.add_argument("--proto", choices=["tcp", "udp", "icmp"])
     sp.add_argument("--iif", help="interface the packet arrives on")
+    sp.add_argument("--assume-usable", action="store_true",
+                    help="treat every egress IP as present and up (default: look at this host)")
     add("schema", cmd_schema, "print the JSON Schema of the config (for editors)",
         config=False, json_=False)
     sp = add("who", cmd_who, "name the workload that held ADDR[:PORT] now or at --at TIME")

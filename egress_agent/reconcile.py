@@ -23,7 +23,7 @@ from .model import Desired, Observed
 from .nft import NftPort
 from .plan import HostFacts, Plan, build
 from .render import observed_from_json, transaction
-from .routing import RoutingPort, diff_routes
+from .routing import RoutingPort, diff_routes, split_ops
 from .store import Store
 
 
@@ -112,9 +112,10 @@ class Reconciler:
             d = plan.desired
             ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
             tx = transaction(d, observed)
-            self.routing.apply([op for op in ops if op.op == "add"])
+            before, after = split_ops(ops)
+            self.routing.apply(before)
             self.nft.run(tx.text)
-            self.routing.apply([op for op in ops if op.op == "delete"])
+            self.routing.apply(after)
         except Exception:
             self.full_next = True
             raise

@@ -9,9 +9,9 @@ single process serves thousands of long-lived connections.
 Server:   python -m egress_agent.lab.echo --tcp 192.0.2.10:8080 --udp [2001:db8::1]:53
           (prints `ready` once every socket is bound)
 Probe:    python -m egress_agent.lab.echo probe --tcp 192.0.2.10 8080 --json
-Hold:     python -m egress_agent.lab.echo hold 192.0.2.10 8080
+Hold:     python -m egress_agent.lab.echo hold 192.0.2.10 8080 [--count N]
           (stdin `ping` lines -> one JSON answer per line; used by HeldConnection
-          to keep a flow open from inside another namespace or cgroup)
+          and HeldGroup to keep flows open from inside another namespace or cgroup)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import ipaddress
 import json
 import os
+import resource
 import select
 import selectors
 import socket
@@ -295,16 +296,7 @@ class HeldConnection:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
-            for f in (self.proc.stdin, self.proc.stdout):
-                try:
-                    f and f.close()
-                except OSError:
-                    pass
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            _stop_holder(self.proc)
             self.proc = None
 
     def __enter__(self) -> HeldConnection:
@@ -312,6 +304,75 @@ class HeldConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class HeldGroup:
+    """Up to `count` long-lived TCP flows held by one child process (behind
+    `prefix`, e.g. from `Lab.hold_many`), for tests about port blocks and
+    connection limits. Opening stops at the first flow that fails (a full SNAT
+    port block drops the SYN, so each failure costs `timeout`): `.seen` lists
+    what the server saw for each open flow, `.error` why opening stopped."""
+
+    def __init__(self, dst: str, port: int, count: int, *, prefix: Sequence[str],
+                 timeout: float = 2.0, source: str | None = None):
+        self.timeout = timeout
+        cmd = [*prefix, sys.executable, "-m", "egress_agent.lab.echo", "hold", dst, str(port),
+               "--count", str(count), "--timeout", str(timeout)]
+        cmd += ["--source", source] if source else []
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, bufsize=1,
+                                     env=child_env())
+        first = self._read(timeout + 30.0 + count * 0.01)
+        self.seen = [Seen(a, p) for a, p in first.get("seen", [])]
+        self.error = first.get("error")
+
+    def _read(self, timeout: float) -> dict:
+        assert self.proc.stdout
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        return json.loads(line) if line else {"seen": [], "error": "no answer from holder process"}
+
+    def ping(self) -> list[Seen | None]:
+        """Ping every open flow; per flow what the server saw, None if dead."""
+        try:
+            assert self.proc.stdin
+            self.proc.stdin.write("ping\n")
+            self.proc.stdin.flush()
+            result = self._read(self.timeout * 2 + 10.0)
+        except (OSError, ValueError):
+            return [None] * len(self.seen)
+        return [Seen(*s) if s else None for s in result.get("seen", [None] * len(self.seen))]
+
+    def close(self) -> None:
+        _stop_holder(self.proc)
+
+    def __enter__(self) -> HeldGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stop_holder(proc: subprocess.Popen) -> None:
+    """Closing its stdin makes a holder close its flows and exit."""
+    for f in (proc.stdin, proc.stdout):
+        try:
+            if f:
+                f.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _raise_fd_limit() -> None:
+    """Thousands of held flows need more than the usual 1024 descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
 
 
 def child_env() -> dict[str, str]:
@@ -325,26 +386,46 @@ def child_env() -> dict[str, str]:
 # --- command line ----------------------------------------------------------------
 
 def _hold_main(args: argparse.Namespace) -> int:
-    """Relay for HeldConnection: one JSON line at connect, one per stdin line."""
+    """Relay for HeldConnection/HeldGroup: one JSON line once the flows are
+    open, then one per stdin line (a ping on every flow)."""
     def emit(result: dict) -> None:
         print(json.dumps(result), flush=True)
 
-    try:
-        sock = _connect(args.dst, args.port, args.timeout, args.source)
-        seen = _parse_answer(_readline(sock, time.monotonic() + args.timeout))
-    except (OSError, ValueError) as exc:
-        emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        return 1
-    emit({"ok": True, "source_address": seen.address, "source_port": seen.port})
-    for _ in sys.stdin:
+    def seen_of(sock: socket.socket) -> Seen:
+        return _parse_answer(_readline(sock, time.monotonic() + args.timeout))
+
+    _raise_fd_limit()
+    socks, seen, error = [], [], None
+    for _ in range(args.count):
         try:
-            sock.sendall(b"ping\n")
-            seen = _parse_answer(_readline(sock, time.monotonic() + args.timeout))
-            emit({"ok": True, "source_address": seen.address, "source_port": seen.port})
+            sock = _connect(args.dst, args.port, args.timeout, args.source)
+            socks.append(sock)
+            seen.append(seen_of(sock))
         except (OSError, ValueError) as exc:
-            emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    sock.close()
-    return 0
+            error = f"{type(exc).__name__}: {exc}"
+            break
+    if args.count == 1:
+        emit({"ok": True, "source_address": seen[0].address, "source_port": seen[0].port}
+             if seen else {"ok": False, "error": error})
+    else:
+        emit({"ok": error is None, "seen": seen, "error": error})
+    for _ in sys.stdin:
+        answers = []
+        for sock in socks:
+            try:
+                sock.sendall(b"ping\n")
+                answers.append(seen_of(sock))
+            except (OSError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                answers.append(None)
+        if args.count == 1:
+            emit({"ok": True, "source_address": answers[0].address, "source_port": answers[0].port}
+                 if answers and answers[0] else {"ok": False, "error": error})
+        else:
+            emit({"ok": all(answers), "seen": answers, "error": error})
+    for sock in socks:
+        sock.close()
+    return 0 if seen else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -360,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("port", type=int)
         p.add_argument("--source", help="bind this source address first")
         p.add_argument("--timeout", type=float, default=2.0)
+        if argv[0] == "hold":
+            p.add_argument("--count", type=int, default=1, help="flows to hold (default 1)")
         args = p.parse_args(argv[1:])
         if argv[0] == "hold":
             return _hold_main(args)
@@ -380,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.tcp and not args.udp:
         p.error("nothing to serve: give --tcp and/or --udp")
+    _raise_fd_limit()
     server = EchoServer(args.tcp, args.udp)
     print("ready", flush=True)
     server.serve_forever()

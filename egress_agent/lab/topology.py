@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .echo import HeldConnection, Seen, child_env
+from .echo import HeldConnection, HeldGroup, Seen, child_env
 from .netns import (
     addr_add, addr_del, ip, list_namespaces, ns_add, ns_del, ns_exec, ns_pids,
     nsenter_prefix, route_add, veth,
@@ -421,6 +421,11 @@ class Lab:
     def hold(self, machine: str, dst: str, port: int = 8080, **kw: object) -> HeldConnection:
         """A long-lived TCP connection from `machine` (see HeldConnection)."""
         return HeldConnection(dst, port, prefix=nsenter_prefix(self.ns(machine)), **kw)
+
+    def hold_many(self, machine: str, dst: str, port: int = 8080, count: int = 100,
+                  **kw: object) -> HeldGroup:
+        """Up to `count` long-lived TCP flows from `machine` (see HeldGroup)."""
+        return HeldGroup(dst, port, count, prefix=nsenter_prefix(self.ns(machine)), **kw)
 
     def hold_cgroup(self, cgroup_rel_path: str, dst: str, port: int = 8080,
                     **kw: object) -> HeldConnection:

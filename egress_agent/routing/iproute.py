@@ -24,6 +24,7 @@ Verified with pyroute2 0.9.7 on Linux 6.x:
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -115,7 +116,7 @@ class IPRouteRouting:
         try:
             return getattr(self.ipr, kind)("dump", family=family)
         except NetlinkError as e:
-            if e.code == 97 and family == socket.AF_INET6:  # EAFNOSUPPORT: IPv6 off
+            if e.code == errno.EAFNOSUPPORT and family == socket.AF_INET6:  # IPv6 off
                 return ()
             raise
 

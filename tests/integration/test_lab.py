@@ -153,3 +153,13 @@ def test_up_twice_replaces_the_lab(lab: Lab) -> None:
     lab.up()
     assert _echo_pids(lab) != old
     assert lab.probe("m42", "192.0.2.10", 8080).address == "203.0.113.2"
+
+
+def test_hold_many_flows(lab: Lab) -> None:
+    """More flows than the default 1024 descriptors, on both ends."""
+    with lab.hold_many("m42", "192.0.2.10", 8080, count=1500) as group:
+        assert group.error is None
+        assert len(group.seen) == 1500
+        assert {s.address for s in group.seen} == {"203.0.113.2"}
+        assert len({s.port for s in group.seen}) == 1500
+        assert group.ping() == group.seen
