@@ -160,8 +160,11 @@ def _reconciler(cfg):
     from .reconcile import Reconciler
     from .routing.iproute import IPRouteRouting
     from .store import Store
-    if any(w.cgroup for w in cfg.workloads):
+    try:
         cgroupfs.ensure_view()
+    except OSError as e:  # only cgroup workloads need it; say so, keep going
+        print(f"warning: no cgroup2 view at /sys/fs/cgroup ({e}); cgroup workloads "
+              "cannot be classified", file=sys.stderr)
     return Reconciler(Libnft(), IPRouteRouting(), Store(cfg.state_dir), read_host_state)
 
 
@@ -190,6 +193,14 @@ def cmd_apply(args) -> int:
     for n in r.notes:
         print(f"note: {n}", file=sys.stderr)
     return Exit.OK
+
+
+def cmd_run(args) -> int:
+    from . import log
+    from .daemon import Daemon
+    log.configure(json_lines={"json": True, "console": False}.get(args.log_format))
+    d = Daemon(args.config, _reconciler, resync_interval=args.resync, state_dir=args.state_dir)
+    return d.run()
 
 
 def cmd_teardown(args) -> int:
@@ -284,6 +295,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("address", help="egress address, with :PORT for IPv4 ([v6]:port for IPv6)")
     sp.add_argument("--at", help="ISO-8601 time, e.g. 2026-11-23T10:00:00Z")
     add("apply", cmd_apply, "reconcile the kernel with the config once (root)")
+    sp = add("run", cmd_run,
+             "the daemon: reconcile at start, on config changes (inotify, SIGHUP), on "
+             "address/link changes (netlink) and every --resync seconds; SIGTERM leaves the "
+             "kernel state in place (systemd Type=notify)", json_=False)
+    sp.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
+                    help="full resync interval that repairs drift (default 60)")
+    sp.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                    help="auto: JSON lines unless stderr is a terminal")
     add("teardown", cmd_teardown, "remove every kernel object the agent owns, nothing else (root)",
         config=False)
     add("status", cmd_status, "egress IPs (present, state, workloads) and each workload's leases")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from . import alloc as alloc_mod
@@ -105,8 +105,14 @@ class Reconciler:
     def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
         t0 = time.perf_counter()
         mode = "full" if (full or self.full_next or self.applied is None) else "incremental"
-        observed = self.observe() if mode == "full" else self.applied
-        assert observed is not None
+        if mode == "full":
+            observed = self.observe()
+        else:
+            # nft state from memory (the kernel said yes to it); routes are read
+            # every time: the kernel drops them when a link goes down.
+            assert self.applied is not None
+            routes, rules = self.routing.dump()
+            observed = replace(self.applied, routes=routes, rules=rules)
         try:
             plan, events, adopted = self.plan(cfg, observed)
             d = plan.desired

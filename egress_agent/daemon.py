@@ -1,0 +1,231 @@
+"""`egress-agent run`: keep the kernel equal to the desired state.
+
+One loop, one sync at a time. Triggers arrive on a queue:
+- the config file changed (inotify on its directory, so editors that replace
+  the file are seen; debounced), or SIGHUP: reload, then sync;
+- netlink: an address or link changed; if that changes which egress IPs are
+  usable, sync at once (failover is a netlink event, not a poll);
+- the periodic full resync, which re-reads the kernel and repairs drift;
+- SIGTERM/SIGINT: stop, leaving the kernel state in place.
+An invalid config is logged with file, line and reason; the last good state
+stays applied and the daemon waits for the next version.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import log as logmod
+from .config import Config, ConfigError, load
+from .nft import NftError
+from .reconcile import Reconciler, SyncResult, usable_from
+from .routing import RoutingError
+from .sdnotify import Notifier
+
+CONFIG_DEBOUNCE = 0.1  # editors write in several steps
+NETLINK_DEBOUNCE = 0.005
+
+
+@dataclass(frozen=True)
+class Trigger:
+    kind: str  # config | sighup | netlink | resync | stop | start
+    full: bool = False    # re-read the kernel instead of trusting memory
+    reload: bool = False  # re-read the config file
+    force: bool = False   # sync even if no egress IP changed usability
+
+
+def conntrack_numbers() -> tuple[Optional[int], Optional[int]]:
+    out = []
+    for name in ("nf_conntrack_count", "nf_conntrack_max"):
+        try:
+            with open(f"/proc/sys/net/netfilter/{name}") as f:
+                out.append(int(f.read()))
+        except OSError:
+            out.append(None)
+    return out[0], out[1]
+
+
+class Daemon:
+    def __init__(self, config_path: str, make_reconciler: Callable[[Config], Reconciler],
+                 resync_interval: float = 60.0, notify: Optional[Notifier] = None,
+                 watch_netlink: bool = True, state_dir: Optional[str] = None):
+        self.config_path = os.path.abspath(config_path)
+        self.make_reconciler = make_reconciler
+        self.resync_interval = resync_interval
+        self.notify = notify or Notifier()
+        self.watch_netlink = watch_netlink
+        self.state_dir = state_dir
+        self.queue: "queue.Queue[Trigger]" = queue.Queue()
+        self.log = logmod.get()
+        self.cfg: Optional[Config] = None
+        self.rec: Optional[Reconciler] = None
+        self.stopping = threading.Event()
+        self.last_usable = None
+        self.syncs = 0
+        self.failures = 0
+        self.last_result: Optional[SyncResult] = None
+        self.on_sync: list[Callable[[SyncResult], None]] = []
+
+    # --- config ----------------------------------------------------------------
+    def load_config(self) -> bool:
+        try:
+            cfg = load(self.config_path).config
+        except ConfigError as e:
+            for p in e.problems:
+                self.log.error("config invalid, keeping the last good state", problem=str(p),
+                               file=p.file, line=p.line, field=p.path, reason=p.message)
+            return False
+        if self.state_dir:
+            cfg = cfg.model_copy(update={"state_dir": self.state_dir})
+        if self.rec is None:
+            self.rec = self.make_reconciler(cfg)
+        self.cfg = cfg
+        return True
+
+    # --- the loop ---------------------------------------------------------------
+    def run(self) -> int:
+        self._signals()
+        threading.Thread(target=self._watch_config, name="inotify", daemon=True).start()
+        if self.watch_netlink:
+            threading.Thread(target=self._watch_netlink, name="netlink", daemon=True).start()
+        self.queue.put(Trigger("start", full=True, reload=True))
+        watchdog = self.notify.watchdog_interval()
+        next_resync = time.monotonic() + self.resync_interval
+        ready = False
+        while not self.stopping.is_set():
+            timeout = max(0.0, next_resync - time.monotonic())
+            if watchdog:
+                timeout = min(timeout, watchdog)
+                self.notify("WATCHDOG=1")
+            try:
+                t = self.queue.get(timeout=timeout)
+            except queue.Empty:
+                if time.monotonic() >= next_resync:
+                    t = Trigger("resync", full=True)
+                else:
+                    continue
+            if t.kind == "stop":
+                break
+            t = self._coalesce(t)
+            if t.kind == "stop":
+                break
+            if t.reload:
+                if t.kind == "sighup":
+                    self.notify("RELOADING=1")
+                if not self.load_config():
+                    if self.cfg is None:
+                        self.notify("READY=1", "STATUS=waiting for a valid config: "
+                                    + self.config_path)
+                    else:
+                        self.notify("READY=1", "STATUS=config invalid, last good state kept")
+                    ready = True
+                    if not t.full or self.cfg is None:
+                        continue
+            if t.kind == "netlink" and not t.force and not self._usable_changed():
+                continue
+            self._sync(t)
+            if t.full:
+                next_resync = time.monotonic() + self.resync_interval
+            if not ready or t.kind == "sighup":
+                self.notify("READY=1")
+                ready = True
+        self.notify("STOPPING=1")
+        self.log.info("stopped; kernel state left in place")
+        return 0
+
+    def _coalesce(self, first: Trigger) -> Trigger:
+        """Merge the triggers that arrive within the debounce window."""
+        window = CONFIG_DEBOUNCE if first.kind in ("config", "start") else NETLINK_DEBOUNCE
+        kinds, full, reload, force = [first.kind], first.full, first.reload, first.force
+        deadline = time.monotonic() + window
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                t = self.queue.get(timeout=max(0.0, left)) if left > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if t.kind == "stop":
+                return t
+            kinds.append(t.kind)
+            full, reload, force = full or t.full, reload or t.reload, force or t.force
+        kind = next((k for k in ("start", "sighup", "config", "resync", "netlink") if k in kinds), first.kind)
+        return Trigger(kind, full, reload, force)
+
+    def _usable_changed(self) -> bool:
+        if self.cfg is None or self.rec is None:
+            return False
+        usable = usable_from(self.cfg, self.rec.read_host())
+        return usable != self.last_usable
+
+    def _sync(self, t: Trigger) -> None:
+        assert self.cfg is not None and self.rec is not None
+        try:
+            r = self.rec.sync(self.cfg, trigger=t.kind, full=t.full)
+        except (NftError, RoutingError, OSError) as e:
+            self.failures += 1
+            detail = e.excerpt() if isinstance(e, NftError) else ""
+            self.log.error("sync failed; the next sync is a full one", trigger=t.kind,
+                           error=str(e), batch_excerpt=detail or None)
+            self.notify(f"STATUS=sync failed: {str(e).splitlines()[0][:200]}")
+            return
+        except Exception as e:  # a capacity error or a bug: keep the last good state
+            self.failures += 1
+            self.log.error("sync failed; the kernel keeps the last good state", trigger=t.kind,
+                           error=f"{type(e).__name__}: {e}")
+            self.notify(f"STATUS=sync failed: {e}")
+            return
+        self.syncs += 1
+        self.last_result = r
+        self.last_usable = usable_from(self.cfg, self.rec.read_host())
+        count, cmax = conntrack_numbers()
+        self.log.info("sync", trigger=r.trigger, mode=r.mode, changed=r.changed,
+                      elements_added=r.added, elements_removed=r.removed,
+                      route_ops=len(r.route_ops), policies_changed=r.policies_changed,
+                      adopted=r.adopted, duration_ms=round(r.duration_ms, 2),
+                      conntrack_count=count, conntrack_max=cmax,
+                      **({"notes": r.notes} if r.notes else {}))
+        n_ips = len(self.cfg.ips_here())
+        usable = sum(1 for ip in self.cfg.ips_here()
+                     if self.last_usable.ok(ip, 4) or self.last_usable.ok(ip, 6))
+        self.notify(f"STATUS={len(self.cfg.workloads)} workloads, {usable}/{n_ips} egress IPs "
+                    f"usable, last sync {r.trigger} {r.duration_ms:.0f} ms")
+        for fn in self.on_sync:
+            fn(r)
+
+    # --- event sources ------------------------------------------------------------
+    def _signals(self) -> None:
+        def stop(signum, frame):
+            self.stopping.set()
+            self.queue.put(Trigger("stop"))
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda s, f: self.queue.put(Trigger("sighup", full=True, reload=True)))
+
+    def _watch_config(self) -> None:
+        from inotify_simple import INotify, flags
+        directory, name = os.path.split(self.config_path)
+        ino = INotify()
+        ino.add_watch(directory, flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE
+                      | flags.DELETE | flags.MOVED_FROM)
+        while not self.stopping.is_set():
+            for ev in ino.read(timeout=1000):
+                if ev.name == name:
+                    self.queue.put(Trigger("config", reload=True))
+
+    def _watch_netlink(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
+        with IPRoute() as ipr:
+            ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+            while not self.stopping.is_set():
+                for msg in ipr.get():
+                    # a link that comes back has lost its routes: a link event
+                    # always syncs (which re-reads our routes); an address
+                    # event only when it changes which egress IPs are usable.
+                    self.queue.put(Trigger("netlink", force=msg["event"] == "RTM_NEWLINK"))
