@@ -245,7 +245,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
         if w not in workloads or ip_id not in here:
             continue
         room = rooms[ip_id]
-        keep = ip_id in need[w] or ip_id == prev.app_choice.get(w) or lease.temporary
+        keep = (ip_id in need[w] or lease.temporary
+                or (ip_id == prev.app_choice.get(w) and here[ip_id].state == "active"))
         if keep and room.fits(lease) and (room.max is None or len(room.workloads) < room.max):
             room.take(lease)
             leases[key] = lease
@@ -257,20 +258,22 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
         if not candidates or _own_covers_both(cfg, w):
             continue
         prev_choice = prev.app_choice.get(w.id)
-        if prev_choice in {ip.id for ip in candidates} and (w.id, prev_choice) in leases:
+        if prev_choice in {ip.id for ip in candidates if ip.state == "active"} \
+                and (w.id, prev_choice) in leases:
             app_choice[w.id] = prev_choice
             continue
         active = [ip for ip in candidates if ip.state == "active"] or candidates
+        reasons = []
         for ip in sorted(active, key=lambda ip: (len(rooms[ip.id].workloads), ip.id)):
             try:
                 leases[(w.id, ip.id)] = leases.get((w.id, ip.id)) or rooms[ip.id].new_lease(w.id, False)
                 app_choice[w.id] = ip.id
                 break
-            except CapacityError:
-                continue
+            except CapacityError as e:
+                reasons.append(f"{ip.id}: {e.reason}")
         else:
             raise CapacityError(w.id, ",".join(ip.id for ip in active),
-                                f"every egress IP of app {w.app!r} is full; add one or raise its limits")
+                                f"every egress IP of app {w.app!r} is full ({'; '.join(reasons)})")
 
     # 3. the IPs named by policies and machine-scoped IPs
     for w in cfg.workloads:

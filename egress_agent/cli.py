@@ -15,6 +15,7 @@ from enum import IntEnum
 from typing import Optional
 
 from . import __version__
+from .alloc import CapacityError
 from .config import ConfigError, load, schema
 
 
@@ -45,17 +46,13 @@ def _load(args):
 
 def cmd_check(args) -> int:
     cfg = _load(args)
-    from .alloc import CapacityError, allocate
-    from .store import Store
-    try:
-        allocate(cfg, _readable_store(cfg))
-    except CapacityError as e:
-        print(f"{args.config}: capacity: {e}", file=sys.stderr)
-        return Exit.INVALID
+    from .alloc import allocate
+    allocate(cfg, _readable_store(cfg))  # capacity: a CapacityError is reported by main()
     n_ip, n_w, n_p = len(cfg.egress_ips), len(cfg.workloads), len(cfg.policies)
     _out(args, {"ok": True, "file": args.config, "egress_ips": n_ip, "workloads": n_w,
                 "policies": n_p},
-         f"{args.config}: ok ({n_ip} egress IPs, {n_w} workloads, {n_p} policies)")
+         f"{args.config}: ok ({n_ip} egress IP{'s' * (n_ip != 1)}, {n_w} workload"
+         f"{'s' * (n_w != 1)}, {n_p} polic{'ies' if n_p != 1 else 'y'})")
     return Exit.OK
 
 
@@ -118,6 +115,11 @@ def cmd_explain(args) -> int:
                 usable)
     d = e.to_json()
     human = "\n".join(f"{k:15} {'-' if v is None else v}" for k, v in d.items())
+    missing = [ip.id for ip in cfg.ips_here() if ip.state == "active"
+               and not (usable.ok(ip, 4) or usable.ok(ip, 6))]
+    if missing:
+        human += (f"\nnote: not usable on this host (address absent or link down): "
+                  f"{', '.join(missing)}; --assume-usable explains as if they were")
     _out(args, d, human)
     return Exit.OK
 
@@ -319,6 +321,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(args.fn(args))
     except ConfigError as e:
         print(str(e), file=sys.stderr)
+        return Exit.INVALID
+    except CapacityError as e:
+        where = load(args.config).where(e.workload) if getattr(args, "config", None) else ""
+        print(f"{where}: workloads: capacity: {e}", file=sys.stderr)
         return Exit.INVALID
     except PermissionError as e:
         print(f"egress-agent {args.cmd}: {e}; this command needs root (CAP_NET_ADMIN)",

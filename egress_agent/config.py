@@ -355,6 +355,13 @@ class Loaded:
     file: str
     lines: dict[PathT, int]
 
+    def where(self, workload_id: str) -> str:
+        """FILE:LINE of a workload, for errors found after validation."""
+        for i, w in enumerate(self.config.workloads):
+            if w.id == workload_id:
+                return f"{self.file}:{_line_of(('workloads', i), self.lines)}"
+        return f"{self.file}:1"
+
 
 def parse(text: str, file: str = "<config>") -> Loaded:
     lines: dict[PathT, int] = {}

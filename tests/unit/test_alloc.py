@@ -143,3 +143,14 @@ def test_store_roundtrip_and_who(tmp_path):
     assert who(s.history(), l0.ipv4, port, "2026-11-23T11:30:00Z") == []
     assert who(s.history(), l0.ipv4, port) == []  # nobody now
     assert who(s.history(), l0.ipv4, port, "2026-11-23T09:00:00Z") == []
+
+
+def test_draining_ip_takes_no_new_workloads_and_hands_over_its_own():
+    ips = ["  - {id: a1, app: app, ipv4: 203.0.113.10}", "  - {id: a2, app: app, ipv4: 203.0.113.11}"]
+    a, _ = allocate(cfg_with(["w0", "w1"], ips), Allocations())
+    on_a1 = [w for w, ip in a.app_choice.items() if ip == "a1"]
+    ips[0] = "  - {id: a1, app: app, ipv4: 203.0.113.10, state: draining}"
+    b, events = allocate(cfg_with(["w0", "w1", "w2"], ips), a)
+    assert set(b.app_choice.values()) == {"a2"}
+    assert all(("a1" != k[1]) for k in b.leases)
+    assert {e.lease.workload for e in events if e.kind == "release"} == set(on_a1)
