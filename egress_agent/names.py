@@ -14,6 +14,9 @@ TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
 # --- packet / conntrack mark layout -------------------------------------------
 # bits  0-19  workload id (wid), 1..WID_MAX; 0 means "not a workload"
 # bits 20-27  egress id (eid) of the chosen egress IP, 1..EID_MAX; 0 = host default
+# bit  30     "classified by egress-agent": set in the conntrack mark of every
+#             connection the agent decided, so a conntrack dump can be filtered
+#             by the kernel (CTA_MARK/CTA_MARK_MASK) to the agent's own flows
 # bit  31     drop decision (never stored in conntrack: the first packet is dropped)
 # The agent owns the whole mark of connections that come from workloads; marks
 # of all other traffic are left alone.
@@ -24,6 +27,7 @@ EID_SHIFT = 20
 EID_MASK = 0xFF << EID_SHIFT  # 0x0ff00000
 EID_MAX = 0xFF
 DROP_FLAG = 0x80000000
+OURS_FLAG = 0x40000000
 
 
 def lease_mark(wid: int, eid: int) -> int:

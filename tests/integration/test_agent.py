@@ -223,7 +223,7 @@ table inet {foreign_table} {{
     }}
 }}
 table ip egress_agent {{
-    chain same_name_other_family {{ ip daddr 192.0.2.201 counter }}
+    chain same_name_other_family {{ ip daddr 192.0.2.201 counter; }}
 }}
 """)
     for fam in ("-4", "-6"):
