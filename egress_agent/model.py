@@ -59,7 +59,7 @@ class Desired:
     """Everything of ours the kernel should hold after a sync."""
 
     elements: dict[str, frozenset[Element]] = field(default_factory=dict)
-    policy_rules: tuple[str, ...] = ()
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # generated chain -> rules
     routes: frozenset[Route] = frozenset()
     rules: frozenset[Rule] = frozenset()
 
@@ -71,6 +71,6 @@ class Observed:
     table: bool = False
     skeleton: Optional[str] = None  # the skeleton digest in the table comment
     elements: dict[str, frozenset[Element]] = field(default_factory=dict)
-    policy_rules: tuple[str, ...] = ()
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # chain -> rule comments
     routes: frozenset[Route] = frozenset()
     rules: frozenset[Rule] = frozenset()

@@ -98,3 +98,9 @@ SNAT4_PORTS_MAP = "snat4"                            # lease mark : addr . port 
 SNAT4_ADDR_MAP = "snat4_addr"                        # lease mark : addr (ICMP and others)
 SNAT6_MAP = "snat6"                                  # lease mark : ipv6 addr
 POLICY_CHAIN = "policies"
+LIMIT_CHAIN = "limits"
+# Chains whose rules the agent writes (flushed and refilled in one batch when
+# their rules change); every other chain is the static skeleton.
+GENERATED_CHAINS = (POLICY_CHAIN, LIMIT_CHAIN)
+FLOWS4_SET = "flows4"                # per lease . destination: connection counts
+REFUSED_SET = "refused_ports"        # per lease . protocol: refusals (block full)

@@ -236,7 +236,7 @@ def _mark_for(alloc: Allocations, wid: int, c: Choice) -> int:
 
 def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Plan:
     """The desired kernel objects for this config and these allocations."""
-    from .render import policy_rules  # render owns nft syntax
+    from .render import limit_rules, policy_rules  # render owns nft syntax
 
     notes: list[str] = []
     el: dict[str, set[Element]] = {n: set() for n in _ALL_SETS}
@@ -300,7 +300,9 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
             routes.add(Route(6, table, ip.via.dev, ip.via.gateway6))
             rules.add(Rule(6, names.rule_priority(eid), fwmark, mask, table))
 
-    desired = Desired({k: frozenset(v) for k, v in el.items()}, tuple(rules_text),
+    chains = {names.POLICY_CHAIN: tuple(rules_text),
+              names.LIMIT_CHAIN: limit_rules(cfg.defaults.ports_per_workload)}
+    desired = Desired({k: frozenset(v) for k, v in el.items()}, chains,
                       frozenset(routes), frozenset(rules))
     return Plan(desired, alloc, notes)
 

@@ -146,6 +146,6 @@ class Reconciler:
 
 
 def _as_observed(d: Desired) -> Observed:
-    from .render import rule_comment, skeleton_digest
+    from .render import comments, skeleton_digest
     return Observed(True, skeleton_digest(), dict(d.elements),
-                    tuple(rule_comment(r) for r in d.policy_rules), d.routes, d.rules)
+                    {c: comments(r) for c, r in d.chains.items()}, d.routes, d.rules)

@@ -139,7 +139,7 @@ def observed_from_json(doc: dict, routes=frozenset(), rules=frozenset()) -> Obse
     table = False
     skeleton = None
     elements: dict[str, frozenset[Element]] = {}
-    policy: list[str] = []
+    chains: dict[str, list[str]] = {c: [] for c in names.GENERATED_CHAINS}
     for item in doc.get("nftables", []):
         if "table" in item:
             table = True
@@ -151,9 +151,10 @@ def observed_from_json(doc: dict, routes=frozenset(), rules=frozenset()) -> Obse
                 name = s["name"]
                 if name in KINDS or name.startswith("policy_"):
                     elements[name] = frozenset(normalize_element(name, e) for e in s.get("elem", []))
-        if "rule" in item and item["rule"]["chain"] == names.POLICY_CHAIN:
-            policy.append(item["rule"].get("comment", ""))
-    return Observed(table, skeleton, elements, tuple(policy), frozenset(routes), frozenset(rules))
+        if "rule" in item and item["rule"]["chain"] in chains:
+            chains[item["rule"]["chain"]].append(item["rule"].get("comment", ""))
+    return Observed(table, skeleton, elements, {c: tuple(r) for c, r in chains.items()},
+                    frozenset(routes), frozenset(rules))
 
 
 # --- policy rules ------------------------------------------------------------------
@@ -194,14 +195,38 @@ def policy_rules(p: Policy, set_name: Optional[str],
             parts.append("goto commit")
         else:
             parts.append(f"meta mark set meta mark | 0x{int(act) << names.EID_SHIFT:08x} goto commit")
-        body = " ".join(parts)
-        digest = hashlib.sha256(body.encode()).hexdigest()[:8]
-        out.append(f'{body} comment "policy {p.name} {digest}"')
+        out.append(_commented(" ".join(parts), f"policy {p.name}"))
     return out
 
 
 def rule_comment(rule: str) -> str:
     return rule.rsplit(" comment ", 1)[1].strip('"')
+
+
+def comments(rules: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(rule_comment(r) for r in rules)
+
+
+def _commented(body: str, label: str) -> str:
+    """A rule with a comment naming it and a digest of it, so the kernel's listing
+    tells whether the chain is current."""
+    return f'{body} comment "{label} {hashlib.sha256(body.encode()).hexdigest()[:8]}"'
+
+
+def limit_rules(block_size: int) -> tuple[str, ...]:
+    """Refuse the connection that would find no free port in its block.
+
+    A workload's connections to one destination ip:port each need a port of its
+    block; when the block is full, SNAT would drop the packet silently (UDP) or
+    leave TCP in SYN retries. Counting with `ct count` refuses the next one at
+    once instead (TCP reset, ICMP admin-prohibited) and counts the refusal per
+    lease in @refused_ports. TCP connections in TIME_WAIT are not counted.
+    """
+    body = (f"meta nfproto ipv4 meta l4proto {{ tcp, udp }} meta mark & 0x{names.EID_MASK:08x} != 0 "
+            f"add @{names.FLOWS4_SET} {{ meta mark . ip daddr . meta l4proto . th dport "
+            f"ct count over {block_size} }} update @{names.REFUSED_SET} {{ meta mark . meta l4proto }} "
+            f"goto refuse")
+    return (_commented(body, "limit ports"),)
 
 
 # --- the transaction -----------------------------------------------------------------
@@ -245,11 +270,11 @@ def transaction(desired: Desired, observed: Observed) -> Transaction:
         tx.lines += [f"add table {T}", f"delete table {T}", skeleton_text().rstrip()]
         observed = Observed(table=True, skeleton=skeleton_digest())
 
-    want_comments = tuple(rule_comment(r) for r in desired.policy_rules)
-    policies_changed = want_comments != observed.policy_rules
-    if policies_changed:
-        tx.policies_changed = True
-        tx.lines.append(f"flush chain {T} {names.POLICY_CHAIN}")
+    changed_chains = [c for c in names.GENERATED_CHAINS
+                      if comments(desired.chains.get(c, ())) != observed.chains.get(c, ())]
+    tx.policies_changed = bool(changed_chains)
+    for chain in changed_chains:
+        tx.lines.append(f"flush chain {T} {chain}")
 
     dynamic_want = {n for n in desired.elements if n.startswith("policy_")}
     dynamic_have = {n for n in observed.elements if n.startswith("policy_")}
@@ -279,8 +304,8 @@ def transaction(desired: Desired, observed: Observed) -> Transaction:
             for chunk in _chunks(sorted(element_text(name, e) for e in new)):
                 adds.append(f"add element {T} {name} {{ {', '.join(chunk)} }}")
     tx.lines += adds
-    if policies_changed:
-        tx.lines += [f"add rule {T} {names.POLICY_CHAIN} {r}" for r in desired.policy_rules]
+    for chain in changed_chains:
+        tx.lines += [f"add rule {T} {chain} {r}" for r in desired.chains.get(chain, ())]
     for name in sorted(dynamic_have - dynamic_want):
         tx.lines.append(f"delete set {T} {name}")
     return tx

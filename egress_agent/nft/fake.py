@@ -25,7 +25,8 @@ T = names.TABLE
 
 class FakeNft:
     def __init__(self, cgroups: Optional[set[str]] = None):
-        self.table: Optional[dict] = None  # {"comment", "sets": {name: {key: value}}, "rules": []}
+        # {"comment", "sets": {name: {key: value}}, "rules": {chain: [rule, ...]}}
+        self.table: Optional[dict] = None
         self.cgroups = cgroups  # None: every path exists
         self.batches: list[str] = []
 
@@ -72,16 +73,17 @@ class FakeNft:
             if raw:
                 item["elem"] = raw
             doc.append({"map" if vk else "set": item})
-        for body in self.table["rules"]:
-            comment = body.rsplit(" comment ", 1)[1].strip('"') if " comment " in body else None
-            doc.append({"rule": {"family": "inet", "table": names.TABLE_NAME,
-                                 "chain": names.POLICY_CHAIN, **({"comment": comment} if comment else {})}})
+        for chain, bodies in self.table["rules"].items():
+            for body in bodies:
+                comment = body.rsplit(" comment ", 1)[1].strip('"') if " comment " in body else None
+                doc.append({"rule": {"family": "inet", "table": names.TABLE_NAME, "chain": chain,
+                                     **({"comment": comment} if comment else {})}})
         return json.loads(json.dumps({"nftables": doc}))
 
     # --- statements ----------------------------------------------------------------
     def _declare(self, state: Optional[dict], block: list[str]) -> dict:
         if state is None:
-            state = {"comment": None, "sets": {}, "rules": []}
+            state = _empty()
         for raw in block:
             s = raw.strip()
             m = re.match(r'set skeleton \{.*comment "(.*)"; \}$', s)
@@ -95,13 +97,14 @@ class FakeNft:
 
     def _statement(self, state: Optional[dict], line: str) -> Optional[dict]:
         if line == f"add table {T}":
-            return state or {"comment": None, "sets": {}, "rules": []}
+            return state or _empty()
         if line == f"delete table {T}":
             self._need_table(state)
             return None
         st = self._need_table(state)
-        if line == f"flush chain {T} {names.POLICY_CHAIN}":
-            st["rules"] = []
+        m = re.match(rf"flush chain {T} (\S+)$", line)
+        if m and m.group(1) in names.GENERATED_CHAINS:
+            st["rules"][m.group(1)] = []
             return st
         m = re.match(rf"add set {T} (\S+) \{{ type mark; \}}$", line)
         if m:
@@ -110,7 +113,8 @@ class FakeNft:
         m = re.match(rf"delete set {T} (\S+)$", line)
         if m:
             name = self._need_set(st, m.group(1))
-            if any(f"@{name} " in r or r.endswith(f"@{name}") for r in st["rules"]):
+            if any(f"@{name} " in r or r.endswith(f"@{name}")
+                   for rules in st["rules"].values() for r in rules):
                 raise NftError(f"Could not process rule: Device or resource busy: set {name} in use")
             del st["sets"][name]
             return st
@@ -133,11 +137,11 @@ class FakeNft:
                         raise NftError("Could not process rule: No such file or directory")
                     del elems[key]
             return st
-        m = re.match(rf"add rule {T} {names.POLICY_CHAIN} (.*)$", line)
-        if m:
-            for ref in re.findall(r"@(\w+)", m.group(1)):
+        m = re.match(rf"add rule {T} (\S+) (.*)$", line)
+        if m and m.group(1) in names.GENERATED_CHAINS:
+            for ref in re.findall(r"@(\w+)", m.group(2)):
                 self._need_set(st, ref)
-            st["rules"].append(m.group(1))
+            st["rules"].setdefault(m.group(1), []).append(m.group(2))
             return st
         raise NftError(f"syntax error: the fake does not know this statement: {line[:80]}")
 
@@ -199,3 +203,7 @@ def _to_json(kinds: tuple[str, ...], v: Any) -> Any:
     if len(kinds) == 1:
         return atom(kinds[0], v)
     return {"concat": [atom(k, x) for k, x in zip(kinds, v)]}
+
+
+def _empty() -> dict:
+    return {"comment": None, "sets": {}, "rules": {c: [] for c in names.GENERATED_CHAINS}}

@@ -23,21 +23,22 @@ from agent_helpers import (
     our_rule_lines, our_table, ping, status, without_our_rules, write_variant,
 )
 
+from egress_agent.config import load
 from egress_agent.lab.netns import ns_exec
 from egress_agent.lab.topology import Lab
 
 SYN = "tcp flags & (syn | ack) == syn"  # one per new connection, retransmits aside
 
 
-def store_dir(lab: Lab) -> str:
-    """state_dir of lab/demo.yaml."""
-    return os.path.join(lab.state_dir, "state")
+def store_dir(config: str) -> str:
+    """The allocation store (state_dir) of `config`."""
+    return load(config).config.state_dir
 
 
-def store_files(lab: Lab) -> dict[str, bytes]:
+def store_files(config: str) -> dict[str, bytes]:
     out = {}
-    for name in sorted(os.listdir(store_dir(lab))):
-        with open(os.path.join(store_dir(lab), name), "rb") as f:
+    for name in sorted(os.listdir(store_dir(config))):
+        with open(os.path.join(store_dir(config), name), "rb") as f:
             out[name] = f.read()
     return out
 
@@ -174,7 +175,8 @@ def test_spoofed_and_dropped_traffic_never_reaches_the_origin(lab: Lab) -> None:
 def test_second_apply_changes_nothing(lab: Lab) -> None:
     config = demo_config(lab)
     assert apply(lab, config)["changed"]
-    table, rules, routes, store = our_table(lab), ip_rules(lab), our_route_lines(lab), store_files(lab)
+    table, rules, routes = our_table(lab), ip_rules(lab), our_route_lines(lab)
+    store = store_files(config)
     assert our_rule_lines(rules) and routes
 
     result = apply(lab, config)
@@ -182,7 +184,7 @@ def test_second_apply_changes_nothing(lab: Lab) -> None:
     assert (result["elements_added"], result["elements_removed"], result["route_ops"]) == (0, 0, [])
     assert our_table(lab) == table
     assert ip_rules(lab) == rules and our_route_lines(lab) == routes
-    assert store_files(lab)["history.jsonl"] == store["history.jsonl"]  # no new events
+    assert store_files(config)["history.jsonl"] == store["history.jsonl"]  # no new events
     assert in_block(lab.probe("m42", "192.0.2.10", 8080), app_lease(status(lab, config), "m42"))
 
 
@@ -200,7 +202,7 @@ def test_restart_adopts_kernel_state_and_keeps_open_connections(lab: Lab) -> Non
         assert held.ping() == held.first
 
         # restart with the store lost: the live maps are adopted, nothing changes
-        shutil.rmtree(store_dir(lab))
+        shutil.rmtree(store_dir(config))
         result = apply(lab, config)
         assert result["adopted"] is True and result["changed"] is False, result
         assert (result["elements_added"], result["elements_removed"]) == (0, 0), result
@@ -263,7 +265,7 @@ def test_invalid_config_changes_nothing_in_the_kernel(lab: Lab) -> None:
     st = status(lab, config)
 
     def snapshot() -> tuple:
-        return our_table(lab), ip_rules(lab), our_route_lines(lab), store_files(lab)
+        return our_table(lab), ip_rules(lab), our_route_lines(lab), store_files(config)
 
     good = snapshot()
     broken = {
@@ -302,6 +304,12 @@ def test_teardown_leaves_no_trace(lab: Lab) -> None:
 
     again = agent_json(lab, "teardown")
     assert again["changed"] is False, again
+
+    # the store outlives teardown: applying again gives the same blocks back
+    st = status(lab, config)
+    assert apply(lab, config)["changed"]
+    assert status(lab, config) == st
+    assert in_block(lab.probe("m42", "192.0.2.10", 8080), app_lease(st, "m42"))
 
 
 # --- 7. a config change --------------------------------------------------------

@@ -101,7 +101,7 @@ def trace(d: Desired, src: str, dst: str, proto: str = "tcp", dport: Optional[in
             or (l4, None) in el.get("exclude_protocols", ()) \
             or _in_prefixes(dst, el.get(names.EXCLUDE_SET[fam], ())):
         return Verdict("default", wid_mark)
-    for rule in d.policy_rules:
+    for rule in d.chains[names.POLICY_CHAIN]:
         v = _policy_verdict(rule, mark, fam, dst, proto, dport, el)
         if v == "drop":
             return Verdict("drop", wid_mark)
