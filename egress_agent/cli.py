@@ -198,11 +198,63 @@ def cmd_apply(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import log
+    from . import log, metrics
     from .daemon import Daemon
     log.configure(json_lines={"json": True, "console": False}.get(args.log_format))
-    d = Daemon(args.config, _reconciler, resync_interval=args.resync, state_dir=args.state_dir)
+    state = metrics.State()
+    if args.metrics != "off":
+        try:
+            metrics.serve(args.metrics, state)
+        except (ValueError, OSError) as e:
+            print(f"egress-agent run: metrics: {e}", file=sys.stderr)
+            return Exit.USAGE
+    d = Daemon(args.config, _reconciler, resync_interval=args.resync, state_dir=args.state_dir,
+               metrics=state, usage_interval=args.usage_interval, collect_usage=_usage_collector())
     return d.run()
+
+
+def _usage_collector():
+    """A usage snapshot with its own nft context (it runs in the usage thread)."""
+    from .nft.libnft import Libnft
+    from .report import collect
+    from .store import Store
+    nft = None
+
+    def collect_usage(cfg):
+        nonlocal nft
+        nft = nft or Libnft()
+        return collect(cfg, Store(cfg.state_dir).load(), nft)
+    return collect_usage
+
+
+def cmd_usage(args) -> int:
+    cfg = _load(args)
+    from .store import Store
+    snap = _usage_collector()(cfg)
+    if args.json:
+        print(json.dumps(snap.to_json(args.top), indent=2))
+        return Exit.OK
+    ct = snap.conntrack
+    print(f"conntrack: {ct['count']} of {ct['max']} entries"
+          + (f" ({ct['ratio']:.1%})" if ct["ratio"] is not None else "")
+          + "".join(f", {k} {v}" for k, v in ct["stats"].items()
+                    if k in ("insert_failed", "drop", "early_drop") and v))
+    rows = snap.rows[:args.top] if args.top else snap.rows
+    print(f"\n{'WORKLOAD':12} {'EGRESS ADDRESS':18} {'PROTO':5} {'DESTINATION':28} "
+          f"{'CONNS':>6} {'LIMIT':>6} {'RATIO':>6}  LIMIT KIND")
+    for r in rows:
+        dst = f"[{r.destination}]:{r.port}" if ":" in r.destination else f"{r.destination}:{r.port}"
+        ratio = f"{r.ratio:.0%}" if r.ratio is not None else "-"
+        print(f"{r.workload:12} {r.egress_address:18} {r.protocol:5} {dst:28} {r.connections:>6} "
+              f"{r.limit or '-':>6} {ratio:>6}  {r.limit_kind}{'  WARN' if r.warning else ''}")
+    if not rows:
+        print("(no connections through dedicated egress IPs)")
+    if snap.refused:
+        print(f"\n{'REFUSED':12} {'EGRESS ADDRESS':18} {'PROTO':5} {'COUNT':>6}  REASON")
+        for r in snap.refused:
+            print(f"{r['workload']:12} {r['egress_address'] or '-':18} {r['protocol']:5} "
+                  f"{r['refused']:>6}  {r['reason']}")
+    return Exit.OK
 
 
 def cmd_teardown(args) -> int:
@@ -305,6 +357,17 @@ def parser() -> argparse.ArgumentParser:
                     help="full resync interval that repairs drift (default 60)")
     sp.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
                     help="auto: JSON lines unless stderr is a terminal")
+    sp.add_argument("--metrics", default="127.0.0.1:9469", metavar="ADDR:PORT",
+                    help="Prometheus metrics endpoint (default 127.0.0.1:9469; public addresses "
+                         "are refused; 'off' disables it)")
+    sp.add_argument("--usage-interval", type=float, default=15.0, metavar="SECONDS",
+                    help="how often usage is read from conntrack for metrics and warnings "
+                         "(default 15)")
+    sp = add("usage", cmd_usage,
+             "connections per workload and destination against their limits (port block, "
+             "connections_per_destination), most saturated first; conntrack count and "
+             "refusals (root)")
+    sp.add_argument("--top", type=int, metavar="N", help="only the N most saturated rows")
     add("teardown", cmd_teardown, "remove every kernel object the agent owns, nothing else (root)",
         config=False)
     add("status", cmd_status, "egress IPs (present, state, workloads) and each workload's leases")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import log as logmod
+from . import metrics as metrics_mod
 from .config import Config, ConfigError, load
 from .nft import NftError
 from .reconcile import Reconciler, SyncResult, usable_from
@@ -54,7 +55,10 @@ def conntrack_numbers() -> tuple[Optional[int], Optional[int]]:
 class Daemon:
     def __init__(self, config_path: str, make_reconciler: Callable[[Config], Reconciler],
                  resync_interval: float = 60.0, notify: Optional[Notifier] = None,
-                 watch_netlink: bool = True, state_dir: Optional[str] = None):
+                 watch_netlink: bool = True, state_dir: Optional[str] = None,
+                 metrics: Optional[metrics_mod.State] = None,
+                 usage_interval: Optional[float] = None,
+                 collect_usage: Optional[Callable[[Config], object]] = None):
         self.config_path = os.path.abspath(config_path)
         self.make_reconciler = make_reconciler
         self.resync_interval = resync_interval
@@ -71,6 +75,10 @@ class Daemon:
         self.failures = 0
         self.last_result: Optional[SyncResult] = None
         self.on_sync: list[Callable[[SyncResult], None]] = []
+        self.metrics = metrics or metrics_mod.State()
+        self.usage_interval = usage_interval
+        self.collect_usage = collect_usage
+        self.warned: set = set()
 
     # --- config ----------------------------------------------------------------
     def load_config(self) -> bool:
@@ -94,6 +102,8 @@ class Daemon:
         threading.Thread(target=self._watch_config, name="inotify", daemon=True).start()
         if self.watch_netlink:
             threading.Thread(target=self._watch_netlink, name="netlink", daemon=True).start()
+        if self.usage_interval and self.collect_usage:
+            threading.Thread(target=self._watch_usage, name="usage", daemon=True).start()
         self.queue.put(Trigger("start", full=True, reload=True))
         watchdog = self.notify.watchdog_interval()
         next_resync = time.monotonic() + self.resync_interval
@@ -165,9 +175,11 @@ class Daemon:
 
     def _sync(self, t: Trigger) -> None:
         assert self.cfg is not None and self.rec is not None
+        t0 = time.perf_counter()
         try:
             r = self.rec.sync(self.cfg, trigger=t.kind, full=t.full)
         except (NftError, RoutingError, OSError) as e:
+            self.metrics.record_sync(t.kind, False, time.perf_counter() - t0)
             self.failures += 1
             detail = e.excerpt() if isinstance(e, NftError) else ""
             self.log.error("sync failed; the next sync is a full one", trigger=t.kind,
@@ -175,6 +187,7 @@ class Daemon:
             self.notify(f"STATUS=sync failed: {str(e).splitlines()[0][:200]}")
             return
         except Exception as e:  # a capacity error or a bug: keep the last good state
+            self.metrics.record_sync(t.kind, False, time.perf_counter() - t0)
             self.failures += 1
             self.log.error("sync failed; the kernel keeps the last good state", trigger=t.kind,
                            error=f"{type(e).__name__}: {e}")
@@ -182,7 +195,10 @@ class Daemon:
             return
         self.syncs += 1
         self.last_result = r
+        self.metrics.record_sync(t.kind, True, r.duration_ms / 1000)
+        before = self.last_usable
         self.last_usable = usable_from(self.cfg, self.rec.read_host())
+        self._record_usable(before, self.last_usable)
         count, cmax = conntrack_numbers()
         self.log.info("sync", trigger=r.trigger, mode=r.mode, changed=r.changed,
                       elements_added=r.added, elements_removed=r.removed,
@@ -229,3 +245,46 @@ class Daemon:
                     # always syncs (which re-reads our routes); an address
                     # event only when it changes which egress IPs are usable.
                     self.queue.put(Trigger("netlink", force=msg["event"] == "RTM_NEWLINK"))
+
+    # --- usage and metrics ---------------------------------------------------------
+    def _record_usable(self, before, after) -> None:
+        assert self.cfg is not None
+        now = {ip.id: after.ok(ip, 4) or after.ok(ip, 6) for ip in self.cfg.ips_here()}
+        with self.metrics.lock:
+            for ip, ok in now.items():
+                if before is not None and self.metrics.usable.get(ip) and not ok:
+                    self.metrics.failovers += 1
+                    self.log.warning("egress IP unusable: its workloads follow their fallback",
+                                     egress_ip=ip)
+                elif before is not None and self.metrics.usable.get(ip) is False and ok:
+                    self.log.info("egress IP usable again: workloads return to it", egress_ip=ip)
+            self.metrics.usable = now
+
+    def _watch_usage(self) -> None:
+        while not self.stopping.wait(self.usage_interval):
+            cfg = self.cfg
+            if cfg is None:
+                continue
+            try:
+                snap = self.collect_usage(cfg)
+            except Exception as e:
+                self.log.error("usage collection failed", error=f"{type(e).__name__}: {e}")
+                continue
+            with self.metrics.lock:
+                self.metrics.snapshot = snap
+            self._warn(snap)
+
+    def _warn(self, snap) -> None:
+        """One warning when a ratio crosses warn_at, one note when it falls back below."""
+        above = {(r.workload, r.egress_address, r.protocol, r.destination, r.port): r
+                 for r in snap.rows if r.warning}
+        for key in above.keys() - self.warned:
+            r = above[key]
+            self.log.warning("usage above warn_at", workload=r.workload,
+                             egress_address=r.egress_address, protocol=r.protocol,
+                             destination=r.destination, port=r.port, connections=r.connections,
+                             limit=r.limit, limit_kind=r.limit_kind, ratio=round(r.ratio, 3))
+        for key in self.warned - above.keys():
+            self.log.info("usage back below warn_at", workload=key[0], egress_address=key[1],
+                          protocol=key[2], destination=key[3], port=key[4])
+        self.warned = set(above)

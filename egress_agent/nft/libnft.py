@@ -36,9 +36,15 @@ class Libnft:
             self._nft.set_dry_run(False)
 
     def list_table(self) -> dict:
+        return self._list(f"list table {names.TABLE}")
+
+    def list_set(self, name: str) -> dict:
+        return self._list(f"list set {names.TABLE} {name}")
+
+    def _list(self, command: str) -> dict:
         self._nft.set_json_output(True)
         try:
-            rc, out, err = self._nft.cmd(f"list table {names.TABLE}")
+            rc, out, err = self._nft.cmd(command)
         finally:
             self._nft.set_json_output(False)
         if rc != 0:
@@ -51,3 +57,14 @@ class Libnft:
 def _relabel(err: str) -> str:
     # libnftables names the buffer "/dev/stdin" or "internal"; say "batch".
     return err.replace("/dev/stdin:", "batch:").replace("internal:", "batch:")
+
+
+def refused_elements(doc: dict) -> list[tuple[int, str, int]]:
+    """(lease mark, protocol, packets) of @refused_ports, from `list set` JSON."""
+    out = []
+    for item in doc.get("nftables", []):
+        for e in item.get("set", {}).get("elem", []):
+            if isinstance(e, dict) and "elem" in e:
+                mark, proto = e["elem"]["val"]["concat"]
+                out.append((int(mark), str(proto), int(e["elem"].get("counter", {}).get("packets", 0))))
+    return out

@@ -1,0 +1,100 @@
+"""Usage rows against limits, and the Prometheus exposition of a snapshot."""
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from egress_agent import names
+from egress_agent.alloc import Allocations, allocate
+from egress_agent.config import parse
+from egress_agent.metrics import Collector, State, parse_listen
+from egress_agent.report import Snapshot
+from egress_agent.usage import Group, ip_rows, refusals, rows
+
+import pytest
+
+CFG = parse("""
+version: 1
+host: {name: h, region: r}
+defaults: {ports_per_workload: 100, port_range: 1000-1999, warn_at: 0.5}
+egress_ips:
+  - {id: a, app: x, ipv4: 203.0.113.10, ipv6: "2001:db8:10::/64",
+     limits: {connections_per_destination: 120, max_workloads: 4}}
+workloads:
+  - {id: w1, app: x, source: [10.0.0.1]}
+  - {id: w2, app: x, source: [10.0.0.2]}
+""").config
+
+
+def setup():
+    a, _ = allocate(CFG, Allocations())
+    m1 = names.lease_mark(a.wids["w1"], a.eids["a"])
+    m2 = names.lease_mark(a.wids["w2"], a.eids["a"])
+    groups = {Group(m1, 6, "192.0.2.1", 443, "203.0.113.10"): 60,
+              Group(m2, 6, "192.0.2.1", 443, "203.0.113.10"): 30,
+              Group(m1, 17, "192.0.2.9", 53, "203.0.113.10"): 1,
+              Group(m1, 6, "2001:db8:ff::1", 443, "2001:db8:10::100"): 7,
+              Group(a.wids["w2"], 6, "192.0.2.1", 80, "198.51.100.2"): 99}  # host default: skipped
+    return a, m1, groups
+
+
+def test_rows_limits_ratios_and_order():
+    a, m1, groups = setup()
+    rs = rows(CFG, a, groups)
+    first = rs[0]
+    assert (first.workload, first.limit_kind, first.connections, first.limit) == \
+        ("*", "connections_per_destination", 90, 120)
+    w1 = next(r for r in rs if r.workload == "w1" and r.port == 443 and r.protocol == "tcp"
+              and r.egress_address == "203.0.113.10")
+    assert (w1.limit, w1.ratio, w1.headroom, w1.warning) == (100, 0.6, 40, True)
+    w2 = next(r for r in rs if r.workload == "w2")
+    assert w2.ratio == 0.3 and not w2.warning
+    v6 = [r for r in rs if r.egress_address == "2001:db8:10::100"]
+    assert [(r.workload, r.limit) for r in v6] == [("w1", 1000)]  # one address per workload: the whole port range
+    assert all(r.egress_address != "198.51.100.2" for r in rs)
+    j = w1.to_json()
+    assert set(j) >= {"workload", "egress_address", "protocol", "destination", "port",
+                      "connections", "limit", "ratio"}
+
+
+def test_ip_rows_and_refusals():
+    a, m1, _ = setup()
+    ip = ip_rows(CFG, a)[0]
+    assert (ip["workloads"], ip["max_workloads"], ip["port_blocks"], ip["free_port_blocks"]) == \
+        (2, 4, 10, 8)
+    r = refusals(CFG, a, [(m1, "tcp", 5)])
+    assert r == [{"workload": "w1", "egress_ip": "a", "egress_address": "203.0.113.10",
+                  "protocol": "tcp", "reason": "port_block_full", "refused": 5}]
+
+
+def test_metrics_exposition():
+    a, m1, groups = setup()
+    state = State()
+    state.record_sync("start", True, 0.02)
+    state.record_sync("netlink", False, 0.01)
+    state.usable = {"a": True}
+    state.snapshot = Snapshot(rows(CFG, a, groups), ip_rows(CFG, a), refusals(CFG, a, [(m1, "tcp", 5)]),
+                              {"count": 98, "max": 1000, "ratio": 0.098,
+                               "stats": {"insert_failed": 2, "drop": 1}})
+    reg = CollectorRegistry()
+    reg.register(Collector(state))
+    text = generate_latest(reg).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    val = lambda fam, **labels: next(s.value for s in fams[fam].samples
+                                     if all(s.labels.get(k) == v for k, v in labels.items()))
+    assert val("egress_agent_syncs", trigger="start", result="ok") == 1
+    assert val("egress_agent_syncs", trigger="netlink", result="error") == 1
+    assert val("egress_agent_conntrack_entries") == 98
+    assert val("egress_agent_conntrack_insert_failed") == 2
+    assert val("egress_agent_refused", workload="w1", reason="port_block_full") == 5
+    assert val("egress_agent_usage_ratio_max", workload="w1") == 0.6
+    assert val("egress_agent_connections", workload="w1", egress_address="203.0.113.10",
+               protocol="tcp") == 60
+    assert val("egress_agent_egress_ip_free_port_blocks", egress_ip="a") == 8
+    assert val("egress_agent_destination_usage_ratio", destination="192.0.2.1") == 0.75
+
+
+def test_metrics_refuse_public_addresses():
+    assert parse_listen("127.0.0.1:9469") == ("127.0.0.1", 9469)
+    assert parse_listen("[::1]:9469") == ("::1", 9469)
+    with pytest.raises(ValueError, match="public"):
+        parse_listen("8.8.8.8:9469")
