@@ -40,3 +40,15 @@ def test_unit_hardening_score():
                  "ProtectSystem=strict", "StateDirectory=egress-agent",
                  "ConfigurationDirectory=egress-agent", "CapabilityBoundingSet=CAP_NET_ADMIN"):
         assert line in unit
+
+
+def test_vagrantfile_validates_and_provisioning_parses():
+    run("scripts/install-deps", "vagrant")
+    out = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=ROOT / "vagrant",
+                         capture_output=True, text=True, timeout=300)
+    try:
+        assert out.returncode == 0 and "validated successfully" in out.stdout, out.stdout + out.stderr
+    finally:
+        subprocess.run(["rm", "-rf", str(ROOT / "vagrant" / ".vagrant")])
+    for script in ("provision-origin.sh", "provision-egress.sh"):
+        run("sh", "-n", f"vagrant/{script}")
