@@ -9,6 +9,7 @@ it is about, found through the path -> line map built while parsing.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,6 +303,11 @@ class Config(_Model):
                     "an unknown source in them is dropped, never sent with the host's address")
     exclude: Exclude = Exclude()
     policies: list[Policy] = Field(default_factory=list)
+    include: list[str] = Field(
+        default_factory=list,
+        description="globs, relative to this file, of files whose egress_ips, workloads, "
+                    "policies and managed_sources are appended (in file-name order), e.g. "
+                    "conf.d/*.yaml for per-app files dropped by a fleet tool")
 
     # --- lookups the planner uses -------------------------------------------------
     def ips_here(self) -> list[EgressIP]:
@@ -316,22 +322,25 @@ class Config(_Model):
 
 # --- YAML with line numbers ------------------------------------------------------
 
+Where = tuple[str, int]  # (file, line)
+
+
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
-               lines: dict[PathT, int]) -> Any:
-    """Build plain data from YAML nodes, recording the line of every path."""
-    lines[path] = node.start_mark.line + 1
+               lines: dict[PathT, Where], file: str) -> Any:
+    """Build plain data from YAML nodes, recording the file and line of every path."""
+    lines[path] = (file, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for k, v in node.value:
             key = loader.construct_object(k, deep=True)
             if key in out:
-                raise ConfigError([Problem("", k.start_mark.line + 1, _dotted(path + (key,)),
+                raise ConfigError([Problem(file, k.start_mark.line + 1, _dotted(path + (key,)),
                                            f"key {key!r} appears twice")])
-            out[key] = _construct(loader, v, path + (key,), lines)
-            lines[path + (key,)] = k.start_mark.line + 1
+            out[key] = _construct(loader, v, path + (key,), lines, file)
+            lines[path + (key,)] = (file, k.start_mark.line + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, v, path + (i,), lines) for i, v in enumerate(node.value)]
+        return [_construct(loader, v, path + (i,), lines, file) for i, v in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
 
@@ -342,53 +351,117 @@ def _dotted(path: PathT) -> str:
     return out
 
 
-def _line_of(path: PathT, lines: dict[PathT, int]) -> int:
+def _where(path: PathT, lines: dict[PathT, Where], default: Where) -> Where:
     path = tuple(path)
     while path and path not in lines:
         path = path[:-1]
-    return lines.get(path, 1)
+    return lines.get(path, default)
+
+
+def _problem(path: PathT, msg: str, lines: dict[PathT, Where], file: str) -> Problem:
+    f, line = _where(path, lines, (file, 1))
+    return Problem(f, line, _dotted(path), msg)
 
 
 @dataclass(frozen=True)
 class Loaded:
     config: Config
     file: str
-    lines: dict[PathT, int]
+    lines: dict[PathT, Where]
+    files: tuple[str, ...] = ()  # the main file and every included one
 
     def where(self, workload_id: str) -> str:
         """FILE:LINE of a workload, for errors found after validation."""
         for i, w in enumerate(self.config.workloads):
             if w.id == workload_id:
-                return f"{self.file}:{_line_of(('workloads', i), self.lines)}"
+                return "%s:%d" % _where(("workloads", i), self.lines, (self.file, 1))
         return f"{self.file}:1"
 
 
-def parse(text: str, file: str = "<config>") -> Loaded:
-    lines: dict[PathT, int] = {}
+def _read_yaml(text: str, file: str) -> tuple[Any, dict[PathT, Where]]:
+    lines: dict[PathT, Where] = {}
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        data = _construct(loader, node, (), lines) if node is not None else None
+        data = _construct(loader, node, (), lines, file) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise ConfigError([Problem(file, (mark.line + 1) if mark else 1, "",
                                    f"YAML syntax: {e.problem or e}")]) from None
-    except ConfigError as e:
-        raise ConfigError([Problem(file, p.line, p.path, p.message) for p in e.problems]) from None
     finally:
         loader.dispose()
+    return data, lines
+
+
+# What an included file may add to; lists are appended in file-name order.
+INCLUDABLE = ("egress_ips", "workloads", "policies", "managed_sources")
+
+
+def _include(data: dict, lines: dict[PathT, Where], file: str) -> list[str]:
+    """Append the lists of every file that `include:` globs match (relative to `file`)."""
+    import glob
+    base = os.path.dirname(os.path.abspath(file))
+    included: list[str] = []
+    patterns = data.get("include") or []
+    if not isinstance(patterns, list):
+        return included  # pydantic reports the type
+    for i, pattern in enumerate(patterns):
+        matches = sorted(glob.glob(os.path.join(base, str(pattern))))
+        for path in matches:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError([_problem(("include", i), f"cannot read {path}: {e.strerror}",
+                                            lines, file)]) from None
+            frag, flines = _read_yaml(text, path)
+            if frag is None:
+                continue
+            if not isinstance(frag, dict) or set(frag) - set(INCLUDABLE):
+                bad = sorted(set(frag) - set(INCLUDABLE)) if isinstance(frag, dict) else ["(not a mapping)"]
+                raise ConfigError([Problem(path, flines.get((bad[0],), (path, 1))[1], bad[0],
+                                           f"an included file may only hold {', '.join(INCLUDABLE)}")])
+            for key, items in frag.items():
+                if not isinstance(items, list):
+                    raise ConfigError([Problem(path, flines[(key,)][1], key, "expected a list")])
+                offset = len(data.setdefault(key, []) or [])
+                if data[key] is None:
+                    data[key] = []
+                data[key].extend(items)
+                for p, w in flines.items():
+                    if len(p) >= 2 and p[0] == key:
+                        lines[(key, p[1] + offset) + p[2:]] = w
+            included.append(path)
+    return included
+
+
+def watched_paths(file: str) -> dict[str, Optional[str]]:
+    """Directories to watch for changes of `file` and its includes: dir -> file name
+    (None: any *.yaml / *.yml in it). Read leniently: an invalid file still has a dir."""
+    base = os.path.dirname(os.path.abspath(file))
+    out: dict[str, Optional[str]] = {base: os.path.basename(file)}
+    try:
+        data = yaml.safe_load(Path(file).read_text()) or {}
+        for pattern in data.get("include") or []:
+            out[os.path.dirname(os.path.join(base, str(pattern)))] = None
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return out
+
+
+def parse(text: str, file: str = "<config>") -> Loaded:
+    data, lines = _read_yaml(text, file)
     if not isinstance(data, dict):
         raise ConfigError([Problem(file, 1, "", "expected a mapping with version: 1, host:, ...")])
+    included = _include(data, lines, file)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         errs = [err for err in e.errors() if not _other_union_branch(err)]
         raise ConfigError([_problem_from_pydantic(err, file, lines) for err in errs]) from None
-    problems = [Problem(file, _line_of(p, lines), _dotted(p), msg)
-                for p, msg in _check_semantics(cfg)]
+    problems = [_problem(p, msg, lines, file) for p, msg in _check_semantics(cfg)]
     if problems:
         raise ConfigError(problems)
-    return Loaded(cfg, file, lines)
+    return Loaded(cfg, file, lines, (file, *included))
 
 
 def load(path: Union[str, Path]) -> Loaded:
@@ -407,7 +480,7 @@ def _other_union_branch(err: dict) -> bool:
             or (err["type"] in ("model_type", "dict_type") and isinstance(inp, str)))
 
 
-def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, int]) -> Problem:
+def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, Where]) -> Problem:
     # pydantic adds union/validator tags to loc; keep the parts that are config paths.
     loc: list[Union[str, int]] = []
     for part in err["loc"]:
@@ -423,7 +496,7 @@ def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, int]) -> Pro
         msg = f"unknown field {loc[-1]!r} (see `egress-agent schema` for the fields)"
     elif err["type"] == "literal_error":
         msg = f"{err.get('input')!r} is not allowed: {msg[0].lower()}{msg[1:]}"
-    return Problem(file, _line_of(tuple(loc), lines), _dotted(tuple(loc)), msg)
+    return _problem(tuple(loc), msg, lines, file)
 
 
 # --- checks that span fields -----------------------------------------------------

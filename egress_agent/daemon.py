@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from . import log as logmod
 from . import metrics as metrics_mod
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, load, watched_paths
 from .nft import NftError
 from .reconcile import Reconciler, SyncResult, usable_from
 from .routing import RoutingError
@@ -224,14 +224,26 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda s, f: self.queue.put(Trigger("sighup", full=True, reload=True)))
 
     def _watch_config(self) -> None:
+        """inotify on the config's directory and on the directories of its includes.
+
+        Watching directories, not files, sees editors that write a new file and
+        rename it over the old one. Directories of includes added later are
+        watched from the next start."""
         from inotify_simple import INotify, flags
-        directory, name = os.path.split(self.config_path)
         ino = INotify()
-        ino.add_watch(directory, flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE
-                      | flags.DELETE | flags.MOVED_FROM)
+        wanted: dict[int, Optional[str]] = {}
+        for directory, name in watched_paths(self.config_path).items():
+            try:
+                wd = ino.add_watch(directory, flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE
+                                   | flags.DELETE | flags.MOVED_FROM)
+                wanted[wd] = name
+            except OSError as e:
+                self.log.warning("cannot watch for config changes", directory=directory,
+                                 error=str(e))
         while not self.stopping.is_set():
             for ev in ino.read(timeout=1000):
-                if ev.name == name:
+                name = wanted.get(ev.wd)
+                if ev.name == name or (name is None and ev.name.endswith((".yaml", ".yml"))):
                     self.queue.put(Trigger("config", reload=True))
 
     def _watch_netlink(self) -> None:

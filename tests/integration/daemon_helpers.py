@@ -346,13 +346,30 @@ class OriginCounters:
 # argv: proto dst port interval_s reply_timeout_s max_duration_s
 # Every `interval` a NEW socket (UDP: connect + one datagram; TCP: a
 # non-blocking connect, closed with RST after the answer so that no TIME_WAIT
-# holds a port of the SNAT block). One JSON line per answer:
+# holds a port of the SNAT block). Source ports are taken in sequence from
+# 20000-59999 (starting at a random one): a new socket never reuses the source
+# port of a recent probe, whose conntrack entry (UDP: 30 s) would carry the
+# OLD NAT binding and make the probe look like it left from the old address.
+# One JSON line per answer:
 #   {"seq": N, "sent": t, "recv": t, "src": "203.0.113.10", "sport": 1234}
 # A first line {"started": t} and a last line {"summary": ..., "sent": N,
 # "answers": M}. Stops on EOF on stdin or after max_duration.
 PROBER = r'''
-import errno, json, os, selectors, socket, struct, sys, time
+import errno, json, os, random, selectors, socket, struct, sys, time
 proto, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+LO, HI = 20000, 60000
+sport = random.randrange(LO, HI)
+def bound(kind):
+    global sport
+    for _ in range(100):
+        sport = LO + (sport + 1 - LO) % (HI - LO)
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind(("0.0.0.0", sport))
+            return s
+        except OSError:
+            s.close()
+    raise OSError("no free source port")
 interval, reply_timeout, max_duration = map(float, sys.argv[4:7])
 out = sys.stdout
 def emit(d):
@@ -377,7 +394,7 @@ while not stop and time.time() - start < max_duration:
         seq += 1
         next_send = max(next_send + interval, now)
         if proto == "udp":
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = bound(socket.SOCK_DGRAM)
             s.setblocking(False)
             try:
                 s.connect((dst, port)); s.send(b"probe\n")
@@ -385,7 +402,7 @@ while not stop and time.time() - start < max_duration:
                 s.close(); s = None
             if s: sel.register(s, selectors.EVENT_READ, "r")
         else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = bound(socket.SOCK_STREAM)
             s.setblocking(False)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             err = s.connect_ex((dst, port))

@@ -120,3 +120,51 @@ def test_schema_is_json_schema_and_knows_every_section():
     json.dumps(s)
     assert set(s["properties"]) >= {"version", "host", "egress_ips", "workloads", "exclude",
                                     "policies", "defaults", "managed_sources"}
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_include_appends_fragments_in_name_order(tmp_path):
+    main = write(tmp_path / "config.yaml", HEAD + "include: [conf.d/*.yaml]\n"
+                 "egress_ips:\n  - {id: a, app: x, ipv4: 203.0.113.1}\n")
+    write(tmp_path / "conf.d/20-web.yaml", "workloads:\n  - {id: web1, app: x, source: [10.0.0.2]}\n")
+    write(tmp_path / "conf.d/10-api.yaml", "workloads:\n  - {id: api1, app: x, source: [10.0.0.1]}\n"
+          "policies:\n  - {name: p1, egress: drop}\n")
+    from egress_agent.config import load
+    loaded = load(main)
+    assert [w.id for w in loaded.config.workloads] == ["api1", "web1"]
+    assert [p.name for p in loaded.config.policies] == ["p1"]
+    assert loaded.files == (str(main), str(tmp_path / "conf.d/10-api.yaml"),
+                            str(tmp_path / "conf.d/20-web.yaml"))
+
+
+def test_errors_in_an_included_file_name_that_file_and_line(tmp_path):
+    main = write(tmp_path / "config.yaml", HEAD + "include: [conf.d/*.yaml]\n"
+                 "workloads:\n  - {id: api1, source: [10.0.0.1]}\n")
+    frag = write(tmp_path / "conf.d/web.yaml", "# web team\nworkloads:\n"
+                 "  - {id: web1, source: [10.0.0.2]}\n  - {id: api1, source: [10.0.0.3]}\n"
+                 "  - {id: web3, source: [10.0.0.300]}\n")
+    from egress_agent.config import load
+    with pytest.raises(ConfigError) as e:
+        load(main)
+    (p,) = e.value.problems
+    assert (p.file, p.line, p.path) == (str(frag), 5, "workloads[3].source[0]")
+    frag.write_text("workloads:\n  - {id: web1, source: [10.0.0.2]}\n  - {id: api1, source: [10.0.0.3]}\n")
+    with pytest.raises(ConfigError) as e:
+        load(main)
+    (p,) = e.value.problems
+    assert (p.file, p.line, p.path) == (str(frag), 3, "workloads[2].id") and "already used" in p.message
+
+
+def test_included_file_may_not_change_host_settings(tmp_path):
+    main = write(tmp_path / "config.yaml", HEAD + "include: ['*.d.yaml']\n")
+    frag = write(tmp_path / "evil.d.yaml", "workloads: []\nhost: {name: x, region: y}\n")
+    from egress_agent.config import load
+    with pytest.raises(ConfigError) as e:
+        load(main)
+    (p,) = e.value.problems
+    assert (p.file, p.line, p.path) == (str(frag), 2, "host") and "may only hold" in p.message

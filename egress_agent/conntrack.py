@@ -1,0 +1,733 @@
+"""A lean ctnetlink reader: conntrack counts and per-group connection counts.
+
+Two costs, kept apart:
+
+- `read_counts()`: O(1) numbers from /proc (count and max of conntrack
+  entries, the kernel's per-CPU statistics summed).
+- `dump_groups()`: one IPCTNL_MSG_CT_GET dump over a raw NETLINK_NETFILTER
+  socket, filtered BY THE KERNEL to the agent's flows (CTA_MARK/CTA_MARK_MASK
+  on names.OURS_FLAG), counted per Group. The common message layouts (IPv4
+  and IPv6 TCP/UDP, default zone) are read at fixed offsets; anything else
+  (ICMP, zones, other attribute orders) goes through a generic attribute
+  walker, so the result never depends on the fast path recognising a layout.
+
+pyroute2 stays for what it does well (routes, rules, links); its conntrack
+dump decodes every attribute of every entry into objects and manages about
+4k entries/s, which is unusable for a full table.
+
+`dump_entries()` is the slow generic reader (one dict per entry) for tests,
+debugging and a translation log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import os
+import queue
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from . import names
+
+# --- netlink / ctnetlink constants (linux/netlink.h, linux/netfilter/nfnetlink*.h) --
+AF_NETLINK = socket.AF_NETLINK if hasattr(socket, "AF_NETLINK") else 16
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_EXT_ACK = 11
+NETLINK_CAP_ACK = 10
+
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_OVERRUN = 4
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+CT_NEW = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
+CT_GET = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
+
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_ID = 12
+CTA_ZONE = 18
+CTA_MARK_MASK = 21
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 4, 5, 6
+CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+
+TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+              "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
+# Protocols whose tuple carries CTA_PROTO_SRC_PORT/DST_PORT: tcp, udp, dccp, sctp, udplite.
+PORT_PROTOCOLS = frozenset((6, 17, 33, 132, 136))
+
+PROC_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
+PROC_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+PROC_STAT = "/proc/net/stat/nf_conntrack"
+
+RECV_BUFFER = 1 << 20        # one recv_into target, reused (a dump skb is at most ~32 kB)
+SOCKET_RCVBUF = 8 << 20      # SO_RCVBUF(FORCE): room for the kernel to run ahead
+
+
+class Group(NamedTuple):
+    """Connections that share these, counted by `dump_groups()`.
+
+    destination/port: the ORIGINAL tuple's destination address and port (0 for
+    protocols without ports); egress_address: the REPLY tuple's destination,
+    i.e. the source address the kernel chose by SNAT.
+    """
+
+    mark: int
+    protocol: int
+    destination: str
+    port: int
+    egress_address: str
+
+
+class DumpStats:
+    """What one dump cost and how it was read (for logs, tests and benchmarks)."""
+
+    __slots__ = ("messages", "fast", "slow", "recvs", "bytes", "enobufs_retries")
+
+    def __init__(self) -> None:
+        self.messages = self.fast = self.slow = self.recvs = self.bytes = 0
+        self.enobufs_retries = 0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"DumpStats({self.as_dict()})"
+
+
+class DumpInterrupted(OSError):
+    """The kernel dropped dump messages (ENOBUFS) twice in a row."""
+
+
+# --- namespaces ----------------------------------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+_libc = None
+
+
+def _setns(fd: int) -> None:
+    global _libc
+    if hasattr(os, "setns"):                 # Python >= 3.12
+        os.setns(fd, CLONE_NEWNET)
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@contextlib.contextmanager
+def in_netns(name: str | None) -> Iterator[None]:
+    """Run the body in network namespace /run/netns/NAME (this thread only), then return.
+
+    Sockets opened inside stay in that namespace after the switch back. None:
+    stay where we are.
+    """
+    if name is None:
+        yield
+        return
+    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(os.path.join("/run/netns", name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+# --- O(1) numbers ------------------------------------------------------------------------
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_stats(path: str = PROC_STAT) -> dict[str, int]:
+    """The per-CPU lines of /proc/net/stat/nf_conntrack (hex), summed per column.
+
+    `entries` is the same table-wide number on every CPU line, so it is taken
+    once, not summed. A missing or unreadable file gives {}.
+    """
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return {}
+    header = lines[0].split() if lines else []
+    totals = dict.fromkeys(header, 0)
+    first = True
+    for line in lines[1:]:
+        cols = line.split()
+        if len(cols) != len(header):
+            continue
+        for name, value in zip(header, cols):
+            try:
+                v = int(value, 16)
+            except ValueError:
+                continue
+            if name == "entries":
+                if first:
+                    totals[name] = v
+            else:
+                totals[name] += v
+        first = False
+    return totals
+
+
+def read_counts(netns: str | None = None) -> dict:
+    """{"count", "max", "stats"} in O(1): no dump.
+
+    count is the calling namespace's number of entries (each namespace has its
+    own count, checked against the one global nf_conntrack_max); stats are the
+    kernel's counters (insert_failed, drop, early_drop, ...) summed over CPUs.
+    """
+    with in_netns(netns):
+        return {"count": _read_int(PROC_COUNT), "max": _read_int(PROC_MAX),
+                "stats": read_stats()}
+
+
+# --- the socket and the request -----------------------------------------------------------
+
+def open_socket(netns: str | None = None, rcvbuf: int = SOCKET_RCVBUF) -> socket.socket:
+    """A bound NETLINK_NETFILTER socket with a large receive buffer."""
+    with in_netns(netns):
+        sock = socket.socket(AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)       # SO_RCVBUFFORCE (root)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # capped by rmem_max
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def dump_request(seq: int, family: int = socket.AF_UNSPEC, mark: int | None = None,
+                 mask: int | None = None) -> bytes:
+    """IPCTNL_MSG_CT_GET with NLM_F_DUMP, optionally filtered by the kernel on the mark."""
+    attrs = b""
+    if mark is not None:
+        attrs += struct.pack("=HH", 8, CTA_MARK) + struct.pack("!I", mark & 0xFFFFFFFF)
+        attrs += struct.pack("=HH", 8, CTA_MARK_MASK) + struct.pack(
+            "!I", 0xFFFFFFFF if mask is None else mask & 0xFFFFFFFF)
+    return struct.pack("=IHHIIBBH", 20 + len(attrs), CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0,
+                       family, 0, 0) + attrs
+
+
+# --- the generic attribute walker (slow path) --------------------------------------------
+
+def _attrs(buf, off: int, end: int) -> dict[int, tuple[int, int]]:
+    """{type: (payload start, payload end)} of the attributes in buf[off:end]."""
+    out = {}
+    unpack = struct.unpack_from
+    while off + 4 <= end:
+        ln, typ = unpack("=HH", buf, off)
+        if ln < 4 or off + ln > end:
+            break
+        out[typ & NLA_TYPE_MASK] = (off + 4, off + ln)
+        off += (ln + 3) & ~3
+    return out
+
+
+def _parse_tuple(buf, start: int, end: int) -> dict:
+    """A CTA_TUPLE_* nest: {src, dst (raw bytes), protocol, sport, dport, icmp_*, zone}."""
+    t = {"src": None, "dst": None, "protocol": None, "sport": 0, "dport": 0}
+    a = _attrs(buf, start, end)
+    if CTA_TUPLE_IP in a:
+        ip = _attrs(buf, *a[CTA_TUPLE_IP])
+        for src_t, dst_t in ((CTA_IP_V4_SRC, CTA_IP_V4_DST), (CTA_IP_V6_SRC, CTA_IP_V6_DST)):
+            if src_t in ip:
+                t["src"] = bytes(buf[ip[src_t][0]:ip[src_t][1]])
+            if dst_t in ip:
+                t["dst"] = bytes(buf[ip[dst_t][0]:ip[dst_t][1]])
+    if CTA_TUPLE_PROTO in a:
+        p = _attrs(buf, *a[CTA_TUPLE_PROTO])
+        if CTA_PROTO_NUM in p:
+            t["protocol"] = buf[p[CTA_PROTO_NUM][0]]
+        if CTA_PROTO_SRC_PORT in p:
+            t["sport"] = struct.unpack_from("!H", buf, p[CTA_PROTO_SRC_PORT][0])[0]
+        if CTA_PROTO_DST_PORT in p:
+            t["dport"] = struct.unpack_from("!H", buf, p[CTA_PROTO_DST_PORT][0])[0]
+        for name, (i, t6) in {"icmp_id": (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID),
+                              "icmp_type": (CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE),
+                              "icmp_code": (CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMPV6_CODE)}.items():
+            for at in (i, t6):
+                if at in p:
+                    s, e = p[at]
+                    t[name] = int.from_bytes(buf[s:e], "big")
+    if CTA_TUPLE_ZONE in a:
+        t["zone"] = struct.unpack_from("!H", buf, a[CTA_TUPLE_ZONE][0])[0]
+    return t
+
+
+def _u32(buf, a: dict, typ: int) -> int | None:
+    return struct.unpack_from("!I", buf, a[typ][0])[0] if typ in a else None
+
+
+def parse_entry(buf, off: int, end: int) -> dict:
+    """One IPCTNL_MSG_CT_NEW message at buf[off:end] as a dict (addresses as strings)."""
+    family = buf[off + 16]
+    a = _attrs(buf, off + 20, end)
+    orig = _parse_tuple(buf, *a[CTA_TUPLE_ORIG]) if CTA_TUPLE_ORIG in a else {}
+    reply = _parse_tuple(buf, *a[CTA_TUPLE_REPLY]) if CTA_TUPLE_REPLY in a else {}
+    for t in (orig, reply):
+        for k in ("src", "dst"):
+            if t.get(k) is not None:
+                t[k] = str(ipaddress.ip_address(t[k]))
+    state = None
+    if CTA_PROTOINFO in a:
+        pi = _attrs(buf, *a[CTA_PROTOINFO])
+        if CTA_PROTOINFO_TCP in pi:
+            tcp = _attrs(buf, *pi[CTA_PROTOINFO_TCP])
+            if CTA_PROTOINFO_TCP_STATE in tcp:
+                s = buf[tcp[CTA_PROTOINFO_TCP_STATE][0]]
+                state = TCP_STATES[s] if s < len(TCP_STATES) else str(s)
+    zone = struct.unpack_from("!H", buf, a[CTA_ZONE][0])[0] if CTA_ZONE in a else 0
+    return {"family": family, "protocol": orig.get("protocol"), "orig": orig, "reply": reply,
+            "mark": _u32(buf, a, CTA_MARK) or 0, "status": _u32(buf, a, CTA_STATUS),
+            "timeout": _u32(buf, a, CTA_TIMEOUT), "id": _u32(buf, a, CTA_ID), "zone": zone,
+            "state": state}
+
+
+def _slow_key(buf, off: int, end: int) -> tuple:
+    """(mark, protocol, orig dst bytes, orig dport, reply dst bytes) of any entry message."""
+    a = _attrs(buf, off + 20, end)
+    orig = _parse_tuple(buf, *a[CTA_TUPLE_ORIG]) if CTA_TUPLE_ORIG in a else {}
+    reply = _parse_tuple(buf, *a[CTA_TUPLE_REPLY]) if CTA_TUPLE_REPLY in a else {}
+    return (_u32(buf, a, CTA_MARK) or 0, orig.get("protocol") or 0, orig.get("dst") or b"",
+            orig.get("dport", 0), reply.get("dst") or b"")
+
+
+# --- receiving a dump ------------------------------------------------------------------------
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_I32 = struct.Struct("=i")
+RECV_SLACK = 4096            # fixed-offset reads past the last message stay inside the buffer
+
+
+def _recv(sock: socket.socket, buf: bytearray) -> int:
+    # MSG_TRUNC: the kernel returns the datagram's real size, so a chunk that
+    # did not fit is an error instead of silently cut messages.
+    n = sock.recv_into(buf, RECV_BUFFER, socket.MSG_TRUNC)
+    if n > RECV_BUFFER:
+        raise OSError(errno.EMSGSIZE, f"ctnetlink dump: a {n}-byte chunk exceeds the buffer")
+    return n
+
+
+def _is_last(buf, n: int, seq: int, pid: int) -> bool:
+    """Does this chunk end the dump? (NLMSG_DONE is the last message of its chunk;
+    a failing dump answers with one NLMSG_ERROR.)"""
+    if n >= 16:
+        ln, typ, _flags, s, p = _NLMSGHDR.unpack_from(buf, 0)
+        if typ == NLMSG_ERROR:
+            return True
+    if n >= 20:
+        ln, typ, _flags, s, p = _NLMSGHDR.unpack_from(buf, n - 20)
+        return ln == 20 and typ == NLMSG_DONE and s == seq and p == pid
+    return False
+
+
+def _chunks(sock: socket.socket, request: bytes, stats: DumpStats,
+            threaded: bool) -> Iterator[tuple[bytearray, int]]:
+    """Send one dump request; yield (buffer, nbytes) for each chunk received.
+
+    A chunk holds whole netlink messages (the kernel never splits one). The
+    consumer stops iterating when it has seen NLMSG_DONE; the buffer handed
+    out is valid until the next iteration. threaded: a reader thread keeps
+    calling recv (where the kernel does the dump work, GIL released) while
+    the caller parses the previous chunk, so kernel and parser overlap.
+    """
+    seq = struct.unpack_from("=I", request, 8)[0]
+    pid = sock.getsockname()[0]
+    sock.send(request)
+    if not threaded:
+        sock.settimeout(30)
+        buf = bytearray(RECV_BUFFER + RECV_SLACK)
+        while True:
+            n = _recv(sock, buf)
+            stats.recvs += 1
+            stats.bytes += n
+            yield buf, n
+
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    full: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(4):
+        free.put(bytearray(RECV_BUFFER + RECV_SLACK))
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            sock.settimeout(0.5)
+            while not stop.is_set():
+                try:
+                    b = free.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                while True:
+                    try:
+                        n = _recv(sock, b)
+                        break
+                    except TimeoutError:
+                        # Only after the end of the dump (the kernel fills the
+                        # next chunk inside the previous recv): wait for the
+                        # consumer to say it saw NLMSG_DONE.
+                        if stop.is_set():
+                            return
+                full.put((b, n))
+                if _is_last(b, n, seq, pid):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            full.put((None, exc))
+
+    t = threading.Thread(target=reader, name="ctnetlink-dump", daemon=True)
+    t.start()
+    try:
+        while True:
+            b, n = full.get()
+            if b is None:
+                raise n
+            stats.recvs += 1
+            stats.bytes += n
+            yield b, n
+            free.put(b)
+    finally:
+        stop.set()
+        t.join(2)
+
+
+def _control(buf, off: int, ln: int, typ: int) -> bool:
+    """Handle a non-entry message: True at NLMSG_DONE, raise on errors."""
+    if typ == NLMSG_DONE:
+        if ln >= 20:
+            err = _I32.unpack_from(buf, off + 16)[0]
+            if err < 0:
+                raise OSError(-err, f"ctnetlink dump ended with: {os.strerror(-err)}")
+        return True
+    if typ == NLMSG_ERROR:
+        err = -_I32.unpack_from(buf, off + 16)[0] if ln >= 20 else errno.EPROTO
+        if err:
+            raise OSError(err, f"ctnetlink dump: {os.strerror(err)}")
+        return False
+    if typ == NLMSG_OVERRUN:
+        raise OSError(errno.ENOBUFS, "ctnetlink dump: overrun")
+    return False
+
+
+# --- fixed layouts -----------------------------------------------------------------------------
+#
+# What kernel 6.x sends for an IPv4 TCP/UDP entry in the default zone (byte
+# offsets; every attribute header is 4 bytes, payloads padded to 4):
+#
+#   0 nlmsghdr  16 nfgenmsg (family)  20 CTA_TUPLE_ORIG(52)  24 CTA_TUPLE_IP(20)
+#  28 V4_SRC    32 src   36 V4_DST   40 dst   44 CTA_TUPLE_PROTO(28)  48 PROTO_NUM
+#  52 proto     56 SRC_PORT  60 sport  64 DST_PORT  68 dport
+#  72 CTA_TUPLE_REPLY(52) ... 92 reply dst ... 120 reply dport
+# 124 CTA_STATUS  128 status  132 CTA_MARK  136 mark  140 CTA_ID, CTA_USE,
+#     CTA_TIMEOUT, CTA_PROTOINFO (tcp), ...
+#
+# The hot loop unpacks, with one precompiled Struct, a tuple that is itself
+# the dictionary key: (message length, family, length of CTA_TUPLE_ORIG, and
+# three byte strings [dst attr .. sport header], [dport attr .. reply dport
+# header], [status attr .. mark]) - everything from the original
+# destination to the mark except the fields that differ between connections
+# of one group (source address and port, reply/SNAT port). The strings hold
+# every attribute header in between, so the layout is checked once per
+# distinct key, the first time it is seen, not once per message; a key whose
+# headers are not the expected ones never enters the dictionary and each of
+# its messages goes through the generic walker instead. IPv6 is the same
+# with 16-byte addresses.
+
+
+def _hdr(length: int, atype: int) -> bytes:
+    return struct.pack("=HH", length, atype)
+
+
+class _Layout:
+    """One fixed message layout: its Struct and how to check and decode a key."""
+
+    def __init__(self, family: int, alen: int):
+        a = 4 + alen                                # an address attribute, padded
+        ip = 4 + 2 * a                              # CTA_TUPLE_IP nest
+        proto = 4 + 3 * 8                           # CTA_TUPLE_PROTO: num, sport, dport
+        tup = 4 + ip + proto                        # CTA_TUPLE_ORIG / REPLY
+        o_orig = 20
+        o_dst = o_orig + 8 + a + 4                  # payload offsets
+        o_proto = o_orig + 4 + ip                   # header offsets
+        o_sport = o_proto + 4 + 8 + 4
+        o_dport = o_sport + 8
+        o_reply = o_orig + tup
+        o_rdst = o_reply + 8 + a + 4
+        o_rdport = o_reply + 4 + ip + 4 + 8 + 8 + 4
+        o_status = o_reply + tup
+        o_mark = o_status + 8
+        self.family, self.tup, self.alen = family, tup, alen
+        self.min_len = o_mark + 8
+        p1, p2, p3 = o_dst - 4, o_sport + 4, o_rdport + 4
+        self.struct = struct.Struct(f"=I12xB3xH{p1 - 22}x{o_sport - p1}s4x{o_rdport - p2}s4x"
+                                    f"{self.min_len - p3}s")
+        src_t, dst_t = ((CTA_IP_V4_SRC, CTA_IP_V4_DST) if alen == 4
+                        else (CTA_IP_V6_SRC, CTA_IP_V6_DST))
+        # (key index, offset in that string, expected bytes)
+        self.checks = [
+            (3, 0, _hdr(a, dst_t)),
+            (3, o_proto - p1, _hdr(proto, NLA_F_NESTED | CTA_TUPLE_PROTO) + _hdr(5, CTA_PROTO_NUM)),
+            (3, o_proto + 9 - p1, b"\0\0\0" + _hdr(6, CTA_PROTO_SRC_PORT)),
+            (4, 0, _hdr(6, CTA_PROTO_DST_PORT)),
+            (4, o_reply - p2, _hdr(tup, NLA_F_NESTED | CTA_TUPLE_REPLY)
+             + _hdr(ip, NLA_F_NESTED | CTA_TUPLE_IP) + _hdr(a, src_t)),
+            (4, o_rdst - 4 - p2, _hdr(a, dst_t)),
+            (4, o_reply + 4 + ip - p2, _hdr(proto, NLA_F_NESTED | CTA_TUPLE_PROTO)
+             + _hdr(5, CTA_PROTO_NUM)),
+            (4, o_reply + 4 + ip + 9 - p2, b"\0\0\0" + _hdr(6, CTA_PROTO_SRC_PORT)),
+            (4, o_rdport - 4 - p2, _hdr(6, CTA_PROTO_DST_PORT)),
+            (5, 0, _hdr(8, CTA_STATUS)),
+            (5, o_mark - p3, _hdr(8, CTA_MARK)),
+        ]
+        self.proto_at = (3, o_proto + 8 - p1)
+        self.rproto_at = (4, o_reply + 4 + ip + 8 - p2)
+        self.dst_at = (3, o_dst - p1)
+        self.dport_at = (4, o_dport + 4 - p2)
+        self.rdst_at = (4, o_rdst - p2)
+        self.mark_at = (5, o_mark + 4 - p3)
+
+    def valid(self, key: tuple) -> bool:
+        if key[0] < self.min_len or key[1] != self.family or key[2] != self.tup:
+            return False
+        for part, off, want in self.checks:
+            if key[part][off:off + len(want)] != want:
+                return False
+        s, o = self.proto_at
+        r, ro = self.rproto_at
+        return key[s][o] in PORT_PROTOCOLS and key[s][o] == key[r][ro]
+
+    def decode(self, key: tuple) -> tuple[int, int, bytes, int, bytes]:
+        """(mark, protocol, orig dst, orig dport, reply dst) of a valid key."""
+        def field(at: tuple[int, int], n: int) -> bytes:
+            return key[at[0]][at[1]:at[1] + n]
+        return (int.from_bytes(field(self.mark_at, 4), "big"),
+                key[self.proto_at[0]][self.proto_at[1]], field(self.dst_at, self.alen),
+                int.from_bytes(field(self.dport_at, 2), "big"), field(self.rdst_at, self.alen))
+
+
+V4 = _Layout(socket.AF_INET, 4)
+V6 = _Layout(socket.AF_INET6, 16)
+
+
+class _Counts:
+    """Per-dump state of dump_groups() outside the hot loop."""
+
+    def __init__(self) -> None:
+        self.fast4: dict[tuple, int] = {}
+        self.fast6: dict[tuple, int] = {}
+        self.slow: dict[tuple, int] = {}
+        self.filtered = False
+
+    def miss(self, buf, off: int, n: int, key: tuple) -> int:
+        """A message whose IPv4 key is not (yet) known: return its aligned length, or
+        -1 at NLMSG_DONE."""
+        ln, typ, flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
+        if ln < 16 or off + ln > n:
+            raise OSError(errno.EPROTO, f"ctnetlink dump: malformed message at {off} ({ln} bytes)")
+        if typ != CT_NEW:
+            return -1 if _control(buf, off, ln, typ) else (ln + 3) & ~3
+        if flags & 0x20:                             # NLM_F_DUMP_FILTERED
+            self.filtered = True
+        family = buf[off + 16]
+        if family == socket.AF_INET and V4.valid(key):
+            self.fast4[key] = 1
+        elif family == socket.AF_INET6:
+            k6 = V6.struct.unpack_from(buf, off)
+            c = self.fast6.get(k6)
+            if c is not None:
+                self.fast6[k6] = c + 1
+            elif V6.valid(k6):
+                self.fast6[k6] = 1
+            else:
+                self._slow(buf, off, ln)
+        else:
+            self._slow(buf, off, ln)
+        return (ln + 3) & ~3
+
+    def _slow(self, buf, off: int, ln: int) -> None:
+        k = _slow_key(buf, off, off + ln)
+        self.slow[k] = self.slow.get(k, 0) + 1
+
+
+_ADDR_CACHE: dict[bytes, str] = {}
+
+
+def _addr(raw: bytes) -> str:
+    s = _ADDR_CACHE.get(raw)
+    if s is None:
+        if len(_ADDR_CACHE) > 65536:
+            _ADDR_CACHE.clear()
+        s = _ADDR_CACHE[raw] = (socket.inet_ntop(socket.AF_INET, raw) if len(raw) == 4
+                                else socket.inet_ntop(socket.AF_INET6, raw) if len(raw) == 16
+                                else raw.hex())
+    return s
+
+
+def _dump_once(netns: str | None, request: bytes, stats: DumpStats, threaded: bool) -> _Counts:
+    st = _Counts()
+    sock = open_socket(netns)
+    chunks = _chunks(sock, request, stats, threaded)
+    try:
+        unpack = V4.struct.unpack_from
+        fast = st.fast4
+        get = fast.get
+        miss = st.miss
+        done = False
+        for buf, n in chunks:
+            off = 0
+            # The hot loop: one unpack, one dict lookup and store per message.
+            while off < n:
+                key = unpack(buf, off)
+                c = get(key)
+                if c is not None:
+                    fast[key] = c + 1
+                    off += key[0]
+                else:
+                    step = miss(buf, off, n, key)
+                    if step < 0:
+                        done = True
+                        break
+                    off += step
+            if done:
+                break
+    finally:
+        chunks.close()                               # stops the reader thread first
+        sock.close()
+    return st
+
+
+def dump_groups(mark: int | None = names.OURS_FLAG, mask: int | None = names.OURS_FLAG,
+                family: int = socket.AF_UNSPEC, *, netns: str | None = None,
+                stats: DumpStats | None = None, threaded: bool = True) -> dict[Group, int]:
+    """Count conntrack entries per Group, from one kernel-filtered ctnetlink dump.
+
+    Only entries with (ctmark & mask) == (mark & mask) are dumped (the kernel
+    filters with CTA_MARK/CTA_MARK_MASK; the result is filtered again here, so
+    an old kernel that ignores the filter gives the same answer, only slower).
+    mark=None dumps everything. family: AF_UNSPEC, AF_INET or AF_INET6.
+    Protocols without ports (ICMP, ...) count with port 0. netns: read that
+    named namespace's table instead of the caller's. An ENOBUFS from the socket
+    restarts the dump once (stats.enobufs_retries) and raises DumpInterrupted
+    the second time.
+    """
+    stats = stats if stats is not None else DumpStats()
+    want = None if mark is None else (mark & (0xFFFFFFFF if mask is None else mask))
+    fmask = 0xFFFFFFFF if mask is None else mask
+    seq = int.from_bytes(os.urandom(4), "little") or 1
+    request = dump_request(seq, family, want, None if mark is None else fmask)
+    for attempt in (0, 1):
+        try:
+            st = _dump_once(netns, request, stats, threaded)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise
+            if attempt:
+                raise DumpInterrupted(errno.ENOBUFS, "ctnetlink dump lost messages twice "
+                                                     "(ENOBUFS); not counting a partial table")
+            stats.enobufs_retries += 1
+            _log_warning("conntrack dump lost messages (ENOBUFS), dumping again")
+    raw: dict[tuple, int] = {}
+    for layout, counts in ((V4, st.fast4), (V6, st.fast6)):
+        n = 0
+        for key, c in counts.items():
+            k = layout.decode(key)
+            raw[k] = raw.get(k, 0) + c
+            n += c
+        stats.fast += n
+    for k, c in st.slow.items():
+        raw[k] = raw.get(k, 0) + c
+        stats.slow += c
+    stats.messages = stats.fast + stats.slow
+    out: dict[Group, int] = {}
+    for (m, proto, dst, dport, rdst), c in raw.items():
+        if want is not None and (m & fmask) != want:
+            continue                                 # the kernel did not filter
+        g = Group(m, proto, _addr(dst) if dst else "", dport, _addr(rdst) if rdst else "")
+        out[g] = out.get(g, 0) + c
+    return out
+
+
+def _log_warning(msg: str) -> None:
+    try:
+        from . import log
+        log.get().warning(msg)
+    except Exception:                                # logging must never break a dump
+        pass
+
+
+def dump_entries(mark: int | None = None, mask: int | None = None,
+                 family: int = socket.AF_UNSPEC, *, netns: str | None = None) -> Iterator[dict]:
+    """Every entry (optionally kernel-filtered by mark/mask) as a dict: generic and slow.
+
+    Keys: family, protocol, orig/reply ({src, dst, protocol, sport, dport,
+    icmp_* for ICMP, zone}), mark, status, timeout, id, zone, state (TCP).
+    """
+    stats = DumpStats()
+    want = None if mark is None else mark & (0xFFFFFFFF if mask is None else mask)
+    seq = int.from_bytes(os.urandom(4), "little") or 1
+    request = dump_request(seq, family, want, None if mark is None else mask)
+    sock = open_socket(netns)
+    chunks = _chunks(sock, request, stats, threaded=False)
+    try:
+        for buf, n in chunks:
+            off = 0
+            while off + 16 <= n:
+                ln, typ = struct.unpack_from("=IH", buf, off)
+                if ln < 16 or off + ln > n:
+                    raise OSError(errno.EPROTO, "ctnetlink dump: malformed message")
+                if typ == CT_NEW:
+                    stats.messages += 1
+                    yield parse_entry(buf, off, off + ln)
+                elif _control(buf, off, ln, typ):
+                    return
+                off += (ln + 3) & ~3
+    finally:
+        chunks.close()
+        sock.close()
