@@ -77,13 +77,24 @@ def cmd_plan(args) -> int:
     from .model import Observed
     from .render import transaction
     from .routing.diff import diff_routes
-    p, _ = _offline_plan(cfg)
-    tx = transaction(p.desired, Observed())
-    ops = diff_routes(p.desired.routes, p.desired.rules, frozenset(), frozenset())
+    if args.against_running:  # what apply would change on this host now (root)
+        rec = _reconciler(cfg)
+        observed = rec.observe()
+        p, _, _ = rec.plan(cfg, observed)
+    else:
+        p, _ = _offline_plan(cfg)
+        observed = Observed()
+    tx = transaction(p.desired, observed)
+    ops = diff_routes(p.desired.routes, p.desired.rules, observed.routes, observed.rules)
+    changed = not tx.empty or bool(ops)
     if args.json:
-        print(json.dumps({"nft": tx.text, "route_ops": [o.describe() for o in ops],
-                          "elements": tx.added, "notes": p.notes,
-                          "allocations": p.alloc.to_json()}, indent=2))
+        print(json.dumps({"changed": changed, "nft": tx.text,
+                          "route_ops": [o.describe() for o in ops],
+                          "elements_added": tx.added, "elements_removed": tx.removed,
+                          "notes": p.notes, "allocations": p.alloc.to_json()}, indent=2))
+        return Exit.OK
+    if args.against_running and not changed:
+        print("no change: the running host already has this config")
         return Exit.OK
     print("# route ops, applied before the nft batch")
     for o in ops:
@@ -332,7 +343,10 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     add("check", cmd_check, "validate a config: exit 0, or 1 with FILE:LINE: reason per problem")
-    add("plan", cmd_plan, "print the nft batch and route ops a first apply would run (no root)")
+    sp = add("plan", cmd_plan, "print the nft batch and route ops a first apply would run (no "
+             "root), or with --against-running what apply would change on this host (root)")
+    sp.add_argument("--against-running", action="store_true",
+                    help="diff against this host's kernel state and allocations")
     sp = add("explain", cmd_explain,
              "say which workload, policy, action, source address, port block and route "
              "table a packet would get")

@@ -112,11 +112,13 @@ class Group(NamedTuple):
 class DumpStats:
     """What one dump cost and how it was read (for logs, tests and benchmarks)."""
 
-    __slots__ = ("messages", "fast", "slow", "recvs", "bytes", "enobufs_retries")
+    __slots__ = ("messages", "fast", "slow", "recvs", "bytes", "enobufs_retries",
+                 "kernel_filtered")
 
     def __init__(self) -> None:
         self.messages = self.fast = self.slow = self.recvs = self.bytes = 0
         self.enobufs_retries = 0
+        self.kernel_filtered = False     # the kernel flagged its answer NLM_F_DUMP_FILTERED
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -495,7 +497,7 @@ class _Layout:
         o_orig = 20
         o_dst = o_orig + 8 + a + 4                  # payload offsets
         o_proto = o_orig + 4 + ip                   # header offsets
-        o_sport = o_proto + 4 + 8 + 4
+        o_sport = o_proto + 4 + 8 + 4             # source port payload
         o_dport = o_sport + 8
         o_reply = o_orig + tup
         o_rdst = o_reply + 8 + a + 4
@@ -528,7 +530,7 @@ class _Layout:
         self.proto_at = (3, o_proto + 8 - p1)
         self.rproto_at = (4, o_reply + 4 + ip + 8 - p2)
         self.dst_at = (3, o_dst - p1)
-        self.dport_at = (4, o_dport + 4 - p2)
+        self.dport_at = (4, o_dport - p2)
         self.rdst_at = (4, o_rdst - p2)
         self.mark_at = (5, o_mark + 4 - p3)
 
@@ -685,6 +687,7 @@ def dump_groups(mark: int | None = names.OURS_FLAG, mask: int | None = names.OUR
         raw[k] = raw.get(k, 0) + c
         stats.slow += c
     stats.messages = stats.fast + stats.slow
+    stats.kernel_filtered = st.filtered
     out: dict[Group, int] = {}
     for (m, proto, dst, dport, rdst), c in raw.items():
         if want is not None and (m & fmask) != want:

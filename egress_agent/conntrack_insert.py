@@ -32,7 +32,7 @@ from typing import NamedTuple
 from . import names
 from .conntrack import (AF_NETLINK, CTA_MARK, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
                         CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT, CTA_TUPLE_IP,
-                        CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, CT_NEW,
+                        CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, CTA_ZONE, CT_NEW,
                         NETLINK_NETFILTER, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL,
                         NLM_F_REQUEST, NLMSG_ERROR, SOL_NETLINK, NETLINK_EXT_ACK, in_netns,
                         read_counts)
@@ -52,15 +52,16 @@ TCP_ESTABLISHED = 3
 class Entry(NamedTuple):
     """One connection: original tuple src->dst, reply tuple dst->egress (SNAT)."""
 
-    protocol: int          # 6 tcp, 17 udp
+    protocol: int          # 6 tcp, 17 udp (fast path); 1 icmp, 58 icmpv6 (echo; sport = id)
     source: str            # workload address (original source)
     sport: int
     destination: str
-    dport: int
+    dport: int             # ignored for icmp
     egress_address: str    # reply destination: the SNAT address
-    egress_port: int       # reply destination port: the SNAT port from the block
+    egress_port: int       # reply destination port: the SNAT port from the block (icmp: id)
     mark: int = 0
     timeout: int = 600
+    zone: int = 0          # conntrack zone (CTA_ZONE); 0 is the default zone
 
 
 # --- message building ------------------------------------------------------------
@@ -75,12 +76,17 @@ def _nest(atype: int, *parts: bytes) -> bytes:
 
 
 def _tuple(atype: int, family: int, src: bytes, dst: bytes, proto: int, sport: int,
-           dport: int) -> bytes:
+           dport: int, icmp_type: int = 8) -> bytes:
     a_src, a_dst = (1, 2) if family == socket.AF_INET else (3, 4)
+    if proto in (1, 58):   # CTA_PROTO_ICMP_ID/TYPE/CODE (4,5,6) or the ICMPV6_ ones (7,8,9)
+        b = 4 if proto == 1 else 7
+        p = (_attr(b, struct.pack("!H", sport)), _attr(b + 1, bytes([icmp_type])),
+             _attr(b + 2, b"\0"))
+    else:
+        p = (_attr(2, struct.pack("!H", sport)), _attr(3, struct.pack("!H", dport)))
     return _nest(atype,
                  _nest(CTA_TUPLE_IP, _attr(a_src, src), _attr(a_dst, dst)),
-                 _nest(CTA_TUPLE_PROTO, _attr(1, bytes([proto])),
-                       _attr(2, struct.pack("!H", sport)), _attr(3, struct.pack("!H", dport))))
+                 _nest(CTA_TUPLE_PROTO, _attr(1, bytes([proto])), *p))
 
 
 def build_new(e: Entry, seq: int = 0, status: int = DEFAULT_STATUS,
@@ -89,9 +95,12 @@ def build_new(e: Entry, seq: int = 0, status: int = DEFAULT_STATUS,
     src, dst = ipaddress.ip_address(e.source), ipaddress.ip_address(e.destination)
     egr = ipaddress.ip_address(e.egress_address)
     family = socket.AF_INET if src.version == 4 else socket.AF_INET6
-    body = (_tuple(CTA_TUPLE_ORIG, family, src.packed, dst.packed, e.protocol, e.sport, e.dport)
-            + _tuple(CTA_TUPLE_REPLY, family, dst.packed, egr.packed, e.protocol, e.dport,
-                     e.egress_port)
+    echo, reply = (8, 0) if e.protocol == 1 else (128, 129)
+    body = (_tuple(CTA_TUPLE_ORIG, family, src.packed, dst.packed, e.protocol, e.sport, e.dport,
+                   echo)
+            + _tuple(CTA_TUPLE_REPLY, family, dst.packed, egr.packed, e.protocol,
+                     e.egress_port if e.protocol in (1, 58) else e.dport, e.egress_port, reply)
+            + (_attr(CTA_ZONE, struct.pack("!H", e.zone)) if e.zone else b"")
             + _attr(CTA_STATUS, struct.pack("!I", status))
             + _attr(CTA_TIMEOUT, struct.pack("!I", e.timeout))
             + _attr(CTA_MARK, struct.pack("!I", e.mark)))
@@ -293,6 +302,14 @@ def insert(entries: Iterable[Entry], *, netns: str | None = None, batch_bytes: i
         for e in entries:
             src, dst, egr = packed(e.source), packed(e.destination), packed(e.egress_address)
             family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
+            if e.zone or e.protocol not in (6, 17):
+                m = build_new(e, sent + 1, status, flags)
+                if off + len(m) > batch_bytes:
+                    flush_buf()
+                sent += 1
+                buf[off:off + len(m)] = m
+                off += len(m)
+                continue
             t = templates.get((family, e.protocol))
             if t is None:
                 t = templates[(family, e.protocol)] = _Template(family, e.protocol, status, flags)

@@ -52,3 +52,11 @@ def test_vagrantfile_validates_and_provisioning_parses():
         subprocess.run(["rm", "-rf", str(ROOT / "vagrant" / ".vagrant")])
     for script in ("provision-origin.sh", "provision-egress.sh"):
         run("sh", "-n", f"vagrant/{script}")
+
+
+def test_rollout_playbook_and_path_unit_parse():
+    run("scripts/install-deps", "ansible-core")
+    out = run("ansible-playbook", "--syntax-check", "-i", "localhost,",
+              "packaging/ansible/rollout.yml")
+    assert "playbook: packaging/ansible/rollout.yml" in out
+    run("systemd-analyze", "verify", "packaging/ansible/egress-agent-reload.path")
