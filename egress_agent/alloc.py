@@ -9,6 +9,7 @@ workload that falls back while its IP is away gets the same block back.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
@@ -113,46 +114,66 @@ def policy_ips(policy: Policy, cfg: Config) -> list[str]:
 
 
 def own_ips(cfg: Config, w: Workload) -> list[EgressIP]:
-    return [ip for ip in cfg.ips_here() if ip.workload == w.id]
+    return cfg.own_ips(w.id)
 
 
 def app_ips(cfg: Config, w: Workload) -> list[EgressIP]:
-    return [ip for ip in cfg.ips_here() if w.app and ip.app == w.app]
+    return cfg.app_ips(w.app)
 
 
-def _lowest_free(taken: Iterable[int], start: int = 1, limit: int = 1 << 30) -> int:
-    used = set(taken)
-    i = start
-    while i in used:
-        i += 1
-    if i > limit:
-        raise OverflowError
-    return i
+def _lowest_free(taken: Iterable[int], start: int = 1) -> int:
+    return _FreeIds(taken, start).take()
+
+
+class _FreeIds:
+    """Lowest free ids, in increasing order (ids are only taken while it lives)."""
+
+    def __init__(self, taken: Iterable[int], start: int = 1):
+        self.used = set(taken)
+        self.next = start
+
+    def take(self) -> int:
+        while self.next in self.used:
+            self.next += 1
+        self.used.add(self.next)
+        return self.next
 
 
 class _Room:
-    """Free port blocks, IPv6 addresses and workload slots of one egress IP."""
+    """Free port blocks, IPv6 addresses and workload slots of one egress IP.
+
+    Blocks are kept sorted (bisect), and within one allocation the lowest free
+    block and IPv6 offset only move up, so each is found by a cursor: the
+    whole allocation stays O(n log n) at 100k workloads.
+    """
 
     def __init__(self, cfg: Config, ip: EgressIP):
         self.ip = ip
         self.lo, self.hi = cfg.ip_ports(ip)
         self.size = cfg.defaults.ports_per_workload
         self.max = ip.limits.max_workloads
-        self.blocks: list[Ports] = []
+        self.starts: list[int] = []  # sorted block starts; every block has self.size ports
         self.v6_used: set[int] = set()
         self.workloads: set[str] = set()
+        self.next_start = self.lo
         if ip.ipv6:
             net = ipaddress.IPv6Network(ip.ipv6)
             self.net6 = net
+            self.net6_base = int(net.network_address)
             # low offsets are left to the host and the gateway of the range
-            self.v6_first = 0x100 if net.num_addresses > 0x200 else 2
+            self.v6_next = 0x100 if net.num_addresses > 0x200 else 2
+
+    def _overlaps(self, lo: int) -> bool:
+        i = bisect.bisect_left(self.starts, lo)
+        return ((i < len(self.starts) and self.starts[i] < lo + self.size)
+                or (i > 0 and self.starts[i - 1] + self.size > lo))
 
     def fits(self, lease: Lease) -> bool:
         if self.ip.ipv4 and lease.ports:
             lo, hi = lease.ports
             if hi - lo + 1 != self.size or lo < self.lo or hi > self.hi or lease.ipv4 != self.ip.ipv4:
                 return False
-            if any(not (hi < a or lo > b) for a, b in self.blocks):
+            if self._overlaps(lo):
                 return False
         elif self.ip.ipv4:
             return False
@@ -166,29 +187,26 @@ class _Room:
         return True
 
     def _offset(self, addr: str) -> int:
-        return int(ipaddress.IPv6Address(addr)) - int(self.net6.network_address)
+        return int(ipaddress.IPv6Address(addr)) - self.net6_base
 
     def take(self, lease: Lease) -> None:
         self.workloads.add(lease.workload)
         if lease.ports:
-            self.blocks.append(lease.ports)
+            bisect.insort(self.starts, lease.ports[0])
         if lease.ipv6:
             self.v6_used.add(self._offset(lease.ipv6))
 
     def new_lease(self, workload: str, temporary: bool) -> Lease:
-        if self.max is not None and len(self.workloads - {workload}) >= self.max:
+        if self.max is not None and workload not in self.workloads and len(self.workloads) >= self.max:
             raise CapacityError(workload, self.ip.id,
                                 f"max_workloads {self.max} reached; add an egress IP to the "
                                 "app or raise limits.max_workloads")
         ports = None
         if self.ip.ipv4:
-            start = self.lo
-            for a, b in sorted(self.blocks):
-                if start + self.size - 1 < a:
-                    break
-                if b >= start:
-                    # next aligned start after this block
-                    start = self.lo + ((b + 1 - self.lo + self.size - 1) // self.size) * self.size
+            start = self.next_start
+            while start + self.size - 1 <= self.hi and self._overlaps(start):
+                start += self.size
+            self.next_start = start
             if start + self.size - 1 > self.hi:
                 raise CapacityError(workload, self.ip.id,
                                     f"no free block of {self.size} ports left in "
@@ -197,10 +215,11 @@ class _Room:
             ports = (start, start + self.size - 1)
         ipv6 = None
         if self.ip.ipv6:
-            off = _lowest_free(self.v6_used, self.v6_first)
-            if off >= self.net6.num_addresses:
+            while self.v6_next in self.v6_used:
+                self.v6_next += 1
+            if self.v6_next >= self.net6.num_addresses:
                 raise CapacityError(workload, self.ip.id, f"range {self.ip.ipv6} is full")
-            ipv6 = str(self.net6.network_address + off)
+            ipv6 = str(ipaddress.IPv6Address(self.net6_base + self.v6_next))
         lease = Lease(workload, self.ip.id, self.ip.ipv4, ports, ipv6, temporary)
         self.take(lease)
         return lease
@@ -220,9 +239,10 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
     workloads = {w.id: w for w in cfg.workloads}
 
     wids = {w: i for w, i in prev.wids.items() if w in workloads}
+    free_wids = _FreeIds(wids.values())
     for w in workloads:
         if w not in wids:
-            wids[w] = _lowest_free(wids.values())
+            wids[w] = free_wids.take()
             if wids[w] > names.WID_MAX:
                 raise CapacityError(w, "-", f"more than {names.WID_MAX} workloads")
     eids = {ip: i for ip, i in prev.eids.items() if ip in here}

@@ -9,9 +9,11 @@ it is about, found through the path -> line map built while parsing.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -87,8 +89,13 @@ def _network(v: str, version: Optional[int] = None) -> str:
     return str(net)
 
 
+_DOTTED = re.compile(r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}")
+
+
 def _host_address(v: str) -> str:
     """A workload source: one address (a /32 or /128 is accepted as the same)."""
+    if isinstance(v, str) and _DOTTED.fullmatch(v):
+        return v  # canonical IPv4, the common case: no ipaddress objects (100k workloads)
     net = ipaddress.ip_network(_network(v))
     if net.num_addresses != 1:
         raise ValueError(f"{v!r} is a network; a workload source is one address "
@@ -309,12 +316,34 @@ class Config(_Model):
                     "policies and managed_sources are appended (in file-name order), e.g. "
                     "conf.d/*.yaml for per-app files dropped by a fleet tool")
 
-    # --- lookups the planner uses -------------------------------------------------
-    def ips_here(self) -> list[EgressIP]:
+    # --- lookups the planner uses (indexed once: they run per workload) ---------
+    @cached_property
+    def _here(self) -> list[EgressIP]:
         return [ip for ip in self.egress_ips if (ip.region or self.host.region) == self.host.region]
 
+    @cached_property
+    def _by_id(self) -> dict[str, EgressIP]:
+        return {ip.id: ip for ip in self.egress_ips}
+
+    @cached_property
+    def _by_owner(self) -> dict[tuple[str, str], list[EgressIP]]:
+        out: dict[tuple[str, str], list[EgressIP]] = {}
+        for ip in self._here:
+            key = ("app", ip.app) if ip.app else ("workload", ip.workload)
+            out.setdefault(key, []).append(ip)  # type: ignore[arg-type]
+        return out
+
+    def ips_here(self) -> list[EgressIP]:
+        return self._here
+
     def ip(self, ip_id: str) -> EgressIP:
-        return next(ip for ip in self.egress_ips if ip.id == ip_id)
+        return self._by_id[ip_id]
+
+    def app_ips(self, app: Optional[str]) -> list[EgressIP]:
+        return self._by_owner.get(("app", app), []) if app else []
+
+    def own_ips(self, workload: str) -> list[EgressIP]:
+        return self._by_owner.get(("workload", workload), [])
 
     def ip_ports(self, ip: EgressIP) -> tuple[int, int]:
         return port_bounds(ip.ports or self.defaults.port_range)
@@ -367,8 +396,13 @@ def _problem(path: PathT, msg: str, lines: dict[PathT, Where], file: str) -> Pro
 class Loaded:
     config: Config
     file: str
-    lines: dict[PathT, Where]
+    text: str
     files: tuple[str, ...] = ()  # the main file and every included one
+
+    @cached_property
+    def lines(self) -> dict[PathT, Where]:
+        """Path -> (file, line), built on demand: only errors need it."""
+        return _assemble(self.text, self.file, with_lines=True)[1]
 
     def where(self, workload_id: str) -> str:
         """FILE:LINE of a workload, for errors found after validation."""
@@ -376,6 +410,56 @@ class Loaded:
             if w.id == workload_id:
                 return "%s:%d" % _where(("workloads", i), self.lines, (self.file, 1))
         return f"{self.file}:1"
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _Duplicate
+    return d
+
+
+class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's parser; duplicate keys send the file to the slow path, which names them."""
+
+    def construct_mapping(self, node, deep=False):
+        m = super().construct_mapping(node, deep=deep)
+        if len(m) != len(node.value):
+            raise _Duplicate
+        return m
+
+
+def _read_data(text: str, file: str, with_lines: bool) -> tuple[Any, Optional[dict[PathT, Where]]]:
+    """Data, and with `with_lines` the path -> (file, line) map.
+
+    Fast path: JSON (valid YAML, and what generators of big configs write) or
+    libyaml, with no line tracking. A syntax error or a duplicate key falls
+    back to the line-tracking loader, which says where."""
+    if not with_lines:
+        try:
+            if text.lstrip().startswith("{"):
+                try:
+                    return json.loads(text, object_pairs_hook=_no_duplicates), None
+                except ValueError:
+                    pass
+            return yaml.load(text, Loader=_FastLoader), None
+        except (yaml.YAMLError, _Duplicate):
+            pass
+    return _read_yaml(text, file)
+
+
+def _assemble(text: str, file: str, with_lines: bool):
+    data, lines = _read_data(text, file, with_lines)
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(file, 1, "", "expected a mapping with version: 1, host:, ...")])
+    if lines is None and with_lines:
+        lines = {}
+    included = _include(data, lines, file)
+    return data, lines, included
 
 
 def _read_yaml(text: str, file: str) -> tuple[Any, dict[PathT, Where]]:
@@ -397,7 +481,7 @@ def _read_yaml(text: str, file: str) -> tuple[Any, dict[PathT, Where]]:
 INCLUDABLE = ("egress_ips", "workloads", "policies", "managed_sources")
 
 
-def _include(data: dict, lines: dict[PathT, Where], file: str) -> list[str]:
+def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str) -> list[str]:
     """Append the lists of every file that `include:` globs match (relative to `file`)."""
     import glob
     base = os.path.dirname(os.path.abspath(file))
@@ -413,9 +497,15 @@ def _include(data: dict, lines: dict[PathT, Where], file: str) -> list[str]:
             except OSError as e:
                 raise ConfigError([_problem(("include", i), f"cannot read {path}: {e.strerror}",
                                             lines, file)]) from None
-            frag, flines = _read_yaml(text, path)
+            frag, flines = _read_data(text, path, with_lines=lines is not None)
             if frag is None:
                 continue
+            if flines is None:  # fast path failed to explain: take the slow one
+                flines = {}
+            bad_shape = not isinstance(frag, dict) or bool(set(frag) - set(INCLUDABLE)) or any(
+                not isinstance(v, list) for v in frag.values())
+            if bad_shape and not flines:  # say where: read it again with lines
+                frag, flines = _read_yaml(text, path)
             if not isinstance(frag, dict) or set(frag) - set(INCLUDABLE):
                 bad = sorted(set(frag) - set(INCLUDABLE)) if isinstance(frag, dict) else ["(not a mapping)"]
                 raise ConfigError([Problem(path, flines.get((bad[0],), (path, 1))[1], bad[0],
@@ -427,9 +517,10 @@ def _include(data: dict, lines: dict[PathT, Where], file: str) -> list[str]:
                 if data[key] is None:
                     data[key] = []
                 data[key].extend(items)
-                for p, w in flines.items():
-                    if len(p) >= 2 and p[0] == key:
-                        lines[(key, p[1] + offset) + p[2:]] = w
+                if lines is not None:
+                    for p, w in flines.items():
+                        if len(p) >= 2 and p[0] == key:
+                            lines[(key, p[1] + offset) + p[2:]] = w
             included.append(path)
     return included
 
@@ -449,19 +540,18 @@ def watched_paths(file: str) -> dict[str, Optional[str]]:
 
 
 def parse(text: str, file: str = "<config>") -> Loaded:
-    data, lines = _read_yaml(text, file)
-    if not isinstance(data, dict):
-        raise ConfigError([Problem(file, 1, "", "expected a mapping with version: 1, host:, ...")])
-    included = _include(data, lines, file)
+    data, _, included = _assemble(text, file, with_lines=False)
     try:
         cfg = Config.model_validate(data)
+        semantic = _check_semantics(cfg)
     except ValidationError as e:
+        lines = _assemble(text, file, with_lines=True)[1]
         errs = [err for err in e.errors() if not _other_union_branch(err)]
         raise ConfigError([_problem_from_pydantic(err, file, lines) for err in errs]) from None
-    problems = [_problem(p, msg, lines, file) for p, msg in _check_semantics(cfg)]
-    if problems:
-        raise ConfigError(problems)
-    return Loaded(cfg, file, lines, (file, *included))
+    if semantic:
+        lines = _assemble(text, file, with_lines=True)[1]
+        raise ConfigError([_problem(p, msg, lines, file) for p, msg in semantic])
+    return Loaded(cfg, file, text, (file, *included))
 
 
 def load(path: Union[str, Path]) -> Loaded:

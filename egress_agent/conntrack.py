@@ -26,7 +26,9 @@ import ctypes
 import errno
 import ipaddress
 import os
+import mmap
 import queue
+import select
 import socket
 import struct
 import threading
@@ -90,7 +92,7 @@ PROC_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
 PROC_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 PROC_STAT = "/proc/net/stat/nf_conntrack"
 
-RECV_BUFFER = 1 << 20        # one recv_into target, reused (a dump skb is at most ~32 kB)
+RECV_BUFFER = 1 << 20        # one receive slot (a dump chunk is at most ~32 kB on 6.x)
 SOCKET_RCVBUF = 8 << 20      # SO_RCVBUF(FORCE): room for the kernel to run ahead
 
 
@@ -159,7 +161,7 @@ def in_netns(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         target = os.open(os.path.join("/run/netns", name), os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -343,100 +345,210 @@ def _slow_key(buf, off: int, end: int) -> tuple:
 
 
 # --- receiving a dump ------------------------------------------------------------------------
+#
+# Each recvmsg on a dumping netlink socket returns one chunk (one skb, at most
+# ~32 kB on kernel 6.x, ~150 entries) and, before returning, makes the kernel
+# fill the next one: the dump work happens inside our receive calls. Two
+# things keep that cheap from Python: recvmmsg(2) (through ctypes, which
+# releases the GIL) takes up to RECV_BATCH chunks per call, and in threaded
+# mode a reader thread keeps receiving into the next buffer while the caller
+# parses the previous one, so kernel and parser run on two cores.
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _I32 = struct.Struct("=i")
 RECV_SLACK = 4096            # fixed-offset reads past the last message stay inside the buffer
+RECV_BATCH = 16              # chunks per recvmmsg call
+RECV_BUFFERS = 3             # batches in flight in threaded mode
+POLL_MS = 500
 
 
-def _recv(sock: socket.socket, buf: bytearray) -> int:
-    # MSG_TRUNC: the kernel returns the datagram's real size, so a chunk that
-    # did not fit is an error instead of silently cut messages.
-    n = sock.recv_into(buf, RECV_BUFFER, socket.MSG_TRUNC)
-    if n > RECV_BUFFER:
-        raise OSError(errno.EMSGSIZE, f"ctnetlink dump: a {n}-byte chunk exceeds the buffer")
-    return n
+class _MMsg:
+    """ctypes binding of recvmmsg(2): struct iovec / msghdr / mmsghdr."""
+
+    def __init__(self) -> None:
+        c = ctypes
+
+        class iovec(c.Structure):
+            _fields_ = [("iov_base", c.c_void_p), ("iov_len", c.c_size_t)]
+
+        class msghdr(c.Structure):
+            _fields_ = [("msg_name", c.c_void_p), ("msg_namelen", c.c_uint32),
+                        ("msg_iov", c.POINTER(iovec)), ("msg_iovlen", c.c_size_t),
+                        ("msg_control", c.c_void_p), ("msg_controllen", c.c_size_t),
+                        ("msg_flags", c.c_int)]
+
+        class mmsghdr(c.Structure):
+            _fields_ = [("msg_hdr", msghdr), ("msg_len", c.c_uint)]
+
+        self.iovec, self.mmsghdr = iovec, mmsghdr
+        libc = c.CDLL(None, use_errno=True)
+        self.recvmmsg = libc.recvmmsg
+        self.recvmmsg.argtypes = [c.c_int, c.POINTER(mmsghdr), c.c_uint, c.c_int, c.c_void_p]
+        self.recvmmsg.restype = c.c_int
 
 
-def _is_last(buf, n: int, seq: int, pid: int) -> bool:
-    """Does this chunk end the dump? (NLMSG_DONE is the last message of its chunk;
-    a failing dump answers with one NLMSG_ERROR.)"""
-    if n >= 16:
-        ln, typ, _flags, s, p = _NLMSGHDR.unpack_from(buf, 0)
-        if typ == NLMSG_ERROR:
-            return True
-    if n >= 20:
-        ln, typ, _flags, s, p = _NLMSGHDR.unpack_from(buf, n - 20)
+_mmsg: _MMsg | None | bool = None
+
+
+def _get_mmsg() -> _MMsg | None:
+    global _mmsg
+    if _mmsg is None:
+        try:
+            _mmsg = _MMsg()
+        except (OSError, AttributeError):
+            _mmsg = False
+    return _mmsg or None
+
+
+class _Buffer:
+    """RECV_BATCH receive slots of RECV_BUFFER bytes each in one anonymous mapping.
+
+    The mapping is virtual until written, so the 1 MB slots cost only the
+    pages a chunk actually fills (~32 kB each).
+    """
+
+    def __init__(self, sock: socket.socket, batch: int):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.mm = _get_mmsg()
+        self.batch = batch if self.mm else 1
+        self.mem = mmap.mmap(-1, self.batch * RECV_BUFFER + RECV_SLACK)
+        if self.mm:
+            base = ctypes.addressof((ctypes.c_char * len(self.mem)).from_buffer(self.mem))
+            self._iov = (self.mm.iovec * self.batch)(
+                *[self.mm.iovec(base + i * RECV_BUFFER, RECV_BUFFER) for i in range(self.batch)])
+            self._msgs = (self.mm.mmsghdr * self.batch)()
+            for i in range(self.batch):
+                self._msgs[i].msg_hdr.msg_iov = ctypes.pointer(self._iov[i])
+                self._msgs[i].msg_hdr.msg_iovlen = 1
+
+    def close(self) -> None:
+        if self.mm:
+            del self._iov, self._msgs              # release the exported buffer first
+        with contextlib.suppress(BufferError):
+            self.mem.close()
+
+    def fill(self) -> list[tuple[int, int]]:
+        """Receive what is queued without blocking: [(start, end)] per chunk; [] if none.
+
+        MSG_TRUNC makes the kernel report a chunk's real size, so one that did
+        not fit is an error instead of silently cut messages.
+        """
+        flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
+        if self.mm:
+            k = self.mm.recvmmsg(self.fd, self._msgs, self.batch, flags, None)
+            if k < 0:
+                e = ctypes.get_errno()
+                if e in (errno.EAGAIN, errno.EINTR):
+                    return []
+                raise OSError(e, f"ctnetlink dump: {os.strerror(e)}")
+            sizes = [self._msgs[i].msg_len for i in range(k)]
+        else:
+            try:
+                sizes = [self.sock.recv_into(self.mem, RECV_BUFFER, flags)]
+            except (BlockingIOError, InterruptedError):
+                return []
+        out = []
+        for i, n in enumerate(sizes):
+            if n > RECV_BUFFER:
+                raise OSError(errno.EMSGSIZE, f"ctnetlink dump: a {n}-byte chunk exceeds the "
+                                              f"{RECV_BUFFER}-byte buffer")
+            out.append((i * RECV_BUFFER, i * RECV_BUFFER + n))
+        return out
+
+
+def _ends_dump(buf, start: int, end: int, seq: int, pid: int) -> bool:
+    """Does this chunk end the dump? NLMSG_DONE is the last message of its chunk;
+    a failing dump answers with an NLMSG_ERROR."""
+    if end - start >= 16 and _NLMSGHDR.unpack_from(buf, start)[1] == NLMSG_ERROR:
+        return True
+    if end - start >= 20:
+        ln, typ, _flags, s, p = _NLMSGHDR.unpack_from(buf, end - 20)
         return ln == 20 and typ == NLMSG_DONE and s == seq and p == pid
     return False
 
 
 def _chunks(sock: socket.socket, request: bytes, stats: DumpStats,
-            threaded: bool) -> Iterator[tuple[bytearray, int]]:
-    """Send one dump request; yield (buffer, nbytes) for each chunk received.
+            threaded: bool) -> Iterator[tuple[object, list[tuple[int, int]]]]:
+    """Send one dump request; yield (buffer, [(start, end), ...]) per batch of chunks.
 
-    A chunk holds whole netlink messages (the kernel never splits one). The
-    consumer stops iterating when it has seen NLMSG_DONE; the buffer handed
-    out is valid until the next iteration. threaded: a reader thread keeps
-    calling recv (where the kernel does the dump work, GIL released) while
-    the caller parses the previous chunk, so kernel and parser overlap.
+    A chunk holds whole netlink messages (the kernel never splits one); the
+    consumer stops iterating when it has seen NLMSG_DONE. A buffer stays
+    valid until the next iteration. threaded: receive in a reader thread,
+    RECV_BUFFERS batches ahead of the consumer.
     """
     seq = struct.unpack_from("=I", request, 8)[0]
     pid = sock.getsockname()[0]
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
     sock.send(request)
-    if not threaded:
-        sock.settimeout(30)
-        buf = bytearray(RECV_BUFFER + RECV_SLACK)
+
+    def receive(b: _Buffer, stop: threading.Event | None) -> list[tuple[int, int]] | None:
+        waited = 0
         while True:
-            n = _recv(sock, buf)
-            stats.recvs += 1
-            stats.bytes += n
-            yield buf, n
+            segs = b.fill()
+            if segs:
+                return segs
+            if stop is not None and stop.is_set():
+                return None
+            if waited >= 30_000:
+                raise OSError(errno.ETIMEDOUT, "ctnetlink dump: no answer from the kernel")
+            poller.poll(POLL_MS)
+            waited += POLL_MS
+
+    if not threaded:
+        b = _Buffer(sock, RECV_BATCH)
+        try:
+            while True:
+                segs = receive(b, None)
+                stats.recvs += len(segs)
+                stats.bytes += sum(e - s for s, e in segs)
+                yield b.mem, segs
+        finally:
+            b.close()
+        return
 
     free: queue.SimpleQueue = queue.SimpleQueue()
     full: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(4):
-        free.put(bytearray(RECV_BUFFER + RECV_SLACK))
+    buffers = [_Buffer(sock, RECV_BATCH) for _ in range(RECV_BUFFERS)]
+    for b in buffers:
+        free.put(b)
     stop = threading.Event()
 
     def reader() -> None:
         try:
-            sock.settimeout(0.5)
             while not stop.is_set():
                 try:
-                    b = free.get(timeout=0.5)
+                    b = free.get(timeout=POLL_MS / 1000)
                 except queue.Empty:
                     continue
-                while True:
-                    try:
-                        n = _recv(sock, b)
-                        break
-                    except TimeoutError:
-                        # Only after the end of the dump (the kernel fills the
-                        # next chunk inside the previous recv): wait for the
-                        # consumer to say it saw NLMSG_DONE.
-                        if stop.is_set():
-                            return
-                full.put((b, n))
-                if _is_last(b, n, seq, pid):
+                segs = receive(b, stop)
+                if segs is None:
                     return
-        except BaseException as exc:  # handed to the consumer
+                full.put((b, segs))
+                s, e = segs[-1]
+                if _ends_dump(b.mem, s, e, seq, pid):
+                    return
+        except BaseException as exc:     # handed to the consumer
             full.put((None, exc))
 
     t = threading.Thread(target=reader, name="ctnetlink-dump", daemon=True)
     t.start()
     try:
         while True:
-            b, n = full.get()
+            b, segs = full.get()
             if b is None:
-                raise n
-            stats.recvs += 1
-            stats.bytes += n
-            yield b, n
+                raise segs
+            stats.recvs += len(segs)
+            stats.bytes += sum(e - s for s, e in segs)
+            yield b.mem, segs
             free.put(b)
     finally:
         stop.set()
-        t.join(2)
+        t.join(2 * POLL_MS / 1000 + 1)
+        if not t.is_alive():
+            for b in buffers:
+                b.close()
 
 
 def _control(buf, off: int, ln: int, typ: int) -> bool:
@@ -621,21 +733,21 @@ def _dump_once(netns: str | None, request: bytes, stats: DumpStats, threaded: bo
         get = fast.get
         miss = st.miss
         done = False
-        for buf, n in chunks:
-            off = 0
-            # The hot loop: one unpack, one dict lookup and store per message.
-            while off < n:
-                key = unpack(buf, off)
-                c = get(key)
-                if c is not None:
-                    fast[key] = c + 1
-                    off += key[0]
-                else:
-                    step = miss(buf, off, n, key)
-                    if step < 0:
-                        done = True
-                        break
-                    off += step
+        for buf, segments in chunks:
+            for off, n in segments:
+                # The hot loop: one unpack, one dict lookup and store per message.
+                while off < n:
+                    key = unpack(buf, off)
+                    c = get(key)
+                    if c is not None:
+                        fast[key] = c + 1
+                        off += key[0]
+                    else:
+                        step = miss(buf, off, n, key)
+                        if step < 0:
+                            done = True
+                            break
+                        off += step
             if done:
                 break
     finally:
@@ -719,18 +831,18 @@ def dump_entries(mark: int | None = None, mask: int | None = None,
     sock = open_socket(netns)
     chunks = _chunks(sock, request, stats, threaded=False)
     try:
-        for buf, n in chunks:
-            off = 0
-            while off + 16 <= n:
-                ln, typ = struct.unpack_from("=IH", buf, off)
-                if ln < 16 or off + ln > n:
-                    raise OSError(errno.EPROTO, "ctnetlink dump: malformed message")
-                if typ == CT_NEW:
-                    stats.messages += 1
-                    yield parse_entry(buf, off, off + ln)
-                elif _control(buf, off, ln, typ):
-                    return
-                off += (ln + 3) & ~3
+        for buf, segments in chunks:
+            for off, n in segments:
+                while off + 16 <= n:
+                    ln, typ = struct.unpack_from("=IH", buf, off)
+                    if ln < 16 or off + ln > n:
+                        raise OSError(errno.EPROTO, "ctnetlink dump: malformed message")
+                    if typ == CT_NEW:
+                        stats.messages += 1
+                        yield parse_entry(buf, off, off + ln)
+                    elif _control(buf, off, ln, typ):
+                        return
+                    off += (ln + 3) & ~3
     finally:
         chunks.close()
         sock.close()

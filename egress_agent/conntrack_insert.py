@@ -18,7 +18,6 @@ seconds, most of it in the kernel.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import os

@@ -1,0 +1,48 @@
+"""Generate a config with N machine workloads for benchmarks.
+
+N workloads of one app spread over enough egress IPs (64-port blocks: 1008
+per IPv4), each machine with one IPv4 source; two policies. Addresses: 10/8
+sources, 203.0.113.0/24 and 198.51.100.0/24 egress IPs (bench netns only).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import sys
+
+PORTS = 64
+BLOCKS_PER_IP = (65535 - 1024 + 1) // PORTS
+
+
+def egress_addresses(n: int) -> list[str]:
+    pool = [str(a) for net in ("203.0.113.0/24", "198.51.100.0/24", "192.0.2.0/24")
+            for a in ipaddress.ip_network(net).hosts()]
+    if n > len(pool):
+        raise SystemExit(f"{n} egress IPs do not fit the documentation ranges")
+    return pool[:n]
+
+
+def source(i: int) -> str:
+    return str(ipaddress.IPv4Address("10.0.0.0") + 256 + i)
+
+
+def config_text(n: int, state_dir: str = "/tmp/egress-bench-state", extra_ips: int = 0) -> str:
+    n_ips = max(1, math.ceil(n / BLOCKS_PER_IP * 1.1)) + extra_ips
+    lines = ["version: 1", "host: {name: bench, region: r}", f"state_dir: {state_dir}",
+             f"defaults: {{ports_per_workload: {PORTS}}}", "egress_ips:"]
+    for j, addr in enumerate(egress_addresses(n_ips)):
+        lines.append(f"  - {{id: ip{j}, app: app, ipv4: {addr}}}")
+    lines.append("workloads:")
+    for i in range(n):
+        lines.append(f"  - {{id: w{i}, app: app, source: [{source(i)}]}}")
+    lines += ["managed_sources: [10.0.0.0/8]",
+              "exclude: {destinations: [172.16.0.0/12]}",
+              "policies:",
+              "  - {name: to-partner, match: {destinations: [192.0.2.0/24], ports: [443]}, egress: default}",
+              "  - {name: block-smtp, match: {ports: [25]}, egress: drop}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(config_text(int(sys.argv[1])))
