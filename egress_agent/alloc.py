@@ -10,6 +10,7 @@ workload that falls back while its IP is away gets the same block back.
 from __future__ import annotations
 
 import bisect
+import heapq
 import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
@@ -273,26 +274,36 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
 
     # 2. app choice: keep it while it is in the app; else least loaded active IP
     app_choice: dict[str, str] = {}
+    active_ids = {app: {ip.id for ip in cfg.app_ips(app) if ip.state == "active"}
+                  for app in {w.app for w in cfg.workloads if w.app}}
+    # least loaded first: a heap of (workloads on it, id) per app, built when first needed
+    heaps: dict[str, list[tuple[int, str]]] = {}
     for w in cfg.workloads:
-        candidates = [ip for ip in app_ips(cfg, w)]
+        candidates = app_ips(cfg, w)
         if not candidates or _own_covers_both(cfg, w):
             continue
         prev_choice = prev.app_choice.get(w.id)
-        if prev_choice in {ip.id for ip in candidates if ip.state == "active"} \
-                and (w.id, prev_choice) in leases:
+        if prev_choice in active_ids[w.app] and (w.id, prev_choice) in leases:
             app_choice[w.id] = prev_choice
             continue
-        active = [ip for ip in candidates if ip.state == "active"] or candidates
+        heap = heaps.get(w.app)
+        if heap is None:
+            active = [ip for ip in candidates if ip.state == "active"] or candidates
+            heap = heaps[w.app] = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
+            heapq.heapify(heap)
         reasons = []
-        for ip in sorted(active, key=lambda ip: (len(rooms[ip.id].workloads), ip.id)):
+        while heap:
+            _, ip_id = heapq.heappop(heap)
             try:
-                leases[(w.id, ip.id)] = leases.get((w.id, ip.id)) or rooms[ip.id].new_lease(w.id, False)
-                app_choice[w.id] = ip.id
-                break
+                leases[(w.id, ip_id)] = leases.get((w.id, ip_id)) or rooms[ip_id].new_lease(w.id, False)
             except CapacityError as e:
-                reasons.append(f"{ip.id}: {e.reason}")
+                reasons.append(f"{ip_id}: {e.reason}")  # full: leaves the heap
+                continue
+            app_choice[w.id] = ip_id
+            heapq.heappush(heap, (len(rooms[ip_id].workloads), ip_id))
+            break
         else:
-            raise CapacityError(w.id, ",".join(ip.id for ip in active),
+            raise CapacityError(w.id, ",".join(ip.id for ip in candidates),
                                 f"every egress IP of app {w.app!r} is full ({'; '.join(reasons)})")
 
     # 3. the IPs named by policies and machine-scoped IPs

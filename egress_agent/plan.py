@@ -243,7 +243,7 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
     for w in cfg.workloads:
         wid = alloc.wids[w.id]
         for src in w.source:
-            fam = ipaddress.ip_address(src).version
+            fam = 6 if ":" in src else 4
             if w.interface:
                 el[names.SOURCE_IF_MAP[fam]].add(((src, w.interface), wid))
                 el[names.BOUND_SET[fam]].add((src, None))
