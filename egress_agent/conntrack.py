@@ -28,6 +28,7 @@ import ipaddress
 import os
 import mmap
 import queue
+import re
 import select
 import socket
 import struct
@@ -528,7 +529,8 @@ def _chunks(sock: socket.socket, request: bytes, stats: DumpStats,
                 full.put((b, segs))
                 s, e = segs[-1]
                 if _ends_dump(b.mem, s, e, seq, pid):
-                    return
+                    break
+            full.put((None, None))       # the end, if the consumer asks for more
         except BaseException as exc:     # handed to the consumer
             full.put((None, exc))
 
@@ -538,6 +540,8 @@ def _chunks(sock: socket.socket, request: bytes, stats: DumpStats,
         while True:
             b, segs = full.get()
             if b is None:
+                if segs is None:
+                    return
                 raise segs
             stats.recvs += len(segs)
             stats.bytes += sum(e - s for s, e in segs)
@@ -639,18 +643,29 @@ class _Layout:
             (5, 0, _hdr(8, CTA_STATUS)),
             (5, o_mark - p3, _hdr(8, CTA_MARK)),
         ]
+        # One regex per key string: the expected bytes at their offsets, any byte
+        # elsewhere. Checking a new key is then three C calls.
+        sizes = {3: o_sport - p1, 4: o_rdport - p2, 5: self.min_len - p3}
+        self.patterns = []
+        for part, size in sizes.items():
+            fixed = sorted((off, want) for q, off, want in self.checks if q == part)
+            pat, pos = b"", 0
+            for off, want in fixed:
+                pat += b"." * (off - pos) + re.escape(want)
+                pos = off + len(want)
+            self.patterns.append((part, re.compile(pat + b"." * (size - pos), re.DOTALL)))
+        # the values of a valid key
         self.proto_at = (3, o_proto + 8 - p1)
         self.rproto_at = (4, o_reply + 4 + ip + 8 - p2)
-        self.dst_at = (3, o_dst - p1)
-        self.dport_at = (4, o_dport - p2)
-        self.rdst_at = (4, o_rdst - p2)
-        self.mark_at = (5, o_mark + 4 - p3)
+        self.d1 = struct.Struct(f"={o_dst - p1}x{alen}s{o_proto + 8 - o_dst - alen}xB")
+        self.d2 = struct.Struct(f"!{o_dport - p2}xH{o_rdst - o_dport - 2}x{alen}s")
+        self.d3 = struct.Struct(f"!{o_mark + 4 - p3}xI")
 
     def valid(self, key: tuple) -> bool:
         if key[0] < self.min_len or key[1] != self.family or key[2] != self.tup:
             return False
-        for part, off, want in self.checks:
-            if key[part][off:off + len(want)] != want:
+        for part, pat in self.patterns:
+            if pat.fullmatch(key[part]) is None:
                 return False
         s, o = self.proto_at
         r, ro = self.rproto_at
@@ -658,11 +673,9 @@ class _Layout:
 
     def decode(self, key: tuple) -> tuple[int, int, bytes, int, bytes]:
         """(mark, protocol, orig dst, orig dport, reply dst) of a valid key."""
-        def field(at: tuple[int, int], n: int) -> bytes:
-            return key[at[0]][at[1]:at[1] + n]
-        return (int.from_bytes(field(self.mark_at, 4), "big"),
-                key[self.proto_at[0]][self.proto_at[1]], field(self.dst_at, self.alen),
-                int.from_bytes(field(self.dport_at, 2), "big"), field(self.rdst_at, self.alen))
+        dst, proto = self.d1.unpack_from(key[3])
+        dport, rdst = self.d2.unpack_from(key[4])
+        return self.d3.unpack_from(key[5])[0], proto, dst, dport, rdst
 
 
 V4 = _Layout(socket.AF_INET, 4)

@@ -191,6 +191,9 @@ def explain(cfg: Config, alloc: Allocations, src: str, dst: str, port: Optional[
     for net in ex.destinations:
         if ipaddress.ip_address(dst) in ipaddress.ip_network(net):
             return _host_default(w, f"excluded destination {net}")
+    for net in cfg.managed_sources:
+        if ipaddress.ip_address(dst) in ipaddress.ip_network(net):
+            return _host_default(w, f"east-west: destination in managed network {net}")
     policy = None
     choice = None
     for p in cfg.policies:

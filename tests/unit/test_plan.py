@@ -167,3 +167,10 @@ def test_explain_says_what_the_ruleset_does(pkt, down):
     if v.action == "snat":
         assert e.source_address == v.address
         assert (e.ports == v.ports) or proto == "icmp"
+
+
+def test_traffic_between_workloads_of_the_host_is_not_translated(lab):
+    cfg, d, a, _ = lab
+    assert trace(d, "10.0.1.2", "10.0.1.3", "tcp", 8080, iif="vm-m42").action == "default"
+    e = explain(cfg, a, "10.0.1.2", "10.0.1.3", 8080, "tcp", "vm-m42")
+    assert e.action == "default" and "east-west" in e.reason

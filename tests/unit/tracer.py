@@ -99,7 +99,8 @@ def trace(d: Desired, src: str, dst: str, proto: str = "tcp", dport: Optional[in
     l4 = "ipv6-icmp" if (proto == "icmp" and fam == 6) else proto
     if ((proto, dport), None) in el.get("exclude_services", ()) \
             or (l4, None) in el.get("exclude_protocols", ()) \
-            or _in_prefixes(dst, el.get(names.EXCLUDE_SET[fam], ())):
+            or _in_prefixes(dst, el.get(names.EXCLUDE_SET[fam], ())) \
+            or _in_prefixes(dst, el.get(names.MANAGED_SET[fam], ())):
         return Verdict("default", wid_mark)
     for rule in d.chains[names.POLICY_CHAIN]:
         v = _policy_verdict(rule, mark, fam, dst, proto, dport, el)
