@@ -144,8 +144,9 @@ def our_route_lines(lab: Lab) -> list[str]:
     return out
 
 
-def drop_counters(lab: Lab) -> dict[str, int]:
-    """Packets counted by the IPv4 drop rules of chain classify_forward, by comment."""
+def drop_counters(lab: Lab, family: str = "ip") -> dict[str, int]:
+    """Packets counted by the drop rules of chain classify_forward for `family`
+    ("ip" or "ip6"), by comment."""
     data = json.loads(host(lab, "nft", "-j", "list", "chain", "inet", names.TABLE_NAME,
                            "classify_forward"))
     out = {}
@@ -156,7 +157,7 @@ def drop_counters(lab: Lab) -> dict[str, int]:
         exprs = rule["expr"]
         proto = exprs[0]["match"]["left"]["payload"]["protocol"]
         packets = next(e["counter"]["packets"] for e in exprs if "counter" in e)
-        if proto == "ip":
+        if proto == family:
             out[rule["comment"]] = packets
     return out
 
@@ -174,6 +175,7 @@ class OriginCounters:
     lives and dies with the lab's origin namespace."""
 
     def __init__(self, lab: Lab, **matches: str):
+        """`matches`: counter name (not an nft keyword such as `udp`) -> match."""
         self.lab = lab
         self.table = f"eatest_{secrets.token_hex(3)}"
         counters = "".join(f"  counter {n} {{}}\n" for n in matches)

@@ -170,6 +170,34 @@ def test_spoofed_and_dropped_traffic_never_reaches_the_origin(lab: Lab) -> None:
     assert in_block(lab.probe("m43", "192.0.2.10", 8080), app_lease(status(lab, config), "m43"))
 
 
+def test_ipv6_spoofing_is_dropped(lab: Lab) -> None:
+    """spoof borrows m42's IPv6 address, or uses an unknown one of the managed
+    network: nothing of it reaches the origin."""
+    config = demo_config(lab)
+    apply(lab, config)
+    spoof = lab.ns("spoof")
+    ns_exec(lab.host, ["ip", "-6", "addr", "add", "fd00:1::1/128", "dev", "vm-spoof", "nodad"])
+    for cidr in ("fd00:1::2/128", "fd00:1::66/128"):
+        ns_exec(spoof, ["ip", "-6", "addr", "add", cidr, "dev", "eth0", "nodad"])
+    ns_exec(spoof, ["ip", "-6", "route", "add", "fd00:1::1", "dev", "eth0"])
+    ns_exec(spoof, ["ip", "-6", "route", "add", "default", "via", "fd00:1::1", "dev", "eth0"])
+    origin = OriginCounters(lab, syn6=f"ip6 daddr 2001:db8:ff::10 tcp dport 8080 {SYN}",
+                            udp6="ip6 daddr 2001:db8:ff::10 udp dport 8081")
+    seen = lab.probe("m42", "2001:db8:ff::10", 8080)  # the counters count
+    assert seen is not None and seen.address == app_lease(status(lab, config), "m42")["ipv6"]
+    assert origin.read()["syn6"] >= 1
+
+    before, drops_before = origin.read(), drop_counters(lab, "ip6")
+    for src in ("fd00:1::2", "fd00:1::66"):
+        e = explain(lab, config, src, "2001:db8:ff::10", 8080, "tcp", "vm-spoof")
+        assert e["action"] == "drop", e
+        assert lab.probe("spoof", "2001:db8:ff::10", 8080, source=src, timeout=1) is None
+        assert lab.probe("spoof", "2001:db8:ff::10", 8081, "udp", source=src, timeout=1) is None
+    assert delta(before, origin.read()) == {"syn6": 0, "udp6": 0}
+    drops = delta(drops_before, drop_counters(lab, "ip6"))
+    assert drops[SPOOF_DROP] >= 2 and drops[UNKNOWN_DROP] >= 2, drops
+
+
 # --- 2, 3. re-apply and restart ----------------------------------------------------
 
 def test_second_apply_changes_nothing(lab: Lab) -> None:
@@ -185,7 +213,17 @@ def test_second_apply_changes_nothing(lab: Lab) -> None:
     assert our_table(lab) == table
     assert ip_rules(lab) == rules and our_route_lines(lab) == routes
     assert store_files(config)["history.jsonl"] == store["history.jsonl"]  # no new events
-    assert in_block(lab.probe("m42", "192.0.2.10", 8080), app_lease(status(lab, config), "m42"))
+
+    # live traffic leaves state in the table (flow counts, counters): not drift
+    st = status(lab, config)
+    own = {"m42": app_lease(st, "m42"), "m43": app_lease(st, "m43"),
+           "m44": leases(st)[("m44", "m44-ip")]}
+    for machine, lease in own.items():
+        assert in_block(lab.probe(machine, "192.0.2.10", 8080), lease), lab.last_result
+        lab.probe(machine, "192.0.2.10", 8081, "udp", timeout=1)  # m43's is dropped
+    lab.probe("spoof", "192.0.2.10", 8080, timeout=0.5)
+    result = apply(lab, config)
+    assert result["changed"] is False, result
 
 
 def test_restart_adopts_kernel_state_and_keeps_open_connections(lab: Lab) -> None:
@@ -228,8 +266,10 @@ table ip egress_agent {{
     chain same_name_other_family {{ ip daddr 192.0.2.201 counter; }}
 }}
 """)
-    for fam in ("-4", "-6"):
-        host(lab, "ip", fam, "rule", "add", "fwmark", "0x40000000/0x40000000", "lookup", "100",
+    # someone else's policy routing: it never matches the lab's traffic (the
+    # agent owns most mark bits, so a mark alone could collide with its own)
+    for fam, src in (("-4", "192.0.2.200"), ("-6", "2001:db8:ff::200")):
+        host(lab, "ip", fam, "rule", "add", "from", src, "fwmark", "0x1/0x1", "lookup", "100",
              "priority", "5000")
     host(lab, "ip", "route", "add", "192.0.2.200/32", "via", "203.0.113.129", "dev", "up1",
          "table", "100")
