@@ -129,15 +129,17 @@ class Daemon:
                 if t.kind == "sighup":
                     self.notify("RELOADING=1")
                 if not self.load_config():
-                    if self.cfg is None:
-                        self.notify("READY=1", "STATUS=waiting for a valid config: "
-                                    + self.config_path)
-                    else:
-                        self.notify("READY=1", "STATUS=config invalid, last good state kept")
+                    status = ("STATUS=waiting for a valid config: " + self.config_path
+                              if self.cfg is None else "STATUS=config invalid, last good state kept")
+                    # READY=1 once at start, and once after each RELOADING=1
+                    self.notify(*(["READY=1"] if not ready or t.kind == "sighup" else []), status)
                     ready = True
                     if not t.full or self.cfg is None:
                         continue
             if t.kind == "netlink" and not t.force and not self._usable_changed():
+                continue
+            if self.cfg is None:  # no valid config yet: nothing to sync, wait for one
+                next_resync = time.monotonic() + self.resync_interval
                 continue
             self._sync(t)
             if t.full:
@@ -176,6 +178,9 @@ class Daemon:
     def _sync(self, t: Trigger) -> None:
         assert self.cfg is not None and self.rec is not None
         t0 = time.perf_counter()
+        # read BEFORE the sync: an address that changes while the sync runs must
+        # still count as a change when its netlink event is handled
+        usable_before = usable_from(self.cfg, self.rec.read_host())
         try:
             r = self.rec.sync(self.cfg, trigger=t.kind, full=t.full)
         except (NftError, RoutingError, OSError) as e:
@@ -197,7 +202,7 @@ class Daemon:
         self.last_result = r
         self.metrics.record_sync(t.kind, True, r.duration_ms / 1000)
         before = self.last_usable
-        self.last_usable = usable_from(self.cfg, self.rec.read_host())
+        self.last_usable = usable_before
         self._record_usable(before, self.last_usable)
         count, cmax = conntrack_numbers()
         self.log.info("sync", trigger=r.trigger, mode=r.mode, changed=r.changed,
@@ -232,16 +237,30 @@ class Daemon:
         from inotify_simple import INotify, flags
         ino = INotify()
         wanted: dict[int, Optional[str]] = {}
-        for directory, name in watched_paths(self.config_path).items():
-            try:
-                wd = ino.add_watch(directory, flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE
-                                   | flags.DELETE | flags.MOVED_FROM)
-                wanted[wd] = name
-            except OSError as e:
-                self.log.warning("cannot watch for config changes", directory=directory,
-                                 error=str(e))
+
+        def watch(paths: dict[str, Optional[str]]) -> None:
+            for directory, name in paths.items():
+                try:
+                    wd = ino.add_watch(directory, flags.CLOSE_WRITE | flags.MOVED_TO
+                                       | flags.CREATE | flags.DELETE | flags.MOVED_FROM)
+                    wanted[wd] = name
+                except OSError as e:
+                    self.log.warning("cannot watch for config changes", directory=directory,
+                                     error=str(e))
+
+        # a config that is a symlink: also watch the file it resolves to
+        target = os.path.realpath(self.config_path)
+        watch({**watched_paths(self.config_path),
+               os.path.dirname(target): os.path.basename(target)})
         while not self.stopping.is_set():
-            for ev in ino.read(timeout=1000):
+            events = ino.read(timeout=1000)
+            now = os.path.realpath(self.config_path) if events else target
+            if now != target:  # a symlink on the way now points elsewhere (..data swap)
+                target = now
+                watch({os.path.dirname(target): os.path.basename(target)})
+                self.queue.put(Trigger("config", reload=True))
+                continue
+            for ev in events:
                 name = wanted.get(ev.wd)
                 if ev.name == name or (name is None and ev.name.endswith((".yaml", ".yml"))):
                     self.queue.put(Trigger("config", reload=True))

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import secrets
-import select
 import shutil
 import signal
 import socket
