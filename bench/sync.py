@@ -1,0 +1,163 @@
+"""Sync cost vs size: the agent against one linear nft rule per workload.
+
+    sudo .venv/bin/python bench/sync.py [--sizes 1000,10000,100000] [--runs 3]
+
+For each size, in a fresh network namespace (deleted afterwards) and a fresh
+process (so peak RSS is its own):
+- agent: full sync of N workloads from an empty kernel (load config + plan +
+  one nft batch), a no-op full resync, and incremental syncs inside the agent
+  for: add one workload, remove one, move one (new source address), add one
+  egress IP; steady-state RSS after the syncs, peak RSS of the process;
+- naive: one `ip saddr X snat to ADDR:PORTS` rule per workload, loaded with
+  one nft transaction, and one rule added to it (same long-lived libnftables).
+Medians over --runs. Only namespaces this script creates are touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(n: int) -> dict:
+    """Runs inside the bench namespace, in its own process."""
+    from gen_config import config_text, source
+    from egress_agent.config import parse
+    from egress_agent.hoststate import HostState
+    from egress_agent.nft.libnft import Libnft
+    from egress_agent.reconcile import Reconciler
+    from egress_agent.routing.fake import FakeRouting
+    from egress_agent.store import Store
+
+    state = f"/tmp/egress-bench-{os.getpid()}"
+    text = config_text(n, state)
+    host = HostState(frozenset(), frozenset())  # no egress address present: plan as usable
+    out: dict = {"workloads": n}
+    nft = Libnft()
+
+    def reconciler():
+        return Reconciler(nft, FakeRouting(), Store(state), lambda: host)
+
+    t = time.perf_counter()
+    cfg = parse(text, "bench.yaml").config
+    out["load_s"] = time.perf_counter() - t
+    rec = reconciler()
+    from egress_agent.alloc import Usable
+    import egress_agent.reconcile as rmod
+    rmod.usable_from = lambda cfg, host: Usable()  # every IP usable: no addresses in the netns
+    t = time.perf_counter()
+    r = rec.sync(cfg, "bench", full=True)
+    out["full_sync_s"] = time.perf_counter() - t
+    out["full_sync_elements"] = r.added
+    t = time.perf_counter()
+    r = rec.sync(cfg, "bench", full=True)
+    out["noop_full_resync_s"] = time.perf_counter() - t
+    assert not r.changed, r.to_json()
+
+    def incremental(name, new_text):
+        c = parse(new_text, "bench.yaml").config
+        t0 = time.perf_counter()
+        res = rec.sync(c, "bench")
+        out[f"{name}_s"] = time.perf_counter() - t0
+        assert res.changed and res.mode == "incremental", (name, res.to_json())
+        return new_text
+
+    lines = text.splitlines()
+    wl_at = lines.index("workloads:") + 1
+    added = lines[:wl_at] + [f"  - {{id: extra, app: app, source: [{source(n + 5)}]}}"] + lines[wl_at:]
+    text = incremental("add_one_workload", "\n".join(added) + "\n")
+    text = incremental("remove_one_workload", text.replace(lines[wl_at + 1] + "\n", "", 1))
+    moved = lines[wl_at + 2]
+    text = incremental("move_one_workload", text.replace(moved, moved.replace(
+        source(2), source(n + 7))))
+    ip_at = text.index("workloads:")
+    text = incremental("add_one_egress_ip", text[:ip_at] + "  - {id: new-ip, workload: w3, ipv4: 192.0.2.250}\n"
+                       + text[ip_at:])
+    gc.collect()
+    out["steady_rss_mb"] = rss_mb()
+
+    # naive: one linear rule per workload
+    rules = [f"add table ip naive_{os.getpid()}",
+             f"add chain ip naive_{os.getpid()} post {{ type nat hook postrouting priority srcnat; }}"]
+    for i in range(n):  # two plain rules per workload (an anonymous set per rule is far slower)
+        for proto in ("tcp", "udp"):
+            rules.append(f"add rule ip naive_{os.getpid()} post ip saddr {source(i)} ip protocol {proto} "
+                         f"snat to 203.0.113.{1 + i % 200}:{1024 + (i % 1000) * 64}-{1024 + (i % 1000) * 64 + 63}")
+    t = time.perf_counter()
+    nft.run("\n".join(rules) + "\n")
+    out["naive_full_load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    nft.run(f"add rule ip naive_{os.getpid()} post ip saddr 10.255.0.1 ip protocol tcp snat to 203.0.113.1:1024-1087\n")
+    out["naive_add_one_rule_s"] = time.perf_counter() - t
+    nft.run(f"delete table ip naive_{os.getpid()}\ndelete table inet egress_agent\n")
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    subprocess.run(["rm", "-rf", state])
+    return out
+
+
+def run_size(n: int) -> dict:
+    ns = f"eabench{secrets.token_hex(2)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, "--one", str(n)],
+                           capture_output=True, text=True, timeout=900)
+        if p.returncode != 0:
+            raise SystemExit(f"size {n} failed:\n{p.stderr[-3000:]}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000,10000,100000")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one)))
+        return
+    results = []
+    for n in map(int, args.sizes.split(",")):
+        runs = []
+        for i in range(args.runs):
+            print(f"size {n}: run {i + 1}/{args.runs}", file=sys.stderr, flush=True)
+            runs.append(run_size(n))
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        results.append(med)
+    keys = [("full_sync_s", "full sync (s)"), ("noop_full_resync_s", "no-op resync (s)"),
+            ("add_one_workload_s", "add 1 workload (s)"), ("remove_one_workload_s", "remove 1 (s)"),
+            ("move_one_workload_s", "move 1 (s)"), ("add_one_egress_ip_s", "add 1 egress IP (s)"),
+            ("load_s", "config load (s)"), ("steady_rss_mb", "steady RSS (MB)"),
+            ("peak_rss_mb", "peak RSS (MB)"), ("naive_full_load_s", "naive: load N rules (s)"),
+            ("naive_add_one_rule_s", "naive: add 1 rule (s)")]
+    print(f"{'':26}" + "".join(f"{r['workloads']:>12,}" for r in results))
+    for k, label in keys:
+        print(f"{label:26}" + "".join(f"{r[k]:>12.4f}" for r in results))
+    print("ratio full sync / naive load " + "  ".join(
+        f"{r['workloads']}: {r['full_sync_s'] / r['naive_full_load_s']:.2f}" for r in results))
+    print(json.dumps({"bench": "sync", "runs": args.runs, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
