@@ -191,6 +191,9 @@ class OriginCounters:
         return {i["counter"]["name"]: i["counter"]["packets"]
                 for i in data["nftables"] if "counter" in i}
 
+    def delete(self) -> None:
+        ns_exec(self.lab.origin, ["nft", "delete", "table", "inet", self.table], check=False)
+
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in after}

@@ -37,6 +37,24 @@ from egress_agent.lab.echo import Seen, child_env
 from egress_agent.lab.netns import ns_exec, nsenter_prefix
 from egress_agent.lab.topology import Lab
 
+# one copy of what the apply tests need too
+from agent_helpers import OriginCounters, in_block, line_of, status  # noqa: F401 (re-exported)
+from agent_helpers import edited as demo_text  # noqa: F401
+
+
+def drop_counters(lab: Lab) -> dict[str, int]:
+    """Packets counted by the commented rules of our whole table (every chain, policies
+    included), by comment, both families summed."""
+    data = json.loads(ns_exec(lab.host, ["nft", "-j", "list", "table", "inet", "egress_agent"]).stdout)
+    out: dict[str, int] = {}
+    for item in data["nftables"]:
+        rule = item.get("rule")
+        if rule and "comment" in rule:
+            for e in rule["expr"]:
+                if "counter" in e:
+                    out[rule["comment"]] = out.get(rule["comment"], 0) + e["counter"]["packets"]
+    return out
+
 TABLE = "inet egress_agent"
 
 
@@ -213,15 +231,6 @@ LEGACY_POLICY = ("  - name: legacy-udp\n"
 PARTNER_EGRESS = "    egress: {ipv4: partner-link, ipv4_fallback: drop}\n"
 
 
-def demo_text(lab: Lab, *replacements: tuple[str, str]) -> str:
-    """lab/demo.yaml for this lab with each (old, new) replaced exactly once."""
-    text = demo_config_text(lab.prefix)
-    for old, new in replacements:
-        assert text.count(old) == 1, f"{old!r} is not unique in demo.yaml"
-        text = text.replace(old, new)
-    return text
-
-
 def without_m43(lab: Lab) -> str:
     """The demo config without workload m43 (and the policy that names it)."""
     return demo_text(lab, (M43_WORKLOAD, ""), (LEGACY_POLICY, ""))
@@ -241,12 +250,6 @@ def write_by_rename(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
-
-
-def line_of(text: str, fragment: str) -> int:
-    found = [i for i, line in enumerate(text.splitlines(), 1) if fragment in line]
-    assert len(found) == 1, (fragment, found)
-    return found[0]
 
 
 # --- the lab's host namespace ---------------------------------------------------------
@@ -270,19 +273,6 @@ def ip_rule_priorities(lab: Lab) -> list[int]:
     return [int(line.split(":")[0]) for line in out.splitlines() if line.strip()]
 
 
-def agent_cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = lab.agent_prefix() + [sys.executable, "-m", "egress_agent.cli", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=child_env(), cwd="/")
-    if proc.returncode != 0:
-        raise AssertionError(f"egress-agent {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def status(lab: Lab, config: str) -> dict:
-    return json.loads(agent_cli(lab, "status", "-c", config, "--json").stdout)
-
-
 def lease(st: dict, workload: str, ip: Optional[str] = None) -> dict:
     """The lease of `workload` on egress IP `ip` (default: its app IP)."""
     w = next(w for w in st["workloads"] if w["id"] == workload)
@@ -290,53 +280,6 @@ def lease(st: dict, workload: str, ip: Optional[str] = None) -> dict:
     found = [l for l in w["leases"] if l["ip"] == ip]
     assert found, f"{workload} has no lease on {ip}: {w}"
     return found[0]
-
-
-def in_block(seen: Optional[Seen], l: dict) -> bool:
-    lo, hi = l["ports"]
-    return seen is not None and seen.address == l["ipv4"] and lo <= seen.port <= hi
-
-
-def drop_counters(lab: Lab) -> dict[str, int]:
-    """Packets counted by the commented drop rules of our table, by comment
-    (both families summed)."""
-    data = json.loads(host(lab, "nft", "-j", "list", "table", *TABLE.split()).stdout)
-    out: dict[str, int] = {}
-    for item in data["nftables"]:
-        rule = item.get("rule")
-        if not rule or "comment" not in rule:
-            continue
-        for e in rule["expr"]:
-            if "counter" in e:
-                out[rule["comment"]] = out.get(rule["comment"], 0) + e["counter"]["packets"]
-    return out
-
-
-# --- the origin namespace ---------------------------------------------------------------
-
-class OriginCounters:
-    """`table inet count_<hex>` in the ORIGIN namespace: one named counter per
-    match, in a prerouting chain at priority raw (before rp_filter). Lives and
-    dies with the lab's origin namespace; `delete()` removes it earlier."""
-
-    def __init__(self, lab: Lab, **matches: str):
-        self.lab = lab
-        self.table = f"count_{secrets.token_hex(3)}"
-        counters = "".join(f"  counter {n} {{}}\n" for n in matches)
-        rules = "".join(f"    {m} counter name {n}\n" for n, m in matches.items())
-        ns_exec(lab.origin, ["nft", "-f", "-"], input=(
-            f"table inet {self.table} {{\n{counters}"
-            "  chain pre {\n    type filter hook prerouting priority raw; policy accept;\n"
-            f"{rules}  }}\n}}\n"))
-
-    def read(self) -> dict[str, int]:
-        data = json.loads(ns_exec(self.lab.origin, ["nft", "-j", "list", "counters", "table",
-                                                    "inet", self.table]).stdout)
-        return {i["counter"]["name"]: i["counter"]["packets"]
-                for i in data["nftables"] if "counter" in i}
-
-    def delete(self) -> None:
-        ns_exec(self.lab.origin, ["nft", "delete", "table", "inet", self.table], check=False)
 
 
 # --- the prober ------------------------------------------------------------------------
