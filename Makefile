@@ -8,3 +8,6 @@ venv:
 	./run venv
 unit: venv
 	.venv/bin/python -m pytest -q tests/unit
+
+bench: venv
+	bench/run-all

@@ -92,12 +92,59 @@ def cmd_demo(args) -> int:
         print(f"lab {args.prefix} is not up; building it ...", file=sys.stderr)
         lab.up()
     config = write_demo_config(lab)
-    print(f"applying {config} in namespace {lab.host} ...", file=sys.stderr)
-    rc = _agent(lab, "apply", "-c", config)
+    if args.daemon:
+        rc = _start_daemon(lab, config)
+    else:
+        print(f"applying {config} in namespace {lab.host} ...", file=sys.stderr)
+        rc = _agent(lab, "apply", "-c", config)
     if rc != 0:
         return rc
-    return _agent(lab, "lab", "_checks", "--prefix", args.prefix, "-c", config,
+    return cmd_check(args)
+
+
+def cmd_check(args) -> int:
+    """The demo's checks only: what the origin sees now (e.g. while the daemon reacts)."""
+    config = os.path.join(STATE_ROOT, args.prefix, "config.yaml")
+    if not os.path.exists(config):
+        print(f"lab {args.prefix} has no config yet: run `egress-agent lab demo` first",
+              file=sys.stderr)
+        return 2
+    return _agent(Lab(args.prefix), "lab", "_checks", "--prefix", args.prefix, "-c", config,
                   *(["--json"] if args.json else []))
+
+
+def _start_daemon(lab: Lab, config: str, timeout: float = 30.0) -> int:
+    """`egress-agent run` in the lab's host namespace, logging to a file; `lab down`
+    stops it with everything else in the lab's namespaces."""
+    import time
+    log = os.path.join(STATE_ROOT, lab.prefix, "agent.log")
+    pid_file = os.path.join(STATE_ROOT, lab.prefix, "agent.pid")
+    try:
+        pid = int(open(pid_file).read())
+        os.kill(pid, 0)
+        print(f"the lab's daemon is running already (pid {pid}, log {log})", file=sys.stderr)
+        return 0
+    except (OSError, ValueError):
+        pass
+    cmd = lab.agent_prefix() + [sys.executable, "-m", "egress_agent.cli", "run", "-c", config,
+                                "--log-format", "json", "--resync", "30"]
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    with open(pid_file, "w") as f:
+        f.write(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"the daemon exited {proc.returncode}; see {log}", file=sys.stderr)
+            return 1
+        if '"event": "sync"' in open(log).read():
+            print(f"daemon running in {lab.host} (pid {proc.pid}); log: {log}", file=sys.stderr)
+            return 0
+        time.sleep(0.1)
+    print(f"the daemon did not sync within {timeout:.0f} s; see {log}", file=sys.stderr)
+    return 1
 
 
 def cmd_checks(args) -> int:
@@ -115,10 +162,12 @@ def add_lab_commands(sub) -> None:
                          description="Build a host, machines (m42, m43, m44, spoof), a local "
                                      "cgroup workload and an origin with echo servers in network "
                                      "namespaces; run the agent there and check what the origin sees.")
-    lsub = lab.add_subparsers(dest="lab_cmd", metavar="up|demo|down", required=True)
+    lsub = lab.add_subparsers(dest="lab_cmd", metavar="up|demo|check|down", required=True)
     for name, fn, help in (("up", cmd_up, "build the lab namespaces and start the echo servers"),
                            ("demo", cmd_demo, "apply the lab config and compare expected with "
                                               "observed source addresses (builds the lab if needed)"),
+                           ("check", cmd_check, "only compare expected with observed again (e.g. "
+                                                "while the daemon reacts to a change)"),
                            ("down", cmd_down, "remove every namespace, process and cgroup of the lab"),
                            ("_checks", cmd_checks, argparse_suppress())):
         sp = lsub.add_parser(name, help=help, description=help if isinstance(help, str) else None)
@@ -127,7 +176,13 @@ def add_lab_commands(sub) -> None:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "_checks":
             sp.add_argument("-c", "--config", required=True)
+        if name == "demo":
+            sp.add_argument("--daemon", action="store_true",
+                            help="run `egress-agent run` in the lab (instead of one apply) and "
+                                 "leave it running; its log is /run/egress-agent-lab/PREFIX/agent.log")
         sp.set_defaults(fn=fn)
+    # `_checks` is internal (the part of demo/check that runs inside the lab): unlisted
+    lsub._choices_actions = [a for a in lsub._choices_actions if a.dest != "_checks"]
 
 
 def argparse_suppress():
