@@ -296,11 +296,22 @@ def cmd_status(args) -> int:
         state = ip.state if usable.ok(ip, 4) or usable.ok(ip, 6) or ip.state != "active" else "failed-over"
         ips.append({"id": ip.id, "ipv4": ip.ipv4, "ipv6": ip.ipv6, "present": present,
                     "state": state, "workloads": n, "max_workloads": ip.limits.max_workloads})
+    from .alloc import policy_matches
+    ratios: dict[str, float] = {}
+    try:  # usage needs root (a ctnetlink dump); status works without it
+        for r in _usage_collector()(cfg).rows:
+            if r.workload != "*" and r.ratio is not None:
+                ratios[r.workload] = max(ratios.get(r.workload, 0.0), r.ratio)
+        have_usage = True
+    except (PermissionError, OSError):
+        have_usage = False
     wls = []
     for w in cfg.workloads:
         leases = [l.to_json() for (wid, _), l in sorted(a.leases.items()) if wid == w.id]
         wls.append({"id": w.id, "app": w.app, "source": w.source, "cgroup": w.cgroup,
-                    "app_ip": a.app_choice.get(w.id), "leases": leases})
+                    "app_ip": a.app_choice.get(w.id), "leases": leases,
+                    "policies": [p.name for p in cfg.policies if policy_matches(p, w)],
+                    "highest_ratio": round(ratios.get(w.id, 0.0), 4) if have_usage else None})
     if args.json:
         print(json.dumps({"egress_ips": ips, "workloads": wls}, indent=2))
         return Exit.OK
@@ -309,11 +320,17 @@ def cmd_status(args) -> int:
         print(f"{i['id']:12} {i['ipv4'] or '-':16} {'yes' if i['present'] else 'NO':8} "
               f"{i['state']:12} {i['workloads']}/{i['max_workloads'] or '-'}")
     print()
-    print(f"{'WORKLOAD':12} {'EGRESS IP':12} {'IPV4':16} {'PORTS':12} IPV6")
+    print(f"{'WORKLOAD':12} {'EGRESS IP':13} {'IPV4':16} {'PORTS':12} {'IPV6':20} {'RATIO':>6}  POLICIES")
     for w in wls:
-        for l in w["leases"] or [{"ip": "-", "ipv4": None, "ports": None, "ipv6": None}]:
+        ratio = "-" if w["highest_ratio"] is None else f"{w['highest_ratio']:.0%}"
+        for l in w["leases"] or [{"ip": "-", "ipv4": None, "ports": None, "ipv6": None,
+                                  "temporary": False}]:
             ports = f"{l['ports'][0]}-{l['ports'][1]}" if l["ports"] else "-"
-            print(f"{w['id']:12} {l['ip']:12} {l['ipv4'] or '-':16} {ports:12} {l['ipv6'] or '-'}")
+            ip = l["ip"] + ("*" if l.get("temporary") else "")
+            print(f"{w['id']:12} {ip:13} {l['ipv4'] or '-':16} {ports:12} {l['ipv6'] or '-':20} "
+                  f"{ratio:>6}  {','.join(w['policies']) or '-'}")
+    if any(l.get("temporary") for w in wls for l in w["leases"]):
+        print("* a temporary block while the workload's own IP is unusable")
     return Exit.OK
 
 
