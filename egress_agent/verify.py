@@ -175,6 +175,8 @@ def live_explainer(cfg: Config):
     from .plan import explain
     from .reconcile import usable_from
     from .store import Store
-    alloc = Store(cfg.state_dir).load()
+    from .alloc import allocate
     usable = usable_from(cfg, read_host_state())
+    # what an apply of this config would hold: the stored allocations, kept where they fit
+    alloc, _ = allocate(cfg, Store(cfg.state_dir).load(), usable)
     return lambda c: explain(cfg, alloc, c.src, c.dst, c.port, c.proto, c.iif, usable)

@@ -12,11 +12,13 @@ every packet that reaches the origin before anything there can drop it.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
 
 from agent_helpers import (
+    agent,
     HOST_DEFAULT4, HOST_DEFAULT6, SPOOF_DROP, UNKNOWN_DROP, OriginCounters, agent,
     agent_json, app_lease, apply, delta, demo_config, drop_counters, edited, explain,
     has_our_table, host, in_block, ip_rules, leases, line_of, our_route_lines,
@@ -388,3 +390,21 @@ def test_removing_a_workload_changes_only_its_elements(lab: Lab) -> None:
     assert lab.probe("m43", "192.0.2.10", 8080, timeout=1) is None
     assert origin.read() == {"syn8080": 0}
     assert delta(drops, drop_counters(lab))[UNKNOWN_DROP] >= 1
+
+
+def test_verify_compares_what_the_echo_server_saw(lab):
+    """`verify` probes from each workload's context (cgroup; machines with --lab)."""
+    config = demo_config(lab)
+    apply(lab, config)
+    proc = agent(lab, "verify", "-c", config, "--echo", "192.0.2.10:8080",
+                 "--lab", lab.prefix, "--json")
+    rows = json.loads(proc.stdout)
+    assert {r["workload"] for r in rows} == {"m42", "m43", "m44", "batch"}
+    assert all(r["match"] for r in rows), rows
+    # a wrong expectation is a mismatch: m44's own IP vanishes from the store's view
+    # by pointing verify at a config where m44 has no machine-scoped IP
+    broken = write_variant(lab, "verify-mismatch.yaml", edited(
+        lab, ("{id: m44-ip, workload: m44, ipv4: 203.0.113.20}", "{id: m44-ip, workload: m43, ipv4: 203.0.113.20}")))
+    proc = agent(lab, "verify", "-c", broken, "--echo", "192.0.2.10:8080", "--lab", lab.prefix,
+                 check=False)
+    assert proc.returncode == 4 and "MISMATCH" in proc.stdout, proc.stdout + proc.stderr
