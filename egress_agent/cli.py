@@ -220,7 +220,8 @@ def cmd_run(args) -> int:
             print(f"egress-agent run: metrics: {e}", file=sys.stderr)
             return Exit.USAGE
     d = Daemon(args.config, _reconciler, resync_interval=args.resync, state_dir=args.state_dir,
-               metrics=state, usage_interval=args.usage_interval, collect_usage=_usage_collector())
+               metrics=state, usage_interval=args.usage_interval, collect_usage=_usage_collector(),
+               translation_log=args.translation_log)
     return d.run()
 
 
@@ -391,6 +392,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics", default="127.0.0.1:9469", metavar="ADDR:PORT",
                     help="Prometheus metrics endpoint (default 127.0.0.1:9469; public addresses "
                          "are refused; 'off' disables it)")
+    sp.add_argument("--translation-log", metavar="PATH",
+                    help="write one JSON line per start and end of each translated connection "
+                         "(workload, inside and outside address:port, destination), rotated at "
+                         "64 MB x 5 files; for abuse reports (off by default)")
     sp.add_argument("--usage-interval", type=float, default=15.0, metavar="SECONDS",
                     help="how often usage is read from conntrack for metrics and warnings "
                          "(default 15)")

@@ -58,7 +58,8 @@ class Daemon:
                  watch_netlink: bool = True, state_dir: Optional[str] = None,
                  metrics: Optional[metrics_mod.State] = None,
                  usage_interval: Optional[float] = None,
-                 collect_usage: Optional[Callable[[Config], object]] = None):
+                 collect_usage: Optional[Callable[[Config], object]] = None,
+                 translation_log: Optional[str] = None):
         self.config_path = os.path.abspath(config_path)
         self.make_reconciler = make_reconciler
         self.resync_interval = resync_interval
@@ -79,6 +80,7 @@ class Daemon:
         self.usage_interval = usage_interval
         self.collect_usage = collect_usage
         self.warned: set = set()
+        self.translation_log = translation_log
 
     # --- config ----------------------------------------------------------------
     def load_config(self) -> bool:
@@ -104,6 +106,8 @@ class Daemon:
             threading.Thread(target=self._watch_netlink, name="netlink", daemon=True).start()
         if self.usage_interval and self.collect_usage:
             threading.Thread(target=self._watch_usage, name="usage", daemon=True).start()
+        if self.translation_log:
+            threading.Thread(target=self._translations, name="translations", daemon=True).start()
         self.queue.put(Trigger("start", full=True, reload=True))
         watchdog = self.notify.watchdog_interval()
         next_resync = time.monotonic() + self.resync_interval
@@ -276,6 +280,21 @@ class Daemon:
                     # always syncs (which re-reads our routes); an address
                     # event only when it changes which egress IPs are usable.
                     self.queue.put(Trigger("netlink", force=msg["event"] == "RTM_NEWLINK"))
+
+    def _translations(self) -> None:
+        from .translog import TranslationLog, workload_lookup
+        wait_until = time.monotonic() + 30
+        while self.rec is None and time.monotonic() < wait_until and not self.stopping.is_set():
+            time.sleep(0.1)
+        if self.rec is None:
+            return
+        store = self.rec.store
+        log = TranslationLog(self.translation_log, workload_lookup(store.load))
+        self.log.info("translation log", path=self.translation_log)
+        try:
+            log.run(self.stopping, lambda msg, n: self.log.warning(msg, overruns=n))
+        except Exception as e:
+            self.log.error("translation log stopped", error=f"{type(e).__name__}: {e}")
 
     # --- usage and metrics ---------------------------------------------------------
     def _record_usable(self, before, after) -> None:

@@ -139,3 +139,34 @@ def test_metrics_endpoint_is_scraped_and_parsed(lab):
         {"billing-1", "billing-2", "m44-ip", "partner-link", "legacy"}
     usable = {s.labels["egress_ip"]: s.value for s in fams["egress_agent_egress_ip_usable"].samples}
     assert usable["legacy"] == 0 and usable["billing-1"] == 1
+
+
+def test_translation_log_names_workload_inside_and_outside(lab):
+    import json as _json
+    import os as _os
+    from agent_helpers import app_lease, status
+    config = demo_config(lab)
+    path = _os.path.join(lab.state_dir, "translations.jsonl")
+    with Agent(lab, config, extra=("--translation-log", path, "--metrics", "off")) as a:
+        a.wait_syncs(1)
+        time.sleep(0.3)  # the listener subscribes after the first sync
+        seen = lab.probe("m42", ECHO4, 8080)
+        lease = app_lease(status(lab, config), "m42")
+        assert seen and seen.address == lease["ipv4"]
+        subprocess.run(["nsenter", f"--net=/run/netns/{lab.ns('host')}", "conntrack", "-F"],
+                       capture_output=True)
+
+        def lines():
+            try:
+                return [_json.loads(l) for l in open(path)]
+            except FileNotFoundError:
+                return []
+        want = f"{seen.address}:{seen.port}"
+        recs = wait_until(lambda: [r for r in lines() if r["outside"] == want and r["event"] == "end"]
+                          and lines(), timeout=10, what="start and end lines of m42's connection")
+    mine = [r for r in recs if r["outside"] == want]
+    assert {r["event"] for r in mine} == {"start", "end"}
+    start = next(r for r in mine if r["event"] == "start")
+    assert start["workload"] == "m42" and start["protocol"] == "tcp"
+    assert start["inside"].startswith("10.0.1.2:") and start["destination"] == f"{ECHO4}:8080"
+    assert len({r["id"] for r in mine}) == 1
