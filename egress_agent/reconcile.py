@@ -83,6 +83,7 @@ class Reconciler:
         self.read_host = read_host
         self.cgroup_root = cgroup_root
         self.applied: Optional[Observed] = None  # what the kernel accepted last
+        self.alloc: Optional[alloc_mod.Allocations] = None  # stored with it
         self.full_next = True
 
     def facts(self, cfg: Config) -> HostFacts:
@@ -94,7 +95,8 @@ class Reconciler:
         return observed_from_json(self.nft.list_table(), routes, rules)
 
     def plan(self, cfg: Config, observed: Observed) -> tuple[Plan, list[alloc_mod.Event], bool]:
-        prev = self.store.load()
+        # the allocations committed with the last sync; the store after a failure or at start
+        prev = self.alloc if self.alloc is not None and not self.full_next else self.store.load()
         adopted = False
         if not self.store.exists() and observed.table:
             prev, adopted = adopt(cfg, observed), True
@@ -126,6 +128,7 @@ class Reconciler:
             self.full_next = True
             raise
         self.store.save(plan.alloc, events)
+        self.alloc = plan.alloc
         self.applied = _as_observed(d)
         self.full_next = False
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
@@ -140,7 +143,7 @@ class Reconciler:
             self.nft.run("delete table inet egress_agent\n")
         self.routing.apply(ops)
         removed = sum(len(v) for v in observed.elements.values())
-        self.applied, self.full_next = None, True
+        self.applied, self.alloc, self.full_next = None, None, True
         return SyncResult("teardown", "full", 0, removed, [op.describe() for op in ops],
                           duration_ms=(time.perf_counter() - t0) * 1000)
 

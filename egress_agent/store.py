@@ -54,7 +54,8 @@ class Store:
                 os.fsync(f.fileno())
         tmp = self.dir / (ALLOCATIONS + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(alloc.to_json(), f, indent=1, sort_keys=True)
+            # dumps() without indent is the C encoder: json.dump(indent=...) is ~20x slower
+            f.write(json.dumps(alloc.to_json(), separators=(",", ":"), sort_keys=True))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / ALLOCATIONS)
