@@ -46,7 +46,11 @@ def apply(lab: Lab, config: str) -> dict:
 
 
 def status(lab: Lab, config: str) -> dict:
-    return agent_json(lab, "status", "-c", config)
+    """`status --json`, without the live usage ratio (it moves with traffic)."""
+    st = agent_json(lab, "status", "-c", config)
+    for w in st["workloads"]:
+        w.pop("highest_ratio", None)
+    return st
 
 
 def explain(lab: Lab, config: str, src: str, dst: str, port: int, proto: str,
