@@ -360,6 +360,3 @@ def failover_target(cfg: Config, w: Workload, ip: EgressIP, fam: int, usable: Us
             return alt.id
     return None
 
-
-def without_temporary(a: Allocations) -> Allocations:
-    return replace(a, leases={k: l for k, l in a.leases.items() if not l.temporary})

@@ -10,7 +10,6 @@ writes match the host's processes.
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Optional
 
 CGROUP2_SUPER_MAGIC = 0x63677270
@@ -46,6 +45,3 @@ def ensure_view(target: str = "/sys/fs/cgroup") -> str:
         raise OSError(ctypes.get_errno(), f"mount cgroup2 at {target}")
     return f"private mount (host has cgroup2 at {root or 'nowhere'})"
 
-
-def is_cgroup2(path: str) -> bool:
-    return os.path.isdir(path) and cgroup2_root() == path

@@ -165,8 +165,6 @@ def _str_type(fn, fmt: Optional[str] = None, pattern: Optional[str] = None,
     return Annotated[str, AfterValidator(fn), WithJsonSchema(schema)]
 
 
-def _coerce_str(v: Any) -> str:
-    return v if isinstance(v, str) else str(v)
 
 
 IPv4 = _str_type(_ipv4, "ipv4", example="203.0.113.10")

@@ -12,9 +12,6 @@ from typing import Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-DEFAULT_LISTEN = "127.0.0.1:9469"
-
-
 def parse_listen(text: str) -> tuple[str, int]:
     """ADDR:PORT; refuses public addresses: the metrics name workloads and peers."""
     host, _, port = text.rpartition(":")

@@ -313,7 +313,3 @@ def transaction(desired: Desired, observed: Observed) -> Transaction:
 
 _MISSING = object()
 
-
-def full_text(desired: Desired) -> str:
-    """What a first apply runs (for `plan`)."""
-    return transaction(desired, Observed()).text
