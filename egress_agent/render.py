@@ -288,6 +288,12 @@ def transaction(desired: Desired, observed: Observed) -> Transaction:
         want = desired.elements.get(name, frozenset())
         have = observed.elements.get(name, frozenset())
         kk, vk = kinds_of(name)
+        if kk == ("cgroup",) and any(_stale_cgroup(k) for k, _ in have - want):
+            # A cgroup that was removed is listed by its id, and nft 1.0.6 cannot
+            # delete an element by that id: flush the map and add back what we want.
+            tx.lines.append(f"flush map {T} {name}")
+            tx.removed += len(have)
+            have = frozenset()
         if vk is None:
             gone, new = have - want, want - have
         else:
@@ -312,4 +318,9 @@ def transaction(desired: Desired, observed: Observed) -> Transaction:
 
 
 _MISSING = object()
+
+
+def _stale_cgroup(key) -> bool:
+    """An element of a vanished cgroup: nft shows its id (a number) instead of a path."""
+    return isinstance(key, int) or (isinstance(key, str) and key.isdigit())
 

@@ -64,6 +64,8 @@ class FakeNft:
             doc.append({"set": {"family": "inet", "name": "skeleton", "table": names.TABLE_NAME,
                                 "comment": self.table["comment"]}})
         for name, elems in self.table["sets"].items():
+            if name in (names.FLOWS4_SET, names.REFUSED_SET):
+                continue  # dynamic sets the data path fills; the agent never writes them
             kk, vk = kinds_of(name)
             raw = []
             for k, v in elems.items():
@@ -105,6 +107,10 @@ class FakeNft:
         m = re.match(rf"flush chain {T} (\S+)$", line)
         if m and m.group(1) in names.GENERATED_CHAINS:
             st["rules"][m.group(1)] = []
+            return st
+        m = re.match(rf"flush map {T} (\S+)$", line)
+        if m:
+            st["sets"][self._need_set(st, m.group(1))] = {}
             return st
         m = re.match(rf"add set {T} (\S+) \{{ type mark; \}}$", line)
         if m:

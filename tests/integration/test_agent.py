@@ -408,3 +408,20 @@ def test_verify_compares_what_the_echo_server_saw(lab):
     proc = agent(lab, "verify", "-c", broken, "--echo", "192.0.2.10:8080", "--lab", lab.prefix,
                  check=False)
     assert proc.returncode == 4 and "MISMATCH" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_recreated_cgroup_is_matched_again(lab):
+    """nft 1.0.6 lists a removed cgroup's element by id and cannot delete it by that id:
+    the next apply must still succeed, and the new cgroup must be matched."""
+    from egress_agent.lab.topology import cgroup2_root
+    config = demo_config(lab)
+    apply(lab, config)
+    lease = app_lease(status(lab, config), "batch")
+    assert in_block(lab.probe_cgroup(lab.cgroup, "192.0.2.10", 8080), lease)
+    path = os.path.join(cgroup2_root(), lab.cgroup)
+    os.rmdir(path)  # like `systemctl restart` of the unit: a new cgroup, a new id
+    os.mkdir(path)
+    result = apply(lab, config)
+    assert result["changed"], result
+    assert in_block(lab.probe_cgroup(lab.cgroup, "192.0.2.10", 8080), lease)
+    assert apply(lab, config)["changed"] is False

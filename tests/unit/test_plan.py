@@ -174,3 +174,21 @@ def test_traffic_between_workloads_of_the_host_is_not_translated(lab):
     assert trace(d, "10.0.1.2", "10.0.1.3", "tcp", 8080, iif="vm-m42").action == "default"
     e = explain(cfg, a, "10.0.1.2", "10.0.1.3", 8080, "tcp", "vm-m42")
     assert e.action == "default" and "east-west" in e.reason
+
+
+def test_a_vanished_cgroup_is_replaced_by_flushing_its_map():
+    """nft lists a removed cgroup's element by id and cannot delete it by that id."""
+    from egress_agent.model import Observed
+    from egress_agent.nft.fake import FakeNft
+    from egress_agent.render import observed_from_json, transaction
+    cfg = lab_config()
+    p, _ = planned(cfg)
+    nft = FakeNft()
+    nft.run(transaction(p.desired, Observed()).text)
+    # the cgroup is recreated: the kernel now holds its old id, not the path
+    nft.table["sets"][names.cgroup_map(2)] = {"45302": 4}
+    tx = transaction(p.desired, observed_from_json(nft.list_table()))
+    assert f"flush map inet egress_agent {names.cgroup_map(2)}" in tx.lines
+    assert not any(l.startswith("delete element") and "cgroup" in l for l in tx.lines)
+    nft.run(tx.text)
+    assert transaction(p.desired, observed_from_json(nft.list_table())).empty
