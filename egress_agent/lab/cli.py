@@ -7,6 +7,7 @@ prints, per check, the expected and the observed source address and port.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -169,7 +170,7 @@ def add_lab_commands(sub) -> None:
                            ("check", cmd_check, "only compare expected with observed again (e.g. "
                                                 "while the daemon reacts to a change)"),
                            ("down", cmd_down, "remove every namespace, process and cgroup of the lab"),
-                           ("_checks", cmd_checks, argparse_suppress())):
+                           ("_checks", cmd_checks, argparse.SUPPRESS)):
         sp = lsub.add_parser(name, help=help, description=help if isinstance(help, str) else None)
         sp.add_argument("--prefix", default=DEFAULT_PREFIX,
                         help=f"lab name, prefix of its namespaces (default {DEFAULT_PREFIX})")
@@ -184,7 +185,3 @@ def add_lab_commands(sub) -> None:
     # `_checks` is internal (the part of demo/check that runs inside the lab): unlisted
     lsub._choices_actions = [a for a in lsub._choices_actions if a.dest != "_checks"]
 
-
-def argparse_suppress():
-    import argparse
-    return argparse.SUPPRESS
