@@ -182,9 +182,6 @@ class Daemon:
     def _sync(self, t: Trigger) -> None:
         assert self.cfg is not None and self.rec is not None
         t0 = time.perf_counter()
-        # read BEFORE the sync: an address that changes while the sync runs must
-        # still count as a change when its netlink event is handled
-        usable_before = usable_from(self.cfg, self.rec.read_host())
         try:
             r = self.rec.sync(self.cfg, trigger=t.kind, full=t.full)
         except (NftError, RoutingError, OSError) as e:
@@ -206,7 +203,9 @@ class Daemon:
         self.last_result = r
         self.metrics.record_sync(t.kind, True, r.duration_ms / 1000)
         before = self.last_usable
-        self.last_usable = usable_before
+        # what the plan used, read before the commit: an address that changes while
+        # the sync runs still counts as a change when its netlink event is handled
+        self.last_usable = r.usable
         self._record_usable(before, self.last_usable)
         count, cmax = conntrack_numbers()
         self.log.info("sync", trigger=r.trigger, mode=r.mode, changed=r.changed,

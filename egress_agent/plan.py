@@ -43,6 +43,7 @@ class Plan:
     desired: Desired
     alloc: Allocations
     notes: list[str] = field(default_factory=list)  # e.g. cgroups not present yet
+    usable: Usable = Usable()  # which egress IPs this plan took as usable
 
 
 # --- decisions -------------------------------------------------------------------
@@ -307,7 +308,7 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
               names.LIMIT_CHAIN: limit_rules(cfg.defaults.ports_per_workload)}
     desired = Desired({k: frozenset(v) for k, v in el.items()}, chains,
                       frozenset(routes), frozenset(rules))
-    return Plan(desired, alloc, notes)
+    return Plan(desired, alloc, notes, facts.usable)
 
 
 def _choice_mark_or(alloc: Allocations, c: Optional[Choice]) -> Union[None, str, int]:

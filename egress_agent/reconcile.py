@@ -40,6 +40,7 @@ class SyncResult:
     duration_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
     batch: str = ""
+    usable: alloc_mod.Usable = field(default_factory=alloc_mod.Usable)  # what the plan used
 
     @property
     def changed(self) -> bool:
@@ -133,7 +134,8 @@ class Reconciler:
         self.full_next = False
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
                           tx.policies_changed and not tx.full, tx.full and observed.table,
-                          adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text)
+                          adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text,
+                          plan.usable)
 
     def teardown(self) -> SyncResult:
         t0 = time.perf_counter()
