@@ -80,7 +80,7 @@ def _agent(lab: Lab, *args: str) -> int:
 def cmd_up(args) -> int:
     lab = Lab(args.prefix)
     print(f"building lab {args.prefix} (namespaces {args.prefix}-*) ...", file=sys.stderr)
-    lab.up()
+    lab.up(replace=args.replace)
     print(json.dumps(lab.describe(), indent=2) if args.json else
           f"lab {args.prefix} is up: host namespace {lab.host}, origin {lab.origin}; "
           f"next: egress-agent lab demo --prefix {args.prefix}")
@@ -175,6 +175,9 @@ def add_lab_commands(sub) -> None:
         sp.add_argument("--prefix", default=DEFAULT_PREFIX,
                         help=f"lab name, prefix of its namespaces (default {DEFAULT_PREFIX})")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "up":
+            sp.add_argument("--replace", action="store_true",
+                            help="remove this prefix's lab first, if `lab up` built it")
         if name == "_checks":
             sp.add_argument("-c", "--config", required=True)
         if name == "demo":

@@ -36,7 +36,8 @@ from .netns import (
 )
 
 STATE_ROOT = "/run/egress-agent-lab"
-DEFAULT_PREFIX = "ealab"
+# `--prefix` of every lab command defaults to $EGRESS_LAB_PREFIX, else this
+DEFAULT_PREFIX = os.environ.get("EGRESS_LAB_PREFIX") or "ealab"
 
 GATEWAY4 = "10.0.1.1"
 GATEWAY6 = "fd00:1::1"
@@ -194,7 +195,22 @@ class Lab:
         return [self.host, self.origin] + [self.ns(m) for m in MACHINES]
 
     def exists(self) -> bool:
-        return bool(list_namespaces(self.prefix + "-")) or os.path.exists(self.state_dir)
+        return bool(self.present_namespaces()) or os.path.exists(self.state_dir)
+
+    def built_here(self) -> bool:
+        """A lab that `up()` built: its state file says so."""
+        return self._load_state().get("prefix") == self.prefix
+
+    def present_namespaces(self) -> list[str]:
+        """The lab's own namespaces that exist now (never any other `<prefix>-*`)."""
+        mine = set(self.namespaces())
+        return [n for n in list_namespaces(self.prefix + "-") if n in mine]
+
+    def foreign_namespaces(self) -> list[str]:
+        """Namespaces named like ours that no lab state accounts for: someone else's."""
+        if self.built_here():
+            return []
+        return self.present_namespaces()
 
     def _state_path(self) -> str:
         return os.path.join(self.state_dir, "state.json")
@@ -216,9 +232,20 @@ class Lab:
 
     # up / down
 
-    def up(self) -> None:
-        """Build the whole lab (replacing a previous one with this prefix)."""
+    def up(self, replace: bool = False) -> None:
+        """Build the whole lab. A lab of this prefix that is up already is replaced
+        only when asked (`replace`), and never when it is not one `up()` built:
+        on a shared host it may be someone else's."""
+        foreign = self.foreign_namespaces()
+        if foreign:
+            raise LabError(f"namespaces {', '.join(foreign)} exist but no lab {self.prefix} was "
+                           f"built here (no {self._state_path()}): they are not ours to replace; "
+                           f"choose another prefix (--prefix or EGRESS_LAB_PREFIX)")
         if self.exists():
+            if not replace:
+                raise LabError(f"lab {self.prefix} is up already: use it, remove it with "
+                               f"`egress-agent lab down --prefix {self.prefix}`, or choose another "
+                               f"prefix (--prefix or EGRESS_LAB_PREFIX)")
             self.down()
         self._update_state(prefix=self.prefix, echo=[], cgroups=[])
         try:
@@ -327,7 +354,7 @@ class Lab:
         state = self._load_state()
         pids = [e["pid"] for e in state.get("echo", []) if _starttime(e["pid"]) == e["starttime"]]
         _kill(pids)
-        names = list_namespaces(self.prefix + "-")
+        names = self.present_namespaces()
         # Anything else still inside our namespaces was started in the lab
         # (agents, held connections); it would keep the namespaces alive.
         _kill([p for ns in names for p in ns_pids(ns) if p != os.getpid()])

@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from egress_agent.lab.echo import child_env
 from egress_agent.lab.netns import ip, list_namespaces, ns_exec
-from egress_agent.lab.topology import Lab, cgroup2_root
+from egress_agent.lab.topology import Lab, LabError, cgroup2_root
 
 
 def _origin_counter(lab: Lab, name: str) -> int:
@@ -148,9 +150,12 @@ def test_down_from_a_fresh_process(lab: Lab) -> None:
     assert not os.path.exists(lab.state_dir)
 
 
-def test_up_twice_replaces_the_lab(lab: Lab) -> None:
+def test_up_refuses_an_existing_lab_and_replaces_it_when_asked(lab: Lab) -> None:
     old = _echo_pids(lab)
-    lab.up()
+    with pytest.raises(LabError, match="is up already"):
+        lab.up()
+    assert _echo_pids(lab) == old
+    lab.up(replace=True)
     assert _echo_pids(lab) != old
     assert lab.probe("m42", "192.0.2.10", 8080).address == "203.0.113.2"
 
