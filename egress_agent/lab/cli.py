@@ -14,7 +14,7 @@ import subprocess
 import sys
 from importlib import resources
 
-from .topology import DEFAULT_PREFIX, STATE_ROOT, Lab
+from .topology import DEFAULT_PREFIX, STATE_ROOT, Lab, LabError
 
 HOST_DEFAULTS = frozenset({"203.0.113.2", "2001:db8:a::2", "203.0.113.130"})
 
@@ -80,7 +80,11 @@ def _agent(lab: Lab, *args: str) -> int:
 def cmd_up(args) -> int:
     lab = Lab(args.prefix)
     print(f"building lab {args.prefix} (namespaces {args.prefix}-*) ...", file=sys.stderr)
-    lab.up(replace=args.replace)
+    try:
+        lab.up(replace=args.replace)
+    except LabError as e:
+        print(f"lab up: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(lab.describe(), indent=2) if args.json else
           f"lab {args.prefix} is up: host namespace {lab.host}, origin {lab.origin}; "
           f"next: egress-agent lab demo --prefix {args.prefix}")
@@ -89,6 +93,11 @@ def cmd_up(args) -> int:
 
 def cmd_demo(args) -> int:
     lab = Lab(args.prefix)
+    try:
+        lab.refuse_foreign()
+    except LabError as e:
+        print(f"lab demo: {e}", file=sys.stderr)
+        return 2
     if not lab.exists():
         print(f"lab {args.prefix} is not up; building it ...", file=sys.stderr)
         lab.up()

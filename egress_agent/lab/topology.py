@@ -206,11 +206,13 @@ class Lab:
         mine = set(self.namespaces())
         return [n for n in list_namespaces(self.prefix + "-") if n in mine]
 
-    def foreign_namespaces(self) -> list[str]:
-        """Namespaces named like ours that no lab state accounts for: someone else's."""
-        if self.built_here():
-            return []
-        return self.present_namespaces()
+    def refuse_foreign(self) -> None:
+        """Namespaces named like ours that no lab state accounts for are someone else's."""
+        present = self.present_namespaces()
+        if present and not self.built_here():
+            raise LabError(f"namespaces {', '.join(present)} exist but no lab {self.prefix} was "
+                           f"built here (no {self._state_path()}): they are not ours to use or "
+                           f"replace; choose another prefix (--prefix or EGRESS_LAB_PREFIX)")
 
     def _state_path(self) -> str:
         return os.path.join(self.state_dir, "state.json")
@@ -236,11 +238,7 @@ class Lab:
         """Build the whole lab. A lab of this prefix that is up already is replaced
         only when asked (`replace`), and never when it is not one `up()` built:
         on a shared host it may be someone else's."""
-        foreign = self.foreign_namespaces()
-        if foreign:
-            raise LabError(f"namespaces {', '.join(foreign)} exist but no lab {self.prefix} was "
-                           f"built here (no {self._state_path()}): they are not ours to replace; "
-                           f"choose another prefix (--prefix or EGRESS_LAB_PREFIX)")
+        self.refuse_foreign()
         if self.exists():
             if not replace:
                 raise LabError(f"lab {self.prefix} is up already: use it, remove it with "

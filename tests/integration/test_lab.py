@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 
 import pytest
 
 from egress_agent.lab.echo import child_env
-from egress_agent.lab.netns import ip, list_namespaces, ns_exec
+from egress_agent.lab.netns import ip, list_namespaces, ns_add, ns_del, ns_exec
 from egress_agent.lab.topology import Lab, LabError, cgroup2_root
 
 
@@ -168,3 +169,15 @@ def test_hold_many_flows(lab: Lab) -> None:
         assert {s.address for s in group.seen} == {"203.0.113.2"}
         assert len({s.port for s in group.seen}) == 1500
         assert group.ping() == group.seen
+
+
+def test_up_refuses_namespaces_no_lab_built() -> None:
+    """Someone else's `<prefix>-host` on a shared machine: neither used nor removed."""
+    other = Lab("eaf" + secrets.token_hex(2))
+    ns_add(other.host)
+    try:
+        with pytest.raises(LabError, match="not ours"):
+            other.up()
+        assert list_namespaces(other.prefix + "-") == [other.host]
+    finally:
+        ns_del(other.host)
