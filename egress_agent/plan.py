@@ -53,31 +53,28 @@ def _unavailable(cfg: Config) -> Choice:
 
 
 def assignment(cfg: Config, alloc: Allocations, w: Workload, fam: int, usable: Usable) -> Choice:
-    """The workload's own egress for `fam` when no policy matches."""
+    """The workload's own egress for `fam` when no policy matches. Each family is
+    assigned on its own; a family with no assignment follows defaults.unavailable,
+    never the host's address silently."""
     for ip in own_ips(cfg, w):
         if (ip.ipv4 if fam == 4 else ip.ipv6):
             if usable.ok(ip, fam):
                 return Choice("snat", ip.id, "machine-scoped IP")
             break  # own IP present in config but unusable: the app's IPs take over
-    choice = alloc.app_choice.get(w.id)
-    if choice is None:
-        if not app_ips(cfg, w) and not own_ips(cfg, w):
-            return Choice(DEFAULT, reason="no egress IP for this workload: host default")
-        return _unavailable(cfg) if _has_family(cfg, w, fam) else Choice(
-            DEFAULT, reason=f"no IPv{fam} egress for this workload: host default")
-    ip = cfg.ip(choice)
-    if not (ip.ipv4 if fam == 4 else ip.ipv6):
-        return Choice(DEFAULT, reason=f"app IP {ip.id} has no IPv{fam}: host default")
+    choice = alloc.family_choice(w.id, fam)
+    ip = cfg.ip(choice) if choice else None
+    if ip is None or not (ip.ipv4 if fam == 4 else ip.ipv6):
+        return Choice(cfg.defaults.unavailable,
+                      reason=f"no IPv{fam} egress IP for this workload: defaults.unavailable")
     if usable.ok(ip, fam):
+        if choice != alloc.app_choice.get(w.id):
+            return Choice("snat", ip.id, f"app {w.app} IP {ip.id}: its IPv6 range "
+                                         f"({alloc.app_choice[w.id]} has none)")
         return Choice("snat", ip.id, f"app {w.app} IP")
     alt = failover_target(cfg, w, ip, fam, usable, alloc.leases)
     if alt:
         return Choice("snat", alt, f"failover: {ip.id} unusable, another IP of app {w.app}")
     return _unavailable(cfg)
-
-
-def _has_family(cfg: Config, w: Workload, fam: int) -> bool:
-    return any((ip.ipv4 if fam == 4 else ip.ipv6) for ip in own_ips(cfg, w) + app_ips(cfg, w))
 
 
 def policy_choice(cfg: Config, p: Policy, fam: int, usable: Usable) -> Optional[Choice]:

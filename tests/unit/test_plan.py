@@ -246,3 +246,54 @@ def test_invalid_packets_of_others_are_left_alone_and_of_cgroups_dropped(lab):
     assert trace(d, "", "192.0.2.10", "tcp", 8080, cgroup="egress-lab-t/app.service/x",
                  state="invalid").action == "drop"
     assert trace(d, "", "192.0.2.10", "tcp", 8080, cgroup="other.service", state="invalid").action == "none"
+
+
+PER_FAMILY = """version: 1
+host: {name: h, region: r}
+defaults: {unavailable: UNAVAILABLE}
+egress_ips:
+  - {id: dual, app: app, ipv4: 203.0.113.10, ipv6: "2001:db8:10::/64"}
+  - {id: v4, app: app, ipv4: 203.0.113.11}
+  - {id: plain, app: plain, ipv4: 203.0.113.12}
+workloads:
+  - {id: w1, app: app, source: [10.0.1.1, "fd00:1::1"]}
+  - {id: w2, app: app, source: [10.0.1.2, "fd00:1::2"]}
+  - {id: p1, app: plain, source: [10.0.1.3, "fd00:1::3"]}
+managed_sources: [10.0.1.0/24, "fd00:1::/64"]
+"""
+
+
+@pytest.mark.parametrize("unavailable", ["default", "drop"])
+def test_each_family_is_assigned_on_its_own(unavailable):
+    """A workload on an IP without IPv6 gets its IPv6 from another IP of its app;
+    a workload whose app has no IPv6 at all follows defaults.unavailable."""
+    cfg = parse(PER_FAMILY.replace("UNAVAILABLE", unavailable)).config
+    p, a = planned(cfg)
+    d = p.desired
+    on_v4 = next(w for w, ip in a.app_choice.items() if ip == "v4")
+    src = {"w1": "fd00:1::1", "w2": "fd00:1::2"}[on_v4]
+    v = trace(d, src, "2001:db8:ff::10", "tcp", 443)
+    assert v.action == "snat" and v.address == a.leases[(on_v4, "dual")].ipv6
+    e = explain(cfg, a, src, "2001:db8:ff::10", 443, "tcp")
+    assert (e.action, e.source_address, e.egress_ip) == ("snat", v.address, "dual"), e
+    assert "IPv6 range" in e.reason
+    v4 = trace(d, src.replace("fd00:1::", "10.0.1."), "192.0.2.10", "tcp", 443)
+    assert v4.address == "203.0.113.11"
+
+    v = trace(d, "fd00:1::3", "2001:db8:ff::10", "tcp", 443)
+    e = explain(cfg, a, "fd00:1::3", "2001:db8:ff::10", 443, "tcp")
+    assert v.action == e.action == unavailable, (v, e)
+    assert "no IPv6 egress IP" in e.reason and "defaults.unavailable" in e.reason
+
+
+def test_adoption_recovers_the_ipv6_choice():
+    from egress_agent.adopt import adopt
+    from egress_agent.model import Observed
+    from egress_agent.nft.fake import FakeNft
+    from egress_agent.render import observed_from_json, transaction
+    cfg = parse(PER_FAMILY.replace("UNAVAILABLE", "drop")).config
+    p, a = planned(cfg)
+    nft = FakeNft()
+    nft.run(transaction(p.desired, Observed()).text)
+    got = adopt(cfg, observed_from_json(nft.list_table()))
+    assert got.app_choice6 == a.app_choice6 and got.leases == a.leases
