@@ -204,3 +204,34 @@ def test_app_choice6_survives_the_store(tmp_path):
     assert a.app_choice6
     s.save(a, ev, at="2026-11-23T10:00:00+00:00")
     assert s.load() == a
+
+
+IP_KINDS = {"dual": "ipv4: 203.0.113.{n}, ipv6: '2001:db8:{n}::/64'", "v4": "ipv4: 203.0.113.{n}",
+            "v6": "ipv6: '2001:db8:{n}::/64'"}
+
+
+@settings(max_examples=80, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(IP_KINDS)), min_size=1, max_size=4),
+       count=st.integers(1, 8), down4=st.sets(st.integers(0, 3)), down6=st.sets(st.integers(0, 3)))
+def test_each_family_gets_an_address_of_that_family_or_follows_unavailable(kinds, count, down4, down6):
+    """Whatever families the app's IPs have and whichever are unusable: a workload's
+    traffic of a family leaves with an address of that family from a usable IP of
+    its app holding its lease, or follows defaults.unavailable (here: drop)."""
+    from egress_agent.plan import assignment
+    ips = [f"  - {{id: i{n}, app: app, {IP_KINDS[k].format(n=n + 10)}}}" for n, k in enumerate(kinds)]
+    cfg = cfg_with([f"w{i}" for i in range(count)], ips)
+    cfg = cfg.model_copy(update={"defaults": cfg.defaults.model_copy(update={"unavailable": "drop"})})
+    a, _ = allocate(cfg, Allocations())
+    usable = Usable(v4=frozenset(f"i{n}" for n in range(len(kinds)) if n not in down4),
+                    v6=frozenset(f"i{n}" for n in range(len(kinds)) if n not in down6))
+    b, _ = allocate(cfg, a, usable)
+    assert_no_overlap(b)
+    for w in cfg.workloads:
+        for fam, addr in ((4, "ipv4"), (6, "ipv6")):
+            has = [ip for ip in cfg.app_ips("app") if getattr(ip, addr)]
+            c = assignment(cfg, b, w, fam, usable)
+            can = any(usable.ok(ip, fam) for ip in has)
+            assert c.action == ("snat" if can else "drop"), (w.id, fam, c, b)
+            if c.action == "snat":
+                assert usable.ok(cfg.ip(c.ip), fam)
+                assert getattr(b.leases[(w.id, c.ip)], addr), (w.id, fam, c, b)
