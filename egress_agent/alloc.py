@@ -375,7 +375,7 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
     borrowed: set[tuple[str, str]] = set()
     for w in cfg.workloads:
         for fam in (4, 6):
-            choice = app_choice6.get(w.id) if fam == 6 and w.id in app_choice6 else app_choice.get(w.id)
+            choice = (app_choice6 if fam == 6 and w.id in app_choice6 else app_choice).get(w.id)
             if choice is None or not _family_wanted(here[choice], fam) or usable.ok(here[choice], fam):
                 continue
             alt_id = failover_target(cfg, w, here[choice], fam, usable, leases)

@@ -91,6 +91,14 @@ def test_no_workload_sends_with_an_egress_address_present_or_not(lab: Lab) -> No
     # m43's own traffic still leaves with its app IP
     assert in_block(lab.probe("m43", "192.0.2.10", 8080), app_lease(st, "m43")), lab.last_result
 
+    # a neighbour with an address inside a range (a gateway there) still resolves
+    # the host; only what it sends with that source is dropped
+    ns_exec(lab.origin, ["ip", "-6", "addr", "add", "2001:db8:10::fe/128", "dev", "o0", "nodad"])
+    ns_exec(lab.origin, ["ip", "-6", "route", "add", "2001:db8:10::1/128", "dev", "o0"])
+    assert not ping(lab, "origin", "2001:db8:10::1", source="2001:db8:10::fe", wait=1)
+    neigh = ns_exec(lab.origin, ["ip", "-6", "neigh", "show", "2001:db8:10::1", "dev", "o0"]).stdout
+    assert "lladdr" in neigh, neigh
+
 
 def test_a_workload_process_never_leaves_with_another_workloads_address(lab: Lab) -> None:
     """batch (a cgroup workload) binds m43's egress address, which is on the host:
