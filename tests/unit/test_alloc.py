@@ -235,3 +235,22 @@ def test_each_family_gets_an_address_of_that_family_or_follows_unavailable(kinds
             if c.action == "snat":
                 assert usable.ok(cfg.ip(c.ip), fam)
                 assert getattr(b.leases[(w.id, c.ip)], addr), (w.id, fam, c, b)
+
+
+def test_full_ipv6_ranges_are_named_in_the_error():
+    ips = ["  - {id: a1, app: app, ipv4: 203.0.113.10, ipv6: '2001:db8:10::/64', "
+           "limits: {max_workloads: 1}}", "  - {id: a2, app: app, ipv4: 203.0.113.11}"]
+    with pytest.raises(CapacityError, match="every IPv6 range of app 'app' is full.*max_workloads 1"):
+        allocate(cfg_with(["w0", "w1"], ips), Allocations())
+
+
+def test_an_ipv4_failover_that_finds_no_block_follows_unavailable():
+    from egress_agent.plan import assignment
+    cfg = cfg_with(["w0", "w1"], ports_per_workload=1024, port_range="1024-2047")
+    a, _ = allocate(cfg, Allocations())
+    w = next(w for w, ip in a.app_choice.items() if ip == "a2")
+    down = Usable(v4=frozenset({"a1"}), v6=frozenset({"a1"}))
+    b, _ = allocate(cfg, a, down)  # a1's only block is taken: no widening
+    assert b.leases[(w, "a1")] == a.leases[(w, "a1")] and b.leases[(w, "a1")].ports is None
+    c = assignment(cfg, b, cfg.workloads[int(w[1:])], 4, down)
+    assert c.action == "default" and "no usable egress IP" in c.reason, c
