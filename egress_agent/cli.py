@@ -311,6 +311,7 @@ def cmd_status(args) -> int:
         leases = [l.to_json() for (wid, _), l in sorted(a.leases.items()) if wid == w.id]
         wls.append({"id": w.id, "app": w.app, "source": w.source, "cgroup": w.cgroup,
                     "app_ip": a.app_choice.get(w.id), "leases": leases,
+                    "app_ip6": a.app_choice6.get(w.id),  # IPv6 from another app IP
                     "policies": [p.name for p in cfg.policies if policy_matches(p, w)],
                     "highest_ratio": round(ratios.get(w.id, 0.0), 4) if have_usage else None})
     if args.json:
