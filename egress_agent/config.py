@@ -835,6 +835,8 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
 
     workload_ids = {w.id for w in cfg.workloads}
     apps = {w.app for w in cfg.workloads if w.app} | {ip.app for ip in cfg.egress_ips if ip.app}
+    out += _unserved_apps(cfg)
+    out += _egress_addresses_of_workloads(cfg, ranges)
     ips = {ip.id: ip for ip in cfg.egress_ips}
     lo, hi = port_bounds(cfg.defaults.port_range)
     if cfg.defaults.ports_per_workload > hi - lo + 1:
@@ -888,6 +890,60 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
                                 "the fallback must differ from ipv4"))
             if fb is not None and e.ipv4 is None:
                 out.append((("policies", i, "egress", "ipv4_fallback"), "a fallback needs ipv4"))
+    return out
+
+
+def _unserved_apps(cfg: Config) -> list[tuple[PathT, str]]:
+    """A workload's app that no egress IP here serves: a typo would leave with the
+    host's shared address, so it is an error (a machine-scoped IP serves it anyway)."""
+    here = {ip.app for ip in cfg.ips_here() if ip.app}
+    owned = {ip.workload for ip in cfg.ips_here() if ip.workload}
+    out: list[tuple[PathT, str]] = []
+    said: dict[str, str] = {}
+    for i, w in enumerate(cfg.workloads):
+        if not w.app or w.app in here or w.id in owned:
+            continue
+        if w.app not in said:
+            elsewhere = sorted({ip.region or cfg.host.region for ip in cfg.egress_ips
+                                if ip.app == w.app})
+            close = difflib.get_close_matches(w.app, sorted(here), n=1)
+            said[w.app] = (f"no egress IP serves app {w.app!r} in region {cfg.host.region!r}"
+                           + (f" (it has egress IPs in {', '.join(elsewhere)})" if elsewhere else "")
+                           + (f"; did you mean {close[0]!r}?" if close else
+                              "; add an egress IP with this app, or fix the name"))
+        out.append((("workloads", i, "app"), said[w.app]))
+    return out
+
+
+def _egress_addresses_of_workloads(cfg: Config, ranges) -> list[tuple[PathT, str]]:
+    """An egress address that is a workload's own source, or inside managed_sources,
+    would be classified as a workload's traffic (or dropped as an unknown one)."""
+    out: list[tuple[PathT, str]] = []
+    v4 = {ip.ipv4: i for i, ip in enumerate(cfg.egress_ips) if ip.ipv4}
+    for i, w in enumerate(cfg.workloads):
+        for j, s in enumerate(w.source):
+            if s in v4:
+                out.append((("egress_ips", v4[s], "ipv4"),
+                            f"{s} is also the source of workload {w.id!r} (workloads[{i}]"
+                            f".source[{j}]); an egress address must not be a workload's address"))
+            elif ranges and ":" in s:
+                a = ipaddress.IPv6Address(s)
+                for k, net in ranges:
+                    if a in net:
+                        out.append((("egress_ips", k, "ipv6"),
+                                    f"range {net} holds {s}, the source of workload {w.id!r} "
+                                    f"(workloads[{i}].source[{j}]); use a range of its own"))
+    managed = [(k, ipaddress.ip_network(m)) for k, m in enumerate(cfg.managed_sources)]
+    for i, ip in enumerate(cfg.egress_ips):
+        for k, m in managed:
+            if ip.ipv4 and m.version == 4 and ipaddress.IPv4Address(ip.ipv4) in m:
+                out.append((("egress_ips", i, "ipv4"),
+                            f"{ip.ipv4} lies inside managed_sources[{k}] ({m}); egress "
+                            "addresses must be outside the workloads' networks"))
+            if ip.ipv6 and m.version == 6 and ipaddress.IPv6Network(ip.ipv6).overlaps(m):
+                out.append((("egress_ips", i, "ipv6"),
+                            f"range {ip.ipv6} overlaps managed_sources[{k}] ({m}); egress "
+                            "addresses must be outside the workloads' networks"))
     return out
 
 

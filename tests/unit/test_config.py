@@ -100,6 +100,42 @@ def test_semantic_errors(body, line, path, words):
     assert words in p.message, str(p)
 
 
+IP_BILLING = "egress_ips:\n  - {id: b1, app: billing, ipv4: 203.0.113.1, ipv6: '2001:db8:1::/64'}\n"
+
+
+@pytest.mark.parametrize("body, line, path, message", [
+    (IP_BILLING + "workloads:\n  - {id: w, app: biling, source: [10.0.0.1]}\n", 6, "workloads[0].app",
+     "no egress IP serves app 'biling' in region 'ams'; did you mean 'billing'?"),
+    (IP_BILLING + "workloads:\n  - {id: w, app: zzz, source: [10.0.0.1]}\n", 6, "workloads[0].app",
+     "no egress IP serves app 'zzz' in region 'ams'; add an egress IP with this app, or fix the name"),
+    (IP_BILLING + "  - {id: o, app: web, region: fra, ipv4: 203.0.113.9}\n"
+     "workloads:\n  - {id: w, app: web, source: [10.0.0.1]}\n", 7, "workloads[0].app",
+     "no egress IP serves app 'web' in region 'ams' (it has egress IPs in fra); add an egress IP "
+     "with this app, or fix the name"),
+    (IP_BILLING + "workloads:\n  - {id: w, app: billing, source: [203.0.113.1]}\n", 4, "egress_ips[0].ipv4",
+     "203.0.113.1 is also the source of workload 'w' (workloads[0].source[0]); an egress address "
+     "must not be a workload's address"),
+    (IP_BILLING + "workloads:\n  - {id: w, app: billing, source: ['2001:db8:1::7']}\n", 4,
+     "egress_ips[0].ipv6", "range 2001:db8:1::/64 holds 2001:db8:1::7, the source of workload 'w' "
+     "(workloads[0].source[0]); use a range of its own"),
+    (IP_BILLING + "managed_sources: [203.0.113.0/24]\n", 4, "egress_ips[0].ipv4",
+     "203.0.113.1 lies inside managed_sources[0] (203.0.113.0/24); egress addresses must be "
+     "outside the workloads' networks"),
+    (IP_BILLING + "managed_sources: ['2001:db8::/32']\n", 4, "egress_ips[0].ipv6",
+     "range 2001:db8:1::/64 overlaps managed_sources[0] (2001:db8::/32); egress addresses must be "
+     "outside the workloads' networks"),
+])
+def test_mistakes_are_errors(body, line, path, message):
+    p = one(HEAD + body)
+    assert str(p) == f"f.yaml:{line}: {path}: {message}"
+
+
+def test_an_app_served_only_by_a_machine_scoped_ip_is_fine():
+    cfg = parse(HEAD + "egress_ips:\n  - {id: m, workload: w, ipv4: 203.0.113.1}\n"
+                "workloads:\n  - {id: w, app: solo, source: [10.0.0.1]}\n", "f.yaml").config
+    assert cfg.workloads[0].app == "solo"
+
+
 def test_every_problem_is_reported_at_once():
     ps = problems(HEAD + "egress_ips:\n  - {id: a, app: x, ipv4: bad}\n  - {id: b, app: x, ipv4: worse}\n")
     assert [p.line for p in ps] == [4, 5]
