@@ -57,11 +57,15 @@ def cmd_check(args) -> int:
 
 
 def _readable_store(cfg):
+    """The leases the capacity check starts from, if the store can be read; `check`
+    must not wait on a FIFO or fail on a damaged store (the daemon handles those)."""
     from .alloc import Allocations
-    from .store import Store
+    from .store import ALLOCATIONS, Store
+    if not os.path.isfile(os.path.join(cfg.state_dir, ALLOCATIONS)):
+        return Allocations()
     try:
         return Store(cfg.state_dir).load()
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return Allocations()
 
 
