@@ -780,6 +780,8 @@ def load(path: Union[str, Path]) -> Loaded:
 def _other_union_branch(err: dict) -> bool:
     """For `egress: default | drop | {ipv4: ...}`, report only the branch the user wrote."""
     inp = err.get("input")
+    if not any(isinstance(part, str) and ("[" in part or "(" in part) for part in err["loc"]):
+        return False  # not inside a union: a plain field (version: {}) must be reported
     return ((err["type"] == "literal_error" and isinstance(inp, dict))
             or (err["type"] in ("model_type", "dict_type") and isinstance(inp, str)))
 

@@ -57,6 +57,7 @@ def test_design_example_is_valid():
      "policies[0].match.protocols[0]", "tcp"),
     ("exclude: {destinations: [10.0.0.0/33]}\n", 3, "exclude.destinations[0]", "not an address"),
     ("host: {name: x, region: y}\n", 3, "host", "twice"),
+    ("defaults: {unavailable: {}}\n", 3, "defaults.unavailable", "{} is not allowed"),
 ])
 def test_field_errors(body, line, path, words):
     p = one(HEAD + body)
@@ -144,6 +145,11 @@ def test_every_problem_is_reported_at_once():
 def test_yaml_syntax_error_has_a_line():
     p = one("version: 1\nhost: {name: h\nworkloads: [\n")
     assert p.line >= 2 and "YAML syntax" in p.message
+
+
+def test_a_mapping_where_a_literal_belongs_is_reported():  # found by the fuzzer
+    p = one("version: {}\nhost: {name: h, region: ams}\n")
+    assert str(p) == "f.yaml:1: version: {} is not allowed: input should be 1"
 
 
 def test_missing_required_field():
