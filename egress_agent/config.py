@@ -801,7 +801,11 @@ def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, Where]) -> P
     elif err["type"] == "extra_forbidden":
         msg = f"unknown field {loc[-1]!r} (see `egress-agent schema` for the fields)"
     elif err["type"] == "literal_error":
-        msg = f"{err.get('input')!r} is not allowed: {msg[0].lower()}{msg[1:]}"
+        shown = repr(err.get("input"))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."  # a problem is one short line
+        msg = f"{shown} is not allowed: {msg[0].lower()}{msg[1:]}"
+    if len(msg) > 300:  # a validator quoting a huge value: keep the line readable
+        msg = msg[:297] + "..."
     return _problem(tuple(loc), msg, lines, file)
 
 

@@ -149,3 +149,13 @@ def test_check_answers_a_fifo_and_dev_zero_include_with_exit_1(tmp_path, capsys)
     assert main(["check", "-c", str(inc)]) == 1
     assert capsys.readouterr().err == (f"{inc}:5: include[0]: cannot read /dev/zero: a "
                                        "character device, not a regular file\n")
+
+
+def test_a_huge_value_is_quoted_short(tmp_path):
+    p = write(tmp_path / "config.yaml", HEAD + "egress_ips:\n  - {id: a, app: x, ipv4: '"
+              + "9" * 100_000 + "'}\nversion_: [" + ",".join(["1"] * 10_000) + "]\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert [(q.line, q.path) for q in e.value.problems] == [(4, "egress_ips[0].ipv4"),
+                                                           (5, "version_")]
+    assert all(len(str(q)) < 400 for q in e.value.problems), str(e.value)[:1000]
