@@ -723,10 +723,13 @@ def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: s
                 if not isinstance(items, list):
                     raise ConfigError([Problem(path, flines.get((key,), (path, 1))[1], key,
                                                "expected a list")])
-                offset = len(data.setdefault(key, []) or [])
-                if not isinstance(data[key], list):
-                    data[key] = []  # pydantic reports the main file's wrong type
-                data[key].extend(items)
+                existing = data.get(key)
+                if existing is None:
+                    existing = []
+                elif not isinstance(existing, list):
+                    continue  # pydantic reports the main file's wrong type, at its line
+                offset = len(existing)
+                data[key] = [*existing, *items]  # a new list: the old may be a YAML alias's
                 if lines is not None:
                     for p, w in flines.items():
                         if len(p) >= 2 and p[0] == key:

@@ -159,3 +159,10 @@ def test_a_huge_value_is_quoted_short(tmp_path):
     assert [(q.line, q.path) for q in e.value.problems] == [(4, "egress_ips[0].ipv4"),
                                                            (5, "version_")]
     assert all(len(str(q)) < 400 for q in e.value.problems), str(e.value)[:1000]
+
+
+def test_a_wrong_type_in_the_main_file_is_reported_even_with_includes(tmp_path):
+    main = write(tmp_path / "config.yaml", OK + "include: [conf.d/*.yaml]\nworkloads: {}\n")
+    write(tmp_path / "conf.d/web.yaml", "workloads:\n  - {id: w, app: x, source: [10.0.0.2]}\n")
+    problem = refused(main)
+    assert (problem.file, problem.line, problem.path) == (str(main), 6, "workloads"), str(problem)
