@@ -9,7 +9,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # Fuzzers (tests/unit/test_*_fuzz.py) are deterministic: derandomized (the same
-# examples on every run, in CI and here), no example database carried between runs,
+# examples on every run of the same code and the same selection of tests: hypothesis
+# also draws constants from the project's modules that are loaded), no example
+# database carried between runs,
 # and no per-example deadline (timings are not asserted; a hang is caught by the
 # subprocess timeouts the fuzzers set).
 settings.register_profile("egress", derandomize=True, database=None, deadline=None,
