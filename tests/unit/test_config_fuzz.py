@@ -138,3 +138,23 @@ def test_check_of_a_mutant_exits_0_1_or_2_without_a_traceback_in_5_s(workdir, mu
     assert "Traceback" not in r.stderr, r.stderr
     if r.returncode == 1:
         assert all(re.match(r"[^:]+:\d+: \S", line) for line in r.stderr.splitlines()), r.stderr
+
+
+@settings(max_examples=200)
+@given(MUTANTS)
+def test_the_shortcut_gives_the_same_answers_as_the_walk(mutant):
+    from egress_agent import config
+    text = mutate(*mutant, "/nonexistent/state").decode("utf-8", "replace")
+
+    def outcome():
+        try:
+            return config.parse(text, "f.yaml").config
+        except ConfigError as e:
+            return str(e)
+
+    with_shortcut = outcome()
+    shortcut, config._plainly_bounded = config._plainly_bounded, lambda text: False
+    try:
+        assert outcome() == with_shortcut
+    finally:
+        config._plainly_bounded = shortcut

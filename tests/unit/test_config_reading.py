@@ -2,6 +2,7 @@
 exception, a hang or unbounded memory (the daemon and `check` read the same way)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,67 @@ def test_a_wrong_type_in_the_main_file_is_reported_even_with_includes(tmp_path):
     write(tmp_path / "conf.d/web.yaml", "workloads:\n  - {id: w, app: x, source: [10.0.0.2]}\n")
     problem = refused(main)
     assert (problem.file, problem.line, problem.path) == (str(main), 6, "workloads"), str(problem)
+
+
+# --- the shortcut: text whose characters alone show it is within the bounds --------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+import yaml  # noqa: E402
+
+from egress_agent.config import MAX_NODES, _plainly_bounded  # noqa: E402
+
+
+def measured(text: str) -> tuple[int, int, int, int]:
+    """(depth, nodes, aliases, tags) of the events libyaml gives before any error."""
+    depth = deepest = nodes = aliases = tags = 0
+    try:
+        for ev in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                deepest = max(deepest, depth)
+            elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+            aliases += isinstance(ev, yaml.AliasEvent)
+            nodes += isinstance(ev, (yaml.NodeEvent))
+            tags += getattr(ev, "tag", None) not in (None, "!")
+    except yaml.YAMLError:
+        pass
+    return deepest, nodes, aliases, tags
+
+
+PIECES = ["[", "]", "{", "}", ",", ", ", ": ", ":", "- ", "? ", "\n", "  ", "a", "b1", "#",
+          " #", "# ", "x]", "y[", "|\n", ">\n", "&a ", "---\n", "\t", "[[", "]]", "- - "]
+
+
+@settings(max_examples=2000)
+@given(st.lists(st.sampled_from(PIECES), max_size=80))
+def test_the_shortcut_is_sound(pieces):
+    text = "".join(pieces)
+    if _plainly_bounded(text):
+        depth, nodes, aliases, tags = measured(text)
+        longest = max(map(len, text.split("\n")))
+        assert depth <= 3 * (longest + 1) and nodes <= MAX_NODES and not aliases and not tags, text
+
+
+@pytest.mark.parametrize("text", [
+    "a: [b,#]\n" * 5 + "c: d\n",          # a '#' glued to a token starts a comment in libyaml
+    "a: [b, c # ]\n d]\n",                # a flow that spans lines
+    "x]: [b]\n", "a: 'x'\n", "a: *b\n", "a: !!str b\n", "a: [b]\r\n",
+    "a: " + "[" * 200 + "]" * 200 + "\n",  # a line over 300 characters
+])
+def test_the_shortcut_declines(text):
+    assert not _plainly_bounded(text)
+
+
+def test_the_shortcut_takes_the_generated_configs(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent.parent / "bench"))
+    from gen_config import config_text
+    assert _plainly_bounded(config_text(1000))
+
+
+def test_nesting_the_shortcut_lets_through_is_still_refused(tmp_path):
+    p = write(tmp_path / "config.yaml", HEAD + "x:\n" + "- " * 140 + "[" * 7 + "]" * 7 + "\n")
+    assert _plainly_bounded(p.read_text())
+    problem = refused(p)
+    assert (problem.line, problem.message) == (4, "nested more than 32 levels deep")
