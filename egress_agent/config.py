@@ -387,7 +387,7 @@ def _file_kind(mode: int) -> str:
                        (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "a special file"
 
 
 def _read_file(path: str, limit: int = MAX_BYTES) -> str:
