@@ -555,20 +555,31 @@ def _value(loader: yaml.SafeLoader, node: yaml.Node, file: str) -> Any:
                                    f"{str(e).split(';')[0][:120]}")]) from None
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
                lines: dict[PathT, Where], file: str) -> Any:
     """Build plain data from YAML nodes, recording the file and line of every path."""
     lines[path] = (file, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
-        for k, v in node.value:
+        merged = 0  # merge keys (<<: *defaults) put their pairs first; written keys override
+        if any(k.tag == _MERGE for k, _ in node.value):
+            written = sum(k.tag != _MERGE for k, _ in node.value)
+            loader.flatten_mapping(node)
+            merged = len(node.value) - written
+        written_keys: set = set()
+        for i, (k, v) in enumerate(node.value):
             if not isinstance(k, yaml.ScalarNode):
                 raise ConfigError([Problem(file, k.start_mark.line + 1, _dotted(path),
                                            "a key must be a plain name, not a list or mapping")])
             key = _value(loader, k, file)
-            if key in out:
+            if i >= merged and key in written_keys:
                 raise ConfigError([Problem(file, k.start_mark.line + 1, _dotted(path + (key,)),
                                            f"key {key!r} appears twice")])
+            if i >= merged:
+                written_keys.add(key)
             out[key] = _construct(loader, v, path + (key,), lines, file)
             lines[path + (key,)] = (file, k.start_mark.line + 1)
         return out

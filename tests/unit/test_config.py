@@ -210,3 +210,25 @@ def test_included_file_may_not_change_host_settings(tmp_path):
         load(main)
     (p,) = e.value.problems
     assert (p.file, p.line, p.path) == (str(frag), 2, "host") and "may only hold" in p.message
+
+
+MERGED = HEAD + """egress_ips:
+  - &ip {id: a, app: a, ipv4: 203.0.113.1}
+  - {<<: *ip, id: b, ipv4: 203.0.113.2}
+workloads:
+  - &vm {app: a, interface: eth0, id: m1, source: [10.0.0.1]}
+  - {<<: *vm, id: m2, source: [SOURCE]}
+"""
+
+
+def test_merge_keys_are_read_and_written_keys_override_them():
+    cfg = parse(MERGED.replace("SOURCE", "10.0.0.2"), "f.yaml").config
+    assert [(ip.id, ip.app, ip.ipv4) for ip in cfg.egress_ips] == [
+        ("a", "a", "203.0.113.1"), ("b", "a", "203.0.113.2")]
+    assert [(w.id, w.interface, w.source) for w in cfg.workloads] == [
+        ("m1", "eth0", ["10.0.0.1"]), ("m2", "eth0", ["10.0.0.2"])]
+
+
+def test_an_error_beside_merge_keys_is_reported_at_its_line():
+    p = one(MERGED.replace("SOURCE", "10.0.0.300"))
+    assert (p.line, p.path) == (8, "workloads[1].source[0]"), str(p)
