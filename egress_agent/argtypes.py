@@ -27,16 +27,24 @@ def address(text: str) -> str:
         raise _bad(f"{text!r} is not an IP address like 192.0.2.10 or 2001:db8::10") from None
 
 
+def _number(text: str) -> Optional[int]:
+    """A decimal number of at most 9 ASCII digits (str.isdigit also takes '²')."""
+    t = text.strip()
+    return int(t) if t.isascii() and t.isdigit() and len(t) <= 9 else None
+
+
 def port(text: str) -> int:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+    n = _number(text)
+    if n is None or not 1 <= n <= 65535:
         raise _bad(f"{text!r} is not a port (1-65535)")
-    return int(text)
+    return n
 
 
 def positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    n = _number(text)
+    if n is None or n < 1:
         raise _bad(f"{text!r} is not a whole number of at least 1")
-    return int(text)
+    return n
 
 
 def seconds(text: str) -> float:

@@ -111,3 +111,36 @@ def test_run_refuses_metrics_on_every_address_in_one_line(tmp_path):
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         if has_net_admin():
             assert r.stderr.startswith(f"egress-agent run: --metrics {listen}: refusing"), r.stderr
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from egress_agent import argtypes  # noqa: E402
+from egress_agent.metrics import parse_listen  # noqa: E402
+
+ARG_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet="0123456789.:[]/abcdeftcpud²٣ -+eE", max_size=40),
+    st.from_regex(r"\[?[0-9a-f:.]{0,20}\]?(:[0-9²]{0,7})?(/[a-z]{0,5})?", fullmatch=True),
+)
+
+
+@settings(max_examples=400)
+@given(st.sampled_from(["address", "port", "positive_int", "seconds", "ifname", "source",
+                        "endpoint", "address_port", "destination", "when", "listen"]), ARG_TEXT)
+def test_argument_types_refuse_anything_they_cannot_use_with_their_own_error(name, text):
+    import argparse
+    try:
+        getattr(argtypes, name)(text)
+    except argparse.ArgumentTypeError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=300)
+@given(ARG_TEXT)
+def test_metrics_listen_refuses_with_a_value_error(text):
+    try:
+        parse_listen(text)
+    except ValueError as e:
+        assert "\n" not in str(e)
