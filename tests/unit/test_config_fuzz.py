@@ -112,7 +112,7 @@ def assert_config_error(e: ConfigError, allowed_files) -> None:
 
 
 @pytest.mark.timeout(600)
-@settings(max_examples=500)
+@settings(max_examples=2000)
 @given(MUTANTS)
 def test_load_of_a_mutant_succeeds_or_is_a_config_error(workdir, mutant):
     path = workdir / "config.yaml"
@@ -126,7 +126,7 @@ def test_load_of_a_mutant_succeeds_or_is_a_config_error(workdir, mutant):
 
 
 @pytest.mark.timeout(600)
-@settings(max_examples=30)
+@settings(max_examples=40)
 @given(MUTANTS)
 def test_check_of_a_mutant_exits_0_1_or_2_without_a_traceback_in_5_s(workdir, mutant):
     path = workdir / "config-cli.yaml"
