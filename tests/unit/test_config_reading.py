@@ -2,6 +2,7 @@
 exception, a hang or unbounded memory (the daemon and `check` read the same way)."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,7 @@ def test_a_symlinked_config_still_works(tmp_path):
     ("fifo.yaml", lambda p: os.mkfifo(p), "fifo.yaml: a FIFO, not a regular file"),
     ("conf.d", lambda p: p.mkdir(), "conf.d: a directory, not a regular file"),
     ("gone.yaml", None, "gone.yaml does not exist; create it or remove it from include:"),
+    ("dangling.yaml", lambda p: p.symlink_to("nowhere"), "dangling.yaml: No such file or directory"),
     ("nodir/*.yaml", None, "the directory"),
     ("'*/x.yaml'", None, "only the file name may hold * ? or [...]"),
 ])
@@ -231,3 +233,27 @@ def test_nesting_the_shortcut_lets_through_is_still_refused(tmp_path):
     assert _plainly_bounded(p.read_text())
     problem = refused(p)
     assert (problem.line, problem.message) == (4, "nested more than 32 levels deep")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="reading as another user takes root and setpriv (CI has both)")
+def test_an_include_this_user_may_not_read_is_reported_at_its_line():
+    import subprocess
+    import sys
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="egress-include-"))  # outside pytest's 0700 tmp
+    try:
+        d.chmod(0o755)
+        main = write(d / "config.yaml", OK + "include: [secret.yaml]\n")
+        main.chmod(0o644)
+        write(d / "secret.yaml", "workloads: []\n").chmod(0o600)
+        code = ("from egress_agent.config import load, ConfigError\n"
+                f"try: load({str(main)!r})\n"
+                "except ConfigError as e: print(e)\n")
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, cwd=Path(__file__).parent.parent.parent)
+        assert r.stdout == (f"{main}:5: include[0]: cannot read {d}/secret.yaml: "
+                            "Permission denied\n"), r.stdout + r.stderr
+    finally:
+        shutil.rmtree(d)
