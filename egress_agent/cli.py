@@ -14,7 +14,7 @@ import sys
 from enum import IntEnum
 from typing import Optional
 
-from . import __version__
+from . import __version__, argtypes
 from .alloc import CapacityError
 from .config import ConfigError, load, schema
 
@@ -57,11 +57,15 @@ def cmd_check(args) -> int:
 
 
 def _readable_store(cfg):
+    """The leases the capacity check starts from, if the store can be read; `check`
+    must not wait on a FIFO or fail on a damaged store (the daemon handles those)."""
     from .alloc import Allocations
-    from .store import Store
+    from .store import ALLOCATIONS, Store
+    if not os.path.isfile(os.path.join(cfg.state_dir, ALLOCATIONS)):
+        return Allocations()
     try:
         return Store(cfg.state_dir).load()
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return Allocations()
 
 
@@ -117,11 +121,8 @@ def cmd_explain(args) -> int:
         from .hoststate import read_host_state
         from .reconcile import usable_from
         usable = usable_from(cfg, read_host_state())
-    dst, port, proto = args.dst, args.port, args.proto
-    if ":" in dst and dst.count(":") == 1:  # 192.0.2.1:443/tcp
-        dst, rest = dst.split(":")
-        port_s, _, proto_s = rest.partition("/")
-        port, proto = int(port_s), proto_s or proto
+    dst, port, proto = args.dst  # 192.0.2.1:443/tcp, already checked by argtypes.destination
+    port, proto = port or args.port, proto or args.proto
     e = explain(cfg, p.alloc, args.src, dst, port, proto or ("tcp" if port else None), args.iif,
                 usable)
     d = e.to_json()
@@ -144,13 +145,7 @@ def cmd_who(args) -> int:
     from .store import Store, who
     state_dir = args.state_dir or (load(args.config).config.state_dir
                                    if os.path.exists(args.config) else "/var/lib/egress-agent")
-    addr, port = args.address, None
-    if addr.count(":") == 1:
-        addr, p = addr.split(":")
-        port = int(p)
-    elif addr.startswith("[") and "]:" in addr:
-        addr, p = addr[1:].split("]:")
-        port = int(p)
+    addr, port = argtypes.address_port(args.address)
     holders = who(Store(state_dir).history(), addr, port, args.at)
     if args.json:
         print(json.dumps([h.to_json() for h in holders], indent=2))
@@ -215,9 +210,9 @@ def cmd_run(args) -> int:
     state = metrics.State()
     if args.metrics != "off":
         try:
-            metrics.serve(args.metrics, state)
+            metrics.serve(args.metrics, state, nonlocal_=args.metrics_nonlocal)
         except (ValueError, OSError) as e:
-            print(f"egress-agent run: metrics: {e}", file=sys.stderr)
+            print(f"egress-agent run: {e}", file=sys.stderr)
             return Exit.USAGE
     d = Daemon(args.config, _reconciler, resync_interval=args.resync, state_dir=args.state_dir,
                metrics=state, usage_interval=args.usage_interval, collect_usage=_usage_collector(),
@@ -338,8 +333,36 @@ def cmd_status(args) -> int:
 
 # --- the parser ------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line (no usage block), exit 2; subcommands inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(Exit.USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# Commands that change or read the kernel: without CAP_NET_ADMIN they are refused
+# at once with exit 2, not after a partial run (or as "the kernel refused", exit 3).
+ROOT_COMMANDS = {"apply", "run", "usage", "teardown", "verify", "lab"}
+CAP_NET_ADMIN = 12
+
+
+def has_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def needs_root(args) -> bool:
+    return args.cmd in ROOT_COMMANDS or bool(getattr(args, "against_running", False))
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="egress-agent",
         description="Give every workload of this host (machines by source address, local "
                     "processes by cgroup) its own static egress IPv4 + IPv6, with nftables "
@@ -369,42 +392,50 @@ def parser() -> argparse.ArgumentParser:
     sp = add("explain", cmd_explain,
              "say which workload, policy, action, source address, port block and route "
              "table a packet would get")
-    sp.add_argument("src", help="source address of a machine, or a cgroup path")
-    sp.add_argument("dst", help="destination address, optionally ADDR:PORT/PROTO")
-    sp.add_argument("--port", type=int)
-    sp.add_argument("--proto", choices=["tcp", "udp", "icmp"])
-    sp.add_argument("--iif", help="interface the packet arrives on")
+    sp.add_argument("src", type=argtypes.source,
+                    help="source address of a machine, or a cgroup path")
+    sp.add_argument("dst", type=argtypes.destination,
+                    help="destination address, optionally ADDR:PORT/PROTO ([IPv6]:PORT/PROTO)")
+    sp.add_argument("--port", type=argtypes.port)
+    sp.add_argument("--proto", choices=argtypes.PROTOCOLS)
+    sp.add_argument("--iif", type=argtypes.ifname, help="interface the packet arrives on")
     sp.add_argument("--assume-usable", action="store_true",
                     help="treat every egress IP as present and up (default: look at this host)")
     add("schema", cmd_schema, "print the JSON Schema of the config (for editors)",
         config=False, json_=False)
     sp = add("who", cmd_who, "name the workload that held ADDR[:PORT] now or at --at TIME")
-    sp.add_argument("address", help="egress address, with :PORT for IPv4 ([v6]:port for IPv6)")
-    sp.add_argument("--at", help="ISO-8601 time, e.g. 2026-11-23T10:00:00Z")
+    sp.add_argument("address", type=_checked(argtypes.address_port),
+                    help="egress address, with :PORT for IPv4 ([v6]:port for IPv6)")
+    sp.add_argument("--at", type=argtypes.when, help="ISO-8601 time, e.g. 2026-11-23T10:00:00Z")
     add("apply", cmd_apply, "reconcile the kernel with the config once (root)")
     sp = add("run", cmd_run,
              "the daemon: reconcile at start, on config changes (inotify, SIGHUP), on "
              "address/link changes (netlink) and every --resync seconds; SIGTERM leaves the "
              "kernel state in place (systemd Type=notify)", json_=False)
-    sp.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
+    sp.add_argument("--resync", type=argtypes.seconds, default=60.0, metavar="SECONDS",
                     help="full resync interval that repairs drift (default 60)")
     sp.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
                     help="auto: JSON lines unless stderr is a terminal")
     sp.add_argument("--metrics", default="127.0.0.1:9469", metavar="ADDR:PORT",
-                    help="Prometheus metrics endpoint (default 127.0.0.1:9469; public addresses "
-                         "are refused; 'off' disables it)")
+                    type=argtypes.listen,
+                    help="Prometheus metrics endpoint (default 127.0.0.1:9469; loopback only "
+                         "unless --metrics-nonlocal; 'off' disables it)")
+    sp.add_argument("--metrics-nonlocal", action="store_true",
+                    help="allow a --metrics address that is not loopback: anyone who reaches "
+                         "it reads every workload's name, addresses and usage")
     sp.add_argument("--translation-log", metavar="PATH",
                     help="write one JSON line per start and end of each translated connection "
                          "(workload, inside and outside address:port, destination), rotated at "
                          "64 MB x 5 files; for abuse reports (off by default)")
-    sp.add_argument("--usage-interval", type=float, default=15.0, metavar="SECONDS",
+    sp.add_argument("--usage-interval", type=argtypes.seconds, default=15.0, metavar="SECONDS",
                     help="how often usage is read from conntrack for metrics and warnings "
                          "(default 15)")
     sp = add("usage", cmd_usage,
              "connections per workload and destination against their limits (port block, "
              "connections_per_destination), most saturated first; conntrack count and "
              "refusals (root)")
-    sp.add_argument("--top", type=int, metavar="N", help="only the N most saturated rows")
+    sp.add_argument("--top", type=argtypes.positive_int, metavar="N",
+                    help="only the N most saturated rows")
     add("teardown", cmd_teardown, "remove every kernel object the agent owns, nothing else (root)",
         config=False)
     add("status", cmd_status, "egress IPs (present, state, workloads) and each workload's leases")
@@ -415,8 +446,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _checked(fn):
+    """A type that validates but keeps the text as written (for messages)."""
+    def check(text: str) -> str:
+        fn(text)
+        return text
+    check.__name__ = fn.__name__
+    return check
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
+    if needs_root(args) and not has_net_admin():
+        print(f"egress-agent {args.cmd}: needs root (CAP_NET_ADMIN); run it as root, "
+              "e.g. with sudo", file=sys.stderr)
+        return Exit.USAGE
     try:
         return int(args.fn(args))
     except ConfigError as e:

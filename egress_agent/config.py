@@ -8,10 +8,13 @@ it is about, found through the path -> line map built while parsing.
 
 from __future__ import annotations
 
+import difflib
+import glob
 import ipaddress
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -347,9 +350,212 @@ class Config(_Model):
         return port_bounds(ip.ports or self.defaults.port_range)
 
 
+# --- reading: bounded before anything is built --------------------------------------
+#
+# A config is input from whoever can write /etc/egress-agent or drop a conf.d file:
+# reading it must end, in bounded time and memory, with a config or a ConfigError
+# (the daemon keeps its last good state on one, and `check` is the unit's
+# ExecStartPre). PyYAML's composer and constructor recurse once per nesting level
+# (500 `[` is a RecursionError; far more overflows libyaml's Cython composer), and
+# every consumer of the data repeats an aliased node at each alias (a 390-byte alias
+# bomb is 10^9 nodes). So the size is bounded while reading, and depth and alias
+# expansion are counted on the parser's event stream, which builds nothing, before
+# the file is composed. These bounds hold whatever parser builds the data later.
+
+MAX_BYTES = 16 * 2**20  # a config and its includes together; bench/gen_config.py's
+#                         100,000 workloads are 5 MB
+MAX_DEPTH = 32          # nesting levels; the schema itself has 5
+MAX_NODES = 4_000_000   # YAML nodes, an alias counting as every node it repeats
+MAX_INCLUDED = 1000     # files that include: may add
+
+_ALLOWED_TAGS = {None, "!", "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq",
+                 "tag:yaml.org,2002:map"}
+
+
+class _Unreadable(Exception):
+    """A file that was not read: why, and the line when the bytes are the reason."""
+
+    def __init__(self, reason: str, line: int = 0):
+        super().__init__(reason)
+        self.reason = reason
+        self.line = line
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _read_file(path: str, limit: int = MAX_BYTES) -> str:
+    """The text of a regular file of at most `limit` bytes, decoded as UTF-8.
+
+    O_NONBLOCK: opening a FIFO does not wait for a writer, and a file that would block
+    a read (/proc/kmsg) answers EAGAIN. The type is checked on the open descriptor, so
+    a symlinked config works and nothing can swap the file between check and read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _Unreadable(e.strerror or str(e)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _Unreadable(f"{_file_kind(mode)}, not a regular file")
+        chunks, n = [], 0
+        while n <= limit:  # read at most limit + 1 bytes: enough to know it is too big
+            chunk = os.read(fd, min(limit + 1 - n, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+    except OSError as e:
+        raise _Unreadable(e.strerror or str(e)) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise _Unreadable(f"larger than {limit:,} bytes (a config and its includes may "
+                          f"hold {MAX_BYTES // 2**20} MiB together)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise _Unreadable(f"byte 0x{data[e.start]:02x} at column {col} is not UTF-8; "
+                          "save the file as UTF-8", line) from None
+
+
+def _syntax(e: Exception, text: str, file: str) -> Problem:
+    """One line for any error of the YAML reader, scanner, parser or composer."""
+    line, msg = 1, str(e)
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        msg = e.problem or e.context or msg
+    elif isinstance(e, yaml.reader.ReaderError):  # the C reader gives a byte offset
+        line = text.encode("utf-8", "surrogatepass")[:max(e.position, 0)].count(b"\n") + 1
+        msg = (f"character #x{e.character:04x}: {e.reason}" if isinstance(e.character, int)
+               else e.reason)
+    elif isinstance(e, UnicodeError):  # a str with lone surrogates (parse() of odd text)
+        line = text.count("\n", 0, getattr(e, "start", 0)) + 1
+        msg = "text that is not valid Unicode"
+    return Problem(file, line, "", "YAML syntax: " + " ".join(str(msg).split()))
+
+
+def _check_structure(text: str, file: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH, more than MAX_NODES nodes with aliases
+    expanded, and explicit tags, walking the event stream without recursion."""
+    nodes = 0
+    opened: list[tuple[Optional[str], int]] = []  # (anchor, nodes before it)
+    sizes: dict[str, int] = {}  # anchor -> nodes it stands for, aliases expanded
+    scalar, alias = yaml.ScalarEvent, yaml.AliasEvent
+    starts = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+    ends = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+
+    def refuse(ev, msg: str) -> ConfigError:
+        return ConfigError([Problem(file, ev.start_mark.line + 1, "", msg)])
+
+    try:
+        for ev in yaml.parse(text, Loader=_EventLoader):
+            t = ev.__class__
+            if t is scalar:
+                nodes += 1
+                if ev.anchor is not None:
+                    sizes[ev.anchor] = 1
+                if ev.tag not in _ALLOWED_TAGS:
+                    raise refuse(ev, f"tag {ev.tag!r} is not part of this config's format; "
+                                     "write the plain value (quote it to keep it a string)")
+            elif t in ends:
+                anchor, before = opened.pop()
+                if anchor is not None:
+                    sizes[anchor] = nodes - before
+            elif t in starts:
+                opened.append((ev.anchor, nodes))
+                nodes += 1
+                if len(opened) > MAX_DEPTH:
+                    raise refuse(ev, f"nested more than {MAX_DEPTH} levels deep")
+                if ev.tag not in _ALLOWED_TAGS:
+                    raise refuse(ev, f"tag {ev.tag!r} is not part of this config's format")
+            elif t is alias:
+                n = sizes.get(ev.anchor)
+                if n is None:
+                    raise refuse(ev, f"alias *{ev.anchor} names no complete anchor before it")
+                nodes += n
+                if nodes > MAX_NODES:
+                    raise refuse(ev, f"aliases expand the file to more than {MAX_NODES:,} "
+                                     "values; write the values out or use fewer aliases")
+    except (yaml.YAMLError, UnicodeError) as e:
+        raise ConfigError([_syntax(e, text, file)]) from None
+    if nodes > MAX_NODES:
+        raise ConfigError([Problem(file, 1, "", f"more than {MAX_NODES:,} values")])
+
+
+_COMMENT = re.compile(r"(?:^|(?<=[ \t]))#.*")
+_GLUED_HASH = re.compile(r"[^ \t\n]#")
+_KEEP_BRACKETS = {i: None for i in range(128) if chr(i) not in "[]{}\n"}
+_SHORT_LINE = 300
+
+
+def _plainly_bounded(text: str) -> bool:
+    """True when the characters alone show that the text is within the bounds the
+    walk checks, so the fast path may skip it (the walk is ~8% of a big config's load).
+
+    Sound, judged with C-speed string methods, for text without quotes, aliases,
+    tags, `#` glued to a token, or unusual line breaks (anything else takes the walk):
+    - no `*`: no alias; no `!`: no tag;
+    - nodes: each `: ? - , [ {` brings at most 3 (a flow pair: mapping, key, value);
+    - depth: with quotes excluded and comments stripped, a bracket outside a flow
+      collection can only be part of a plain scalar or of a block scalar's text, so
+      if every line's brackets balance and never go below zero, no flow collection
+      spans lines and a line's bracket depth bounds its flow depth; block nesting
+      needs a deeper column every two levels. Lines of at most 300 characters keep the
+      depth under ~900, which libyaml's composer survives and which the YAML
+      constructor builds or stops with RecursionError (then the slow path walks)."""
+    if any(c in text for c in "*!'\"\r\x85\u2028\u2029"):
+        return False
+    lines = text.split("\n")
+    if max(map(len, lines)) > _SHORT_LINE:
+        return False
+    if 3 * sum(text.count(c) for c in ":?-,[{") + 1 > MAX_NODES:
+        return False
+    if "#" in text:  # a comment starts at a # after a blank; any other # takes the walk
+        if _GLUED_HASH.search(text):
+            return False
+        text = "\n".join(_COMMENT.sub("", line) if "#" in line else line for line in lines)
+    for line in set(text.translate(_KEEP_BRACKETS).split("\n")):
+        depth = 0
+        for c in line:
+            if c in "[{":
+                depth += 1
+            elif c in "]}":
+                depth -= 1
+                if depth < 0:
+                    return False
+        if depth:
+            return False
+    return True
+
+
 # --- YAML with line numbers ------------------------------------------------------
 
 Where = tuple[str, int]  # (file, line)
+
+
+def _value(loader: yaml.SafeLoader, node: yaml.Node, file: str) -> Any:
+    """A scalar's value; a value Python refuses (2001-13-45, a 5,000-digit int) is a
+    config error at its line, not a ValueError."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, TypeError, OverflowError, AttributeError) as e:
+        raise ConfigError([Problem(file, node.start_mark.line + 1, "",
+                                   f"cannot read the value {str(node.value)[:40]!r}: "
+                                   f"{str(e).split(';')[0][:120]}")]) from None
+
+
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
@@ -358,17 +564,28 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
     lines[path] = (file, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
-        for k, v in node.value:
-            key = loader.construct_object(k, deep=True)
-            if key in out:
+        merged = 0  # merge keys (<<: *defaults) put their pairs first; written keys override
+        if any(k.tag == _MERGE for k, _ in node.value):
+            written = sum(k.tag != _MERGE for k, _ in node.value)
+            loader.flatten_mapping(node)
+            merged = len(node.value) - written
+        written_keys: set = set()
+        for i, (k, v) in enumerate(node.value):
+            if not isinstance(k, yaml.ScalarNode):
+                raise ConfigError([Problem(file, k.start_mark.line + 1, _dotted(path),
+                                           "a key must be a plain name, not a list or mapping")])
+            key = _value(loader, k, file)
+            if i >= merged and key in written_keys:
                 raise ConfigError([Problem(file, k.start_mark.line + 1, _dotted(path + (key,)),
                                            f"key {key!r} appears twice")])
+            if i >= merged:
+                written_keys.add(key)
             out[key] = _construct(loader, v, path + (key,), lines, file)
             lines[path + (key,)] = (file, k.start_mark.line + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(loader, v, path + (i,), lines, file) for i, v in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+    return _value(loader, node, file)
 
 
 def _dotted(path: PathT) -> str:
@@ -421,7 +638,10 @@ def _no_duplicates(pairs):
     return d
 
 
-class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+_EventLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _FastLoader(_EventLoader):  # type: ignore[misc,valid-type]
     """libyaml's parser; duplicate keys send the file to the slow path, which names them."""
 
     def construct_mapping(self, node, deep=False):
@@ -435,19 +655,34 @@ def _read_data(text: str, file: str, with_lines: bool) -> tuple[Any, Optional[di
     """Data, and with `with_lines` the path -> (file, line) map.
 
     Fast path: JSON (valid YAML, and what generators of big configs write) or
-    libyaml, with no line tracking. A syntax error or a duplicate key falls
-    back to the line-tracking loader, which says where."""
+    libyaml, with no line tracking. Any error falls back to the line-tracking
+    loader, which says where."""
     if not with_lines:
+        if text.lstrip().startswith("{"):
+            try:  # json's scanner stops deep nesting with RecursionError: the walk then says where
+                return json.loads(text, object_pairs_hook=_no_duplicates), None
+            except (ValueError, RecursionError, _Duplicate):
+                pass
+        checked = False
+        if not _plainly_bounded(text):
+            _check_structure(text, file)
+            checked = True
         try:
-            if text.lstrip().startswith("{"):
-                try:
-                    return json.loads(text, object_pairs_hook=_no_duplicates), None
-                except ValueError:
-                    pass
             return yaml.load(text, Loader=_FastLoader), None
-        except (yaml.YAMLError, _Duplicate):
+        except (yaml.YAMLError, _Duplicate, ValueError, TypeError, OverflowError,
+                AttributeError, RecursionError):
             pass
+        return _read_yaml(text, file, checked=checked)
     return _read_yaml(text, file)
+
+
+class _IncludeProblem(Exception):
+    """An include: entry that fails, to be reported at its line in the including file."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+        self.message = message
 
 
 def _assemble(text: str, file: str, with_lines: bool):
@@ -456,65 +691,106 @@ def _assemble(text: str, file: str, with_lines: bool):
         raise ConfigError([Problem(file, 1, "", "expected a mapping with version: 1, host:, ...")])
     if lines is None and with_lines:
         lines = {}
-    included = _include(data, lines, file)
+    try:
+        included = _include(data, lines, file, text)
+    except _IncludeProblem as e:
+        if lines is None:  # the fast path has no lines: read again with them
+            lines = _read_data(text, file, with_lines=True)[1]
+        raise ConfigError([_problem(("include", e.index), e.message, lines, file)]) from None
     return data, lines, included
 
 
-def _read_yaml(text: str, file: str) -> tuple[Any, dict[PathT, Where]]:
+def _read_yaml(text: str, file: str, checked: bool = False) -> tuple[Any, dict[PathT, Where]]:
+    if not checked:
+        _check_structure(text, file)
     lines: dict[PathT, Where] = {}
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader refuses unprintable characters here
         node = loader.get_single_node()
         data = _construct(loader, node, (), lines, file) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise ConfigError([Problem(file, (mark.line + 1) if mark else 1, "",
-                                   f"YAML syntax: {e.problem or e}")]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([_syntax(e, text, file)]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 
 # What an included file may add to; lists are appended in file-name order.
 INCLUDABLE = ("egress_ips", "workloads", "policies", "managed_sources")
+_WILDCARD = re.compile(r"[*?[]")
 
 
-def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str) -> list[str]:
-    """Append the lists of every file that `include:` globs match (relative to `file`)."""
-    import glob
+def _include_paths(i: int, pattern: str, base: str, room: int) -> list[str]:
+    """The files one include: entry names. A literal path must exist (a missing one
+    would silently drop its workloads); a glob may match nothing (an empty conf.d),
+    but only in the file name, in a directory that exists, so matching is one
+    directory listing however the pattern is written."""
+    full = os.path.join(base, pattern)
+    directory, name = os.path.split(full)
+    if _WILDCARD.search(directory):
+        raise _IncludeProblem(i, f"{pattern!r}: only the file name may hold * ? or [...]; "
+                                 "name the directory, like conf.d/*.yaml")
+    if not _WILDCARD.search(name):
+        if not os.path.lexists(full):
+            raise _IncludeProblem(i, f"{full} does not exist; create it or remove it "
+                                     "from include: (a glob like conf.d/*.yaml may match nothing)")
+        return [full]
+    if not os.path.isdir(directory):
+        raise _IncludeProblem(i, f"{pattern!r}: the directory {directory} does not exist")
+    matches = sorted(glob.glob(full))
+    if len(matches) > room:
+        raise _IncludeProblem(i, f"{pattern!r} matches {len(matches)} files; a config may "
+                                 f"include at most {MAX_INCLUDED}")
+    return matches
+
+
+def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: str) -> list[str]:
+    """Append the lists of every file that `include:` names (relative to `file`)."""
     base = os.path.dirname(os.path.abspath(file))
     included: list[str] = []
     patterns = data.get("include") or []
     if not isinstance(patterns, list):
         return included  # pydantic reports the type
+    left = MAX_BYTES - len(text.encode("utf-8", "surrogatepass")) if patterns else 0
     for i, pattern in enumerate(patterns):
-        matches = sorted(glob.glob(os.path.join(base, str(pattern))))
-        for path in matches:
+        if not isinstance(pattern, str):
+            continue  # pydantic reports the type
+        for path in _include_paths(i, pattern, base, MAX_INCLUDED - len(included)):
             try:
-                text = Path(path).read_text()
-            except OSError as e:
-                raise ConfigError([_problem(("include", i), f"cannot read {path}: {e.strerror}",
-                                            lines, file)]) from None
-            frag, flines = _read_data(text, path, with_lines=lines is not None)
+                frag_text = _read_file(path, max(left, 0))
+            except _Unreadable as e:
+                if e.line:  # the bytes are wrong: say where in the included file
+                    raise ConfigError([Problem(path, e.line, "", e.reason)]) from None
+                raise _IncludeProblem(i, f"cannot read {path}: {e.reason}") from None
+            left -= len(frag_text.encode("utf-8"))
+            frag, flines = _read_data(frag_text, path, with_lines=lines is not None)
             if frag is None:
+                included.append(path)
                 continue
             if flines is None:  # fast path failed to explain: take the slow one
                 flines = {}
             bad_shape = not isinstance(frag, dict) or bool(set(frag) - set(INCLUDABLE)) or any(
                 not isinstance(v, list) for v in frag.values())
             if bad_shape and not flines:  # say where: read it again with lines
-                frag, flines = _read_yaml(text, path)
+                frag, flines = _read_yaml(frag_text, path)
             if not isinstance(frag, dict) or set(frag) - set(INCLUDABLE):
-                bad = sorted(set(frag) - set(INCLUDABLE)) if isinstance(frag, dict) else ["(not a mapping)"]
+                bad = sorted(map(str, set(frag) - set(INCLUDABLE))) if isinstance(frag, dict) \
+                    else ["(not a mapping)"]
                 raise ConfigError([Problem(path, flines.get((bad[0],), (path, 1))[1], bad[0],
                                            f"an included file may only hold {', '.join(INCLUDABLE)}")])
             for key, items in frag.items():
                 if not isinstance(items, list):
-                    raise ConfigError([Problem(path, flines[(key,)][1], key, "expected a list")])
-                offset = len(data.setdefault(key, []) or [])
-                if data[key] is None:
-                    data[key] = []
-                data[key].extend(items)
+                    raise ConfigError([Problem(path, flines.get((key,), (path, 1))[1], key,
+                                               "expected a list")])
+                existing = data.get(key)
+                if existing is None:
+                    existing = []
+                elif not isinstance(existing, list):
+                    continue  # pydantic reports the main file's wrong type, at its line
+                offset = len(existing)
+                data[key] = [*existing, *items]  # a new list: the old may be a YAML alias's
                 if lines is not None:
                     for p, w in flines.items():
                         if len(p) >= 2 and p[0] == key:
@@ -529,11 +805,13 @@ def watched_paths(file: str) -> dict[str, Optional[str]]:
     base = os.path.dirname(os.path.abspath(file))
     out: dict[str, Optional[str]] = {base: os.path.basename(file)}
     try:
-        data = yaml.safe_load(Path(file).read_text()) or {}
-        for pattern in data.get("include") or []:
-            out[os.path.dirname(os.path.join(base, str(pattern)))] = None
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
+        data = _read_data(_read_file(file), file, with_lines=False)[0]
+    except (_Unreadable, ConfigError):
+        return out
+    patterns = data.get("include") if isinstance(data, dict) else None
+    for pattern in patterns if isinstance(patterns, list) else []:
+        if isinstance(pattern, str):
+            out[os.path.dirname(os.path.join(base, pattern))] = None
     return out
 
 
@@ -553,17 +831,21 @@ def parse(text: str, file: str = "<config>") -> Loaded:
 
 
 def load(path: Union[str, Path]) -> Loaded:
-    p = Path(path)
+    """Read and validate a config file; any problem is a ConfigError with FILE:LINE."""
+    p = str(path)
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError([Problem(str(p), 0, "", f"cannot read: {e.strerror}")]) from None
-    return parse(text, str(p))
+        text = _read_file(p)
+    except _Unreadable as e:
+        raise ConfigError([Problem(p, e.line, "", e.reason if e.line
+                                   else f"cannot read: {e.reason}")]) from None
+    return parse(text, p)
 
 
 def _other_union_branch(err: dict) -> bool:
     """For `egress: default | drop | {ipv4: ...}`, report only the branch the user wrote."""
     inp = err.get("input")
+    if not any(isinstance(part, str) and ("[" in part or "(" in part) for part in err["loc"]):
+        return False  # not inside a union: a plain field (version: {}) must be reported
     return ((err["type"] == "literal_error" and isinstance(inp, dict))
             or (err["type"] in ("model_type", "dict_type") and isinstance(inp, str)))
 
@@ -583,7 +865,11 @@ def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, Where]) -> P
     elif err["type"] == "extra_forbidden":
         msg = f"unknown field {loc[-1]!r} (see `egress-agent schema` for the fields)"
     elif err["type"] == "literal_error":
-        msg = f"{err.get('input')!r} is not allowed: {msg[0].lower()}{msg[1:]}"
+        shown = repr(err.get("input"))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."  # a problem is one short line
+        msg = f"{shown} is not allowed: {msg[0].lower()}{msg[1:]}"
+    if len(msg) > 300:  # a validator quoting a huge value: keep the line readable
+        msg = msg[:297] + "..."
     return _problem(tuple(loc), msg, lines, file)
 
 
@@ -619,6 +905,8 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
 
     workload_ids = {w.id for w in cfg.workloads}
     apps = {w.app for w in cfg.workloads if w.app} | {ip.app for ip in cfg.egress_ips if ip.app}
+    out += _unserved_apps(cfg)
+    out += _egress_addresses_of_workloads(cfg, ranges)
     ips = {ip.id: ip for ip in cfg.egress_ips}
     lo, hi = port_bounds(cfg.defaults.port_range)
     if cfg.defaults.ports_per_workload > hi - lo + 1:
@@ -672,6 +960,60 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
                                 "the fallback must differ from ipv4"))
             if fb is not None and e.ipv4 is None:
                 out.append((("policies", i, "egress", "ipv4_fallback"), "a fallback needs ipv4"))
+    return out
+
+
+def _unserved_apps(cfg: Config) -> list[tuple[PathT, str]]:
+    """A workload's app that no egress IP here serves: a typo would leave with the
+    host's shared address, so it is an error (a machine-scoped IP serves it anyway)."""
+    here = {ip.app for ip in cfg.ips_here() if ip.app}
+    owned = {ip.workload for ip in cfg.ips_here() if ip.workload}
+    out: list[tuple[PathT, str]] = []
+    said: dict[str, str] = {}
+    for i, w in enumerate(cfg.workloads):
+        if not w.app or w.app in here or w.id in owned:
+            continue
+        if w.app not in said:
+            elsewhere = sorted({ip.region or cfg.host.region for ip in cfg.egress_ips
+                                if ip.app == w.app})
+            close = difflib.get_close_matches(w.app, sorted(here), n=1)
+            said[w.app] = (f"no egress IP serves app {w.app!r} in region {cfg.host.region!r}"
+                           + (f" (it has egress IPs in {', '.join(elsewhere)})" if elsewhere else "")
+                           + (f"; did you mean {close[0]!r}?" if close else
+                              "; add an egress IP with this app, or fix the name"))
+        out.append((("workloads", i, "app"), said[w.app]))
+    return out
+
+
+def _egress_addresses_of_workloads(cfg: Config, ranges) -> list[tuple[PathT, str]]:
+    """An egress address that is a workload's own source, or inside managed_sources,
+    would be classified as a workload's traffic (or dropped as an unknown one)."""
+    out: list[tuple[PathT, str]] = []
+    v4 = {ip.ipv4: i for i, ip in enumerate(cfg.egress_ips) if ip.ipv4}
+    for i, w in enumerate(cfg.workloads):
+        for j, s in enumerate(w.source):
+            if s in v4:
+                out.append((("egress_ips", v4[s], "ipv4"),
+                            f"{s} is also the source of workload {w.id!r} (workloads[{i}]"
+                            f".source[{j}]); an egress address must not be a workload's address"))
+            elif ranges and ":" in s:
+                a = ipaddress.IPv6Address(s)
+                for k, net in ranges:
+                    if a in net:
+                        out.append((("egress_ips", k, "ipv6"),
+                                    f"range {net} holds {s}, the source of workload {w.id!r} "
+                                    f"(workloads[{i}].source[{j}]); use a range of its own"))
+    managed = [(k, ipaddress.ip_network(m)) for k, m in enumerate(cfg.managed_sources)]
+    for i, ip in enumerate(cfg.egress_ips):
+        for k, m in managed:
+            if ip.ipv4 and m.version == 4 and ipaddress.IPv4Address(ip.ipv4) in m:
+                out.append((("egress_ips", i, "ipv4"),
+                            f"{ip.ipv4} lies inside managed_sources[{k}] ({m}); egress "
+                            "addresses must be outside the workloads' networks"))
+            if ip.ipv6 and m.version == 6 and ipaddress.IPv6Network(ip.ipv6).overlaps(m):
+                out.append((("egress_ips", i, "ipv6"),
+                            f"range {ip.ipv6} overlaps managed_sources[{k}] ({m}); egress "
+                            "addresses must be outside the workloads' networks"))
     return out
 
 

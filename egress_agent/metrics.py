@@ -12,15 +12,30 @@ from typing import Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """ADDR:PORT; refuses public addresses: the metrics name workloads and peers."""
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    addr = ipaddress.ip_address(host)
-    if not (addr.is_loopback or addr.is_private):
-        raise ValueError(f"--metrics {text}: refusing a public address; use 127.0.0.1 or a "
-                         "private address and scrape through your network's own path")
-    return host, int(port)
+def parse_listen(text: str, nonlocal_: bool = False) -> tuple[str, int]:
+    """ADDR:PORT or [IPv6]:PORT on loopback (127.0.0.0/8, ::1). The metrics name every
+    workload, its addresses and its usage, so any other address must be named by the
+    operator with --metrics-nonlocal, and never as "every address" (0.0.0.0, ::)."""
+    shown = text if text.isprintable() else repr(text)  # the message stays one line
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"--metrics {shown}: {host!r} is not an IP address; write "
+                         "127.0.0.1:9469 or [::1]:9469") from None
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--metrics {shown}: {port!r} is not a port (1-65535)")
+    if addr.is_unspecified:
+        raise ValueError(f"--metrics {shown}: refusing every address; name one (loopback, "
+                         "or another with --metrics-nonlocal)")
+    if not addr.is_loopback and not nonlocal_:
+        raise ValueError(f"--metrics {shown}: refusing a non-loopback address (the metrics name "
+                         "every workload); use 127.0.0.1 or ::1, or add --metrics-nonlocal to "
+                         "serve on this address on purpose")
+    return str(addr), int(port)
 
 
 class State:
@@ -137,9 +152,9 @@ def _snapshot_metrics(snap):
     yield free
 
 
-def serve(listen: str, state: State) -> Optional[object]:
+def serve(listen: str, state: State, nonlocal_: bool = False) -> Optional[object]:
     from prometheus_client import CollectorRegistry, start_http_server
-    host, port = parse_listen(listen)
+    host, port = parse_listen(listen, nonlocal_)
     registry = CollectorRegistry()
     registry.register(Collector(state))
     return start_http_server(port, addr=host, registry=registry)

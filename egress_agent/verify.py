@@ -134,7 +134,8 @@ def add_verify_command(add) -> None:
     sp = add("verify", cmd_verify,
              "probe an echo endpoint from each workload's context and compare the source "
              "address and port it saw with the assignment")
-    sp.add_argument("--echo", required=True, metavar="ADDR:PORT",
+    from .argtypes import endpoint
+    sp.add_argument("--echo", required=True, metavar="ADDR:PORT", type=endpoint,
                     help="echo endpoint answering with the source it saw, e.g. 192.0.2.10:8080 "
                          "or [2001:db8:ff::10]:8080")
     sp.add_argument("--proto", choices=["tcp", "udp"], default="tcp")

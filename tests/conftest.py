@@ -6,6 +6,18 @@ In CI (CI=true) a skipped test is a failure: the privileged tests must run.
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Fuzzers (tests/unit/test_*_fuzz.py) are deterministic: derandomized (the same
+# examples on every run of the same code and the same selection of tests: hypothesis
+# also draws constants from the project's modules that are loaded), no example
+# database carried between runs,
+# and no per-example deadline (timings are not asserted; a hang is caught by the
+# subprocess timeouts the fuzzers set).
+settings.register_profile("egress", derandomize=True, database=None, deadline=None,
+                          print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "egress"))
 
 
 def pytest_addoption(parser):

@@ -402,9 +402,11 @@ def test_verify_compares_what_the_echo_server_saw(lab):
     assert {r["workload"] for r in rows} == {"m42", "m43", "m44", "batch"}
     assert all(r["match"] for r in rows), rows
     # a wrong expectation is a mismatch: m44's own IP vanishes from the store's view
-    # by pointing verify at a config where m44 has no machine-scoped IP
+    # by pointing verify at a config where m44 has no machine-scoped IP (and joins
+    # billing: an app that nothing serves is refused by the config check)
     broken = write_variant(lab, "verify-mismatch.yaml", edited(
-        lab, ("{id: m44-ip, workload: m44, ipv4: 203.0.113.20}", "{id: m44-ip, workload: m43, ipv4: 203.0.113.20}")))
+        lab, ("{id: m44-ip, workload: m44, ipv4: 203.0.113.20}", "{id: m44-ip, workload: m43, ipv4: 203.0.113.20}"),
+        ("{id: m44, app: web,", "{id: m44, app: billing,")))
     proc = agent(lab, "verify", "-c", broken, "--echo", "192.0.2.10:8080", "--lab", lab.prefix,
                  check=False)
     assert proc.returncode == 4 and "MISMATCH" in proc.stdout, proc.stdout + proc.stderr

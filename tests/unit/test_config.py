@@ -57,6 +57,7 @@ def test_design_example_is_valid():
      "policies[0].match.protocols[0]", "tcp"),
     ("exclude: {destinations: [10.0.0.0/33]}\n", 3, "exclude.destinations[0]", "not an address"),
     ("host: {name: x, region: y}\n", 3, "host", "twice"),
+    ("defaults: {unavailable: {}}\n", 3, "defaults.unavailable", "{} is not allowed"),
 ])
 def test_field_errors(body, line, path, words):
     p = one(HEAD + body)
@@ -100,6 +101,42 @@ def test_semantic_errors(body, line, path, words):
     assert words in p.message, str(p)
 
 
+IP_BILLING = "egress_ips:\n  - {id: b1, app: billing, ipv4: 203.0.113.1, ipv6: '2001:db8:1::/64'}\n"
+
+
+@pytest.mark.parametrize("body, line, path, message", [
+    (IP_BILLING + "workloads:\n  - {id: w, app: biling, source: [10.0.0.1]}\n", 6, "workloads[0].app",
+     "no egress IP serves app 'biling' in region 'ams'; did you mean 'billing'?"),
+    (IP_BILLING + "workloads:\n  - {id: w, app: zzz, source: [10.0.0.1]}\n", 6, "workloads[0].app",
+     "no egress IP serves app 'zzz' in region 'ams'; add an egress IP with this app, or fix the name"),
+    (IP_BILLING + "  - {id: o, app: web, region: fra, ipv4: 203.0.113.9}\n"
+     "workloads:\n  - {id: w, app: web, source: [10.0.0.1]}\n", 7, "workloads[0].app",
+     "no egress IP serves app 'web' in region 'ams' (it has egress IPs in fra); add an egress IP "
+     "with this app, or fix the name"),
+    (IP_BILLING + "workloads:\n  - {id: w, app: billing, source: [203.0.113.1]}\n", 4, "egress_ips[0].ipv4",
+     "203.0.113.1 is also the source of workload 'w' (workloads[0].source[0]); an egress address "
+     "must not be a workload's address"),
+    (IP_BILLING + "workloads:\n  - {id: w, app: billing, source: ['2001:db8:1::7']}\n", 4,
+     "egress_ips[0].ipv6", "range 2001:db8:1::/64 holds 2001:db8:1::7, the source of workload 'w' "
+     "(workloads[0].source[0]); use a range of its own"),
+    (IP_BILLING + "managed_sources: [203.0.113.0/24]\n", 4, "egress_ips[0].ipv4",
+     "203.0.113.1 lies inside managed_sources[0] (203.0.113.0/24); egress addresses must be "
+     "outside the workloads' networks"),
+    (IP_BILLING + "managed_sources: ['2001:db8::/32']\n", 4, "egress_ips[0].ipv6",
+     "range 2001:db8:1::/64 overlaps managed_sources[0] (2001:db8::/32); egress addresses must be "
+     "outside the workloads' networks"),
+])
+def test_mistakes_are_errors(body, line, path, message):
+    p = one(HEAD + body)
+    assert str(p) == f"f.yaml:{line}: {path}: {message}"
+
+
+def test_an_app_served_only_by_a_machine_scoped_ip_is_fine():
+    cfg = parse(HEAD + "egress_ips:\n  - {id: m, workload: w, ipv4: 203.0.113.1}\n"
+                "workloads:\n  - {id: w, app: solo, source: [10.0.0.1]}\n", "f.yaml").config
+    assert cfg.workloads[0].app == "solo"
+
+
 def test_every_problem_is_reported_at_once():
     ps = problems(HEAD + "egress_ips:\n  - {id: a, app: x, ipv4: bad}\n  - {id: b, app: x, ipv4: worse}\n")
     assert [p.line for p in ps] == [4, 5]
@@ -108,6 +145,11 @@ def test_every_problem_is_reported_at_once():
 def test_yaml_syntax_error_has_a_line():
     p = one("version: 1\nhost: {name: h\nworkloads: [\n")
     assert p.line >= 2 and "YAML syntax" in p.message
+
+
+def test_a_mapping_where_a_literal_belongs_is_reported():  # found by the fuzzer
+    p = one("version: {}\nhost: {name: h, region: ams}\n")
+    assert str(p) == "f.yaml:1: version: {} is not allowed: input should be 1"
 
 
 def test_missing_required_field():
@@ -168,3 +210,25 @@ def test_included_file_may_not_change_host_settings(tmp_path):
         load(main)
     (p,) = e.value.problems
     assert (p.file, p.line, p.path) == (str(frag), 2, "host") and "may only hold" in p.message
+
+
+MERGED = HEAD + """egress_ips:
+  - &ip {id: a, app: a, ipv4: 203.0.113.1}
+  - {<<: *ip, id: b, ipv4: 203.0.113.2}
+workloads:
+  - &vm {app: a, interface: eth0, id: m1, source: [10.0.0.1]}
+  - {<<: *vm, id: m2, source: [SOURCE]}
+"""
+
+
+def test_merge_keys_are_read_and_written_keys_override_them():
+    cfg = parse(MERGED.replace("SOURCE", "10.0.0.2"), "f.yaml").config
+    assert [(ip.id, ip.app, ip.ipv4) for ip in cfg.egress_ips] == [
+        ("a", "a", "203.0.113.1"), ("b", "a", "203.0.113.2")]
+    assert [(w.id, w.interface, w.source) for w in cfg.workloads] == [
+        ("m1", "eth0", ["10.0.0.1"]), ("m2", "eth0", ["10.0.0.2"])]
+
+
+def test_an_error_beside_merge_keys_is_reported_at_its_line():
+    p = one(MERGED.replace("SOURCE", "10.0.0.300"))
+    assert (p.line, p.path) == (8, "workloads[1].source[0]"), str(p)

@@ -93,8 +93,34 @@ def test_metrics_exposition():
     assert val("egress_agent_destination_usage_ratio", destination="192.0.2.1") == 0.75
 
 
-def test_metrics_refuse_public_addresses():
-    assert parse_listen("127.0.0.1:9469") == ("127.0.0.1", 9469)
-    assert parse_listen("[::1]:9469") == ("::1", 9469)
-    with pytest.raises(ValueError, match="public"):
-        parse_listen("8.8.8.8:9469")
+@pytest.mark.parametrize("listen, expect", [
+    ("127.0.0.1:9469", ("127.0.0.1", 9469)),
+    ("127.3.0.9:9469", ("127.3.0.9", 9469)),
+    ("[::1]:9469", ("::1", 9469)),
+])
+def test_metrics_listen_on_loopback(listen, expect):
+    assert parse_listen(listen) == expect
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9469", "[::]:9469", "169.254.1.1:9469",
+                                    "[fe80::1]:9469", "192.0.2.1:9469", "[2001:db8::1]:9469",
+                                    "10.0.0.1:9469", "8.8.8.8:9469", "[::ffff:127.0.0.1]:9469"])
+def test_metrics_refuse_every_other_address_without_the_flag(listen):
+    with pytest.raises(ValueError, match="refusing"):
+        parse_listen(listen)
+
+
+def test_metrics_nonlocal_takes_a_named_address_but_never_every_address():
+    assert parse_listen("10.0.0.1:9469", nonlocal_=True) == ("10.0.0.1", 9469)
+    assert parse_listen("[2001:db8::1]:9469", nonlocal_=True) == ("2001:db8::1", 9469)
+    for everything in ("0.0.0.0:9469", "[::]:9469"):
+        with pytest.raises(ValueError, match="refusing every address"):
+            parse_listen(everything, nonlocal_=True)
+
+
+@pytest.mark.parametrize("listen, words", [("localhost:9469", "not an IP address"),
+                                           ("127.0.0.1:0", "not a port"),
+                                           ("127.0.0.1:x", "not a port")])
+def test_metrics_listen_syntax(listen, words):
+    with pytest.raises(ValueError, match=words):
+        parse_listen(listen)
