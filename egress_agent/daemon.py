@@ -217,7 +217,9 @@ class Daemon:
                       route_ops=len(r.route_ops), policies_changed=r.policies_changed,
                       adopted=r.adopted, duration_ms=round(r.duration_ms, 2),
                       conntrack_count=count, conntrack_max=cmax,
-                      **({"notes": r.notes} if r.notes else {}))
+                      **({"notes": r.notes} if r.notes else {}),
+                      **({"store_error": r.store_error} if r.store_error else {}),
+                      **({"quarantined": r.quarantined} if r.quarantined else {}))
         n_ips = len(self.cfg.ips_here())
         usable = sum(1 for ip in self.cfg.ips_here()
                      if self.last_usable.ok(ip, 4) or self.last_usable.ok(ip, 6))
