@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Optional
 
 
@@ -41,16 +42,20 @@ class Busy(Exception):
 
 
 class NetnsLock:
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, server: Optional[threading.Thread] = None):
         self.sock = sock
+        self.server = server
 
     def release(self) -> None:
-        # shutdown first: close() alone does not wake a thread blocked in accept(),
-        # and the name stays bound until that accept() returns
+        # shutdown first, and wait for the server thread: close() alone does not
+        # wake a thread blocked in accept(), and the name stays bound until that
+        # accept() returns
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if self.server is not None:
+            self.server.join(timeout=5)
         self.sock.close()
 
     def __enter__(self) -> "NetnsLock":
@@ -67,15 +72,17 @@ def acquire(serve: bool = False) -> NetnsLock:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # non-inheritable (PEP 446)
     try:
         s.bind(_name())
-        s.listen(64)
+        s.listen(socket.SOMAXCONN)
     except OSError as e:
         s.close()
         if e.errno == errno.EADDRINUSE:
             raise Busy(holder()) from None
         raise
+    server = None
     if serve:
-        threading.Thread(target=_serve, args=(s,), name="netns-lock", daemon=True).start()
-    return NetnsLock(s)
+        server = threading.Thread(target=_serve, args=(s,), name="netns-lock", daemon=True)
+        server.start()
+    return NetnsLock(s, server)
 
 
 def _serve(s: socket.socket) -> None:
@@ -89,17 +96,21 @@ def _serve(s: socket.socket) -> None:
 
 def holder() -> Optional[int]:
     """The pid that holds the lock, if it can be asked."""
-    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    c.setblocking(False)
-    try:
-        c.connect(_name())
-        pid, _, _ = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                     struct.calcsize("3i")))
-        return pid or None
-    except OSError:
-        return None
-    finally:
-        c.close()
+    for _ in range(20):  # a full backlog (EAGAIN) drains as the holder accepts
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(_name())
+            pid, _, _ = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         struct.calcsize("3i")))
+            return pid or None
+        except BlockingIOError:
+            time.sleep(0.01)
+        except OSError:
+            return None
+        finally:
+            c.close()
+    return None
 
 
 def _cmdline(pid: int) -> Optional[str]:

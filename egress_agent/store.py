@@ -245,7 +245,8 @@ class Store:
         return self.dir / HISTORY
 
     def exists(self) -> bool:
-        return os.path.lexists(self.allocations_path)
+        # a dangling symlink is no store: adopt the kernel rather than start empty
+        return os.path.exists(self.allocations_path)
 
     def load(self) -> Allocations:
         """The stored allocations (empty if there are none). StoreCorrupt if the file

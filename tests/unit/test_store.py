@@ -331,3 +331,15 @@ def test_a_second_lock_in_the_namespace_is_refused_naming_the_holder():
         assert f"pid {os.getpid()}" in str(e.value) and nslock.netns() in str(e.value)
     with nslock.acquire():  # released with the holder
         pass
+
+
+def test_read_only_commands_report_a_corrupt_store_in_one_line(cfg, tmp_path, capsys):
+    from egress_agent.cli import main
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.replace("version: 1\n", f"version: 1\nstate_dir: {cfg.state_dir}\n"))
+    os.makedirs(cfg.state_dir)
+    Store(cfg.state_dir).allocations_path.write_bytes(b'{"version": 1, "leases": [')
+    assert main(["status", "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "allocations.json: not JSON" in err, err
+    assert "moves it aside" in err
