@@ -343,3 +343,31 @@ def test_read_only_commands_report_a_corrupt_store_in_one_line(cfg, tmp_path, ca
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "allocations.json: not JSON" in err, err
     assert "moves it aside" in err
+
+
+def test_the_daemon_retries_a_failed_store_write_with_a_full_sync(cfg, tmp_path):
+    import queue
+
+    from egress_agent.daemon import Daemon, Trigger
+    from egress_agent.sdnotify import Notifier
+    nft, host = FakeNft(), Host()
+    d = Daemon(str(tmp_path / "unused.yaml"), lambda c: reconciler(c, nft, host),
+               notify=Notifier(""), watch_netlink=False)
+    d.cfg, d.rec = cfg, reconciler(cfg, nft, host)
+    with capture_logs():
+        d._sync(Trigger("start", full=True))
+        block(cfg.state_dir)
+        host.state = ONLY_A2
+        d._sync(Trigger("netlink", force=True))
+    assert d.last_result.store_error and d.metrics.store_write_failures == 1
+    t = d.queue.get(timeout=5)  # the retry, after the first backoff
+    assert (t.kind, t.full) == ("store-retry", True)
+    with capture_logs():
+        d._sync(t)  # still unwritable: the next retry waits longer
+    assert d.store_retry_delay == 2 * 0.5 and d.metrics.store_write_failures == 2
+    unblock(cfg.state_dir)
+    d._sync(d.queue.get(timeout=5))
+    assert d.last_result.store_error is None and d.store_retry_delay == 0
+    assert Store(cfg.state_dir).load() == d.rec.alloc
+    with pytest.raises(queue.Empty):
+        d.queue.get(timeout=1.5)  # nothing more to retry
