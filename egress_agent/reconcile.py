@@ -133,8 +133,11 @@ class Reconciler:
         except StoreCorrupt as e:
             moved = None
             if self.quarantine:
-                moved = str(self.store.quarantine())
-                self._quarantined = moved
+                try:
+                    moved = self._quarantined = str(self.store.quarantine())
+                except OSError as err:  # read-only too: adopt anyway; the next write replaces it
+                    self.log.error("cannot move the corrupt allocation store aside", path=e.path,
+                                   error=err.strerror or str(err))
             self.log.warning("allocation store corrupt: moved aside, adopting the kernel's "
                              "live state", path=e.path, reason=e.reason, moved_to=moved)
         if not observed.table:

@@ -371,3 +371,21 @@ def test_the_daemon_retries_a_failed_store_write_with_a_full_sync(cfg, tmp_path)
     assert Store(cfg.state_dir).load() == d.rec.alloc
     with pytest.raises(queue.Empty):
         d.queue.get(timeout=1.5)  # nothing more to retry
+
+
+def test_a_corrupt_store_in_an_unwritable_dir_is_still_adopted(cfg, monkeypatch):
+    nft = FakeNft()
+    reconciler(cfg, nft).sync(cfg)
+    table = snat4(nft)
+    Store(cfg.state_dir).allocations_path.write_text("[")
+    rec = reconciler(cfg, nft)
+
+    def refuse():  # what os.rename says on a read-only filesystem
+        raise OSError(30, "Read-only file system", str(rec.store.allocations_path))
+    monkeypatch.setattr(rec.store, "quarantine", refuse)
+    with capture_logs() as logs:
+        r = rec.sync(cfg, trigger="start")
+    assert r.adopted and not r.changed and snat4(nft) == table and r.quarantined is None
+    assert [l["event"] for l in logs if l["log_level"] == "error"] == [
+        "cannot move the corrupt allocation store aside"]
+    assert Store(cfg.state_dir).load() == rec.alloc  # the next write replaced it
