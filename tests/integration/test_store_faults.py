@@ -157,14 +157,22 @@ def test_read_only_state_dir_during_failover_and_back(lab: Lab) -> None:
                                      m42["ports"][0] <= a["sport"] <= m42["ports"][1]
                                      for a in later + [back]), later[:5]
                 assert back["recv"] - t1 < 5.0  # not the 30 s resync
+                print(f"read-only state dir: failover {1000 * (out['recv'] - t0):.0f} ms, "
+                      f"fail-back {1000 * (back['recv'] - t1):.0f} ms (resync 30 s)")
 
+                # retried while read-only: fails again, and is retried later
+                wait_until(lambda: [r for r in ag.syncs(trigger="store-retry") if "store_error" in r],
+                           10, what="a failed retry while read-only")
                 writes = len(ag.syncs(trigger="store-retry"))
                 subprocess.run(["mount", "-o", "remount,rw", state], check=True)
+                t_rw = time.time()
                 # the write is retried (backoff) once the state dir is writable
                 ok = wait_until(lambda: [s for s in ag.syncs(trigger="store-retry")[writes:]
                                          if "store_error" not in s], 40,
                                 what="a successful store retry")
                 assert not ok[0]["changed"], ok
+                print(f"store write retried {len(ag.syncs(trigger='store-retry'))} time(s); "
+                      f"written {time.time() - t_rw:.1f} s after the remount rw")
             ag.check_alive()
         st = status(lab, config)
         assert app_lease(st, "m42") == m42
