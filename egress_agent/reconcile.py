@@ -138,8 +138,8 @@ class Reconciler:
                 except OSError as err:  # read-only too: adopt anyway; the next write replaces it
                     self.log.error("cannot move the corrupt allocation store aside", path=e.path,
                                    error=err.strerror or str(err))
-            self.log.warning("allocation store corrupt: moved aside, adopting the kernel's "
-                             "live state", path=e.path, reason=e.reason, moved_to=moved)
+            self.log.warning("allocation store corrupt: adopting the kernel's live state",
+                             path=e.path, reason=e.reason, moved_to=moved)
         if not observed.table:
             return alloc_mod.Allocations(), [], False
         prev = adopt(cfg, observed)
