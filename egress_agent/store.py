@@ -183,7 +183,8 @@ def parse_event(raw: bytes) -> Optional[dict]:
     """One history line as an event dict, or None if it is not a valid event."""
     try:
         ev = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-        if not isinstance(ev, dict) or ev.get("event") not in ("assign", "release"):
+        # any event kind: readers act on those they know (assign, release)
+        if not isinstance(ev, dict) or not isinstance(ev.get("event"), str):
             return None
         if not isinstance(ev.get("at"), str) or not isinstance(ev.get("workload"), str) \
                 or not isinstance(ev.get("ip"), str):
@@ -219,7 +220,7 @@ def open_assigns(history: Iterable[dict]) -> dict[tuple, dict]:
         key = _lease_key(ev)
         if ev["event"] == "assign":
             open_.setdefault(key, ev)
-        else:
+        elif ev["event"] == "release":
             open_.pop(key, None)
     return open_
 
