@@ -321,7 +321,7 @@ class Store:
             # dumps() without indent is the C encoder: json.dump(indent=...) is ~20x slower
             _write_all(fd, json.dumps(alloc.to_json(), separators=(",", ":"),
                                       sort_keys=True).encode())
-            os.fchmod(fd, 0o644)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 ignores the umask; open() would not
             os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -365,6 +365,18 @@ class Store:
                     self.first_skipped = self.first_skipped or n
                     continue
                 yield ev
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask() sets it, racing threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _write_all(fd: int, data: bytes) -> None:

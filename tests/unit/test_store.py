@@ -389,3 +389,13 @@ def test_a_corrupt_store_in_an_unwritable_dir_is_still_adopted(cfg, monkeypatch)
     assert [l["event"] for l in logs if l["log_level"] == "error"] == [
         "cannot move the corrupt allocation store aside"]
     assert Store(cfg.state_dir).load() == rec.alloc  # the next write replaced it
+
+
+def test_allocations_json_mode_follows_the_umask(cfg):
+    a, _ = allocate(cfg, Allocations())
+    old = os.umask(0o027)  # the unit's UMask=
+    try:
+        Store(cfg.state_dir).write_allocations(a)
+    finally:
+        os.umask(old)
+    assert os.stat(Store(cfg.state_dir).allocations_path).st_mode & 0o777 == 0o640
