@@ -82,6 +82,8 @@ def cmd_plan(args) -> int:
     from .render import transaction
     from .routing.diff import diff_routes
     if args.against_running:  # what apply would change on this host now (root)
+        from . import log
+        log.configure(json_lines=False)  # a corrupt store's warning on stderr, not in the plan
         rec = _reconciler(cfg)
         rec.quarantine = False  # a plan moves no file
         observed = rec.observe()
