@@ -85,6 +85,10 @@ def test_truncated_store_is_quarantined_and_the_kernel_adopted(lab: Lab) -> None
         with open(path, "rb+") as f:
             f.truncate(os.path.getsize(path) // 2)
         truncated = open(path, "rb").read()
+        # a plan says what apply would do and moves nothing
+        plan = agent(lab, "plan", "--against-running", "-c", config, "--json")
+        assert json.loads(plan.stdout)["changed"] is False and "corrupt" in plan.stderr
+        assert open(path, "rb").read() == truncated
         proc = agent(lab, "apply", "-c", config, "--json")
         r = json.loads(proc.stdout)
         assert r["adopted"] and not r["changed"] and r["quarantined"], r
