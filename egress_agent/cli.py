@@ -2,7 +2,9 @@
 
 Exit status: 0 ok; 1 the config is invalid (or a check failed); 2 usage
 error; 3 the kernel refused a change (nothing of it was applied); 4 a
-verification found a mismatch.
+verification found a mismatch; 5 another egress-agent holds this network
+namespace (nothing was done); 6 the kernel took the change but the state dir
+could not be written.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class Exit(IntEnum):
     USAGE = 2
     KERNEL = 3
     MISMATCH = 4
+    BUSY = 5
+    STORE = 6
 
 
 def _out(args, data, human: str) -> None:
@@ -82,7 +86,10 @@ def cmd_plan(args) -> int:
     from .render import transaction
     from .routing.diff import diff_routes
     if args.against_running:  # what apply would change on this host now (root)
+        from . import log
+        log.configure(json_lines=False)  # a corrupt store's warning on stderr, not in the plan
         rec = _reconciler(cfg)
+        rec.quarantine = False  # a plan moves no file
         observed = rec.observe()
         p, _, _ = rec.plan(cfg, observed)
     else:
@@ -146,7 +153,11 @@ def cmd_who(args) -> int:
     state_dir = args.state_dir or (load(args.config).config.state_dir
                                    if os.path.exists(args.config) else "/var/lib/egress-agent")
     addr, port = argtypes.address_port(args.address)
-    holders = who(Store(state_dir).history(), addr, port, args.at)
+    store = Store(state_dir)
+    holders = who(store.history(), addr, port, args.at)
+    if store.skipped_lines:
+        print(f"warning: {store.history_path}: skipped {store.skipped_lines} line(s) that are "
+              f"not events (first: line {store.first_skipped}; a torn write?)", file=sys.stderr)
     if args.json:
         print(json.dumps([h.to_json() for h in holders], indent=2))
     elif not holders:
@@ -178,14 +189,17 @@ def _reconciler(cfg):
 
 def cmd_apply(args) -> int:
     cfg = _load(args)
+    from . import log, nslock
     from .nft import NftError
-    rec = _reconciler(cfg)
-    try:
-        r = rec.sync(cfg, trigger="apply", full=True)
-    except NftError as e:
-        print(f"{args.config}: the kernel refused the change; nothing was applied:\n"
-              f"{e.message}\n{e.excerpt()}", file=sys.stderr)
-        return Exit.KERNEL
+    log.configure(json_lines=False)  # warnings (a quarantined store) on stderr
+    with nslock.acquire():
+        rec = _reconciler(cfg)
+        try:
+            r = rec.sync(cfg, trigger="apply", full=True)
+        except NftError as e:
+            print(f"{args.config}: the kernel refused the change; nothing was applied:\n"
+                  f"{e.message}\n{e.excerpt()}", file=sys.stderr)
+            return Exit.KERNEL
     if args.json:
         print(json.dumps(r.to_json(), indent=2))
     elif not r.changed:
@@ -200,13 +214,18 @@ def cmd_apply(args) -> int:
             print(f"  ip {op}")
     for n in r.notes:
         print(f"note: {n}", file=sys.stderr)
+    if r.store_error:
+        print(f"egress-agent apply: the kernel has the change, but the state dir could not be "
+              f"written ({r.store_error}); fix it and apply again", file=sys.stderr)
+        return Exit.STORE
     return Exit.OK
 
 
 def cmd_run(args) -> int:
-    from . import log, metrics
+    from . import log, metrics, nslock
     from .daemon import Daemon
     log.configure(json_lines={"json": True, "console": False}.get(args.log_format))
+    lock = nslock.acquire(serve=True)  # for the daemon's life; Busy is reported by main()
     state = metrics.State()
     if args.metrics != "off":
         try:
@@ -217,7 +236,10 @@ def cmd_run(args) -> int:
     d = Daemon(args.config, _reconciler, resync_interval=args.resync, state_dir=args.state_dir,
                metrics=state, usage_interval=args.usage_interval, collect_usage=_usage_collector(),
                translation_log=args.translation_log)
-    return d.run()
+    try:
+        return d.run()
+    finally:
+        lock.release()
 
 
 def _usage_collector():
@@ -270,8 +292,10 @@ def cmd_teardown(args) -> int:
     from .reconcile import Reconciler
     from .routing.iproute import IPRouteRouting
     from .store import Store
-    rec = Reconciler(Libnft(), IPRouteRouting(), Store("/nonexistent"), read_host_state)
-    r = rec.teardown()
+    from . import nslock
+    with nslock.acquire():
+        rec = Reconciler(Libnft(), IPRouteRouting(), Store("/nonexistent"), read_host_state)
+        r = rec.teardown()
     _out(args, r.to_json(), f"removed table inet egress_agent ({r.removed} elements)"
          + "".join(f"\n  ip {op}" for op in r.route_ops))
     return Exit.OK
@@ -367,8 +391,10 @@ def parser() -> argparse.ArgumentParser:
         description="Give every workload of this host (machines by source address, local "
                     "processes by cgroup) its own static egress IPv4 + IPv6, with nftables "
                     "SNAT port blocks and policy routes.",
-        epilog="Exit status: 0 ok, 1 invalid config or failed check, 2 usage, "
-               "3 kernel refused the change (nothing applied), 4 verify mismatch.")
+        epilog="Exit status: 0 ok, 1 invalid config or failed check (or a corrupt state "
+               "file), 2 usage, 3 kernel refused the change (nothing applied), 4 verify "
+               "mismatch, 5 another egress-agent holds this network namespace, 6 applied but "
+               "the state dir could not be written.")
     p.add_argument("--version", action="version", version=f"egress-agent {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
@@ -457,6 +483,8 @@ def _checked(fn):
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
+    from .nslock import Busy
+    from .store import StoreCorrupt
     if needs_root(args) and not has_net_admin():
         print(f"egress-agent {args.cmd}: needs root (CAP_NET_ADMIN); run it as root, "
               "e.g. with sudo", file=sys.stderr)
@@ -465,6 +493,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(args.fn(args))
     except ConfigError as e:
         print(str(e), file=sys.stderr)
+        return Exit.INVALID
+    except Busy as e:
+        print(f"egress-agent {args.cmd}: {e}; a running daemon applies config changes itself "
+              "(edit the file or send SIGHUP); otherwise retry when it is done", file=sys.stderr)
+        return Exit.BUSY
+    except StoreCorrupt as e:
+        print(f"egress-agent {args.cmd}: {e}; the next apply or daemon sync moves it aside "
+              "and adopts the kernel's live state", file=sys.stderr)
         return Exit.INVALID
     except CapacityError as e:
         where = load(args.config).where(e.workload) if getattr(args, "config", None) else ""

@@ -31,6 +31,7 @@ from .sdnotify import Notifier
 
 CONFIG_DEBOUNCE = 0.1  # editors write in several steps
 NETLINK_DEBOUNCE = 0.005
+STORE_RETRY = (0.5, 30.0)  # first and longest delay before retrying a failed store write
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Daemon:
         self.collect_usage = collect_usage
         self.warned: set = set()
         self.translation_log = translation_log
+        self.store_retry: Optional[threading.Timer] = None
+        self.store_retry_delay = 0.0
 
     # --- config ----------------------------------------------------------------
     def load_config(self) -> bool:
@@ -202,6 +205,7 @@ class Daemon:
         self.syncs += 1
         self.last_result = r
         self.metrics.record_sync(t.kind, True, r.duration_ms / 1000)
+        self._store_retry(r)
         before = self.last_usable
         # what the plan used, read before the commit: an address that changes while
         # the sync runs still counts as a change when its netlink event is handled
@@ -213,7 +217,9 @@ class Daemon:
                       route_ops=len(r.route_ops), policies_changed=r.policies_changed,
                       adopted=r.adopted, duration_ms=round(r.duration_ms, 2),
                       conntrack_count=count, conntrack_max=cmax,
-                      **({"notes": r.notes} if r.notes else {}))
+                      **({"notes": r.notes} if r.notes else {}),
+                      **({"store_error": r.store_error} if r.store_error else {}),
+                      **({"quarantined": r.quarantined} if r.quarantined else {}))
         n_ips = len(self.cfg.ips_here())
         usable = sum(1 for ip in self.cfg.ips_here()
                      if self.last_usable.ok(ip, 4) or self.last_usable.ok(ip, 6))
@@ -221,6 +227,23 @@ class Daemon:
                     f"usable, last sync {r.trigger} {r.duration_ms:.0f} ms")
         for fn in self.on_sync:
             fn(r)
+
+    def _store_retry(self, r: SyncResult) -> None:
+        """The kernel took the sync but the store write failed: retry it with a full
+        sync after a backoff (0.5 s doubling to 30 s), one timer at a time."""
+        with self.metrics.lock:
+            self.metrics.store_write_failures = self.rec.store_write_failures if self.rec else 0
+        if r.store_error is None:
+            self.store_retry_delay = 0.0
+            return
+        if self.store_retry is not None and self.store_retry.is_alive():
+            return
+        lo, hi = STORE_RETRY
+        self.store_retry_delay = min(hi, max(lo, self.store_retry_delay * 2))
+        self.store_retry = threading.Timer(
+            self.store_retry_delay, lambda: self.queue.put(Trigger("store-retry", full=True)))
+        self.store_retry.daemon = True
+        self.store_retry.start()
 
     # --- event sources ------------------------------------------------------------
     def _signals(self) -> None:
@@ -287,8 +310,10 @@ class Daemon:
             time.sleep(0.1)
         if self.rec is None:
             return
-        store = self.rec.store
-        log = TranslationLog(self.translation_log, workload_lookup(store.load))
+        rec = self.rec
+        # what the kernel holds (memory), not the disk, which may be behind or corrupt
+        log = TranslationLog(self.translation_log,
+                             workload_lookup(lambda: rec.alloc or rec.store.load()))
         self.log.info("translation log", path=self.translation_log)
         try:
             log.run(self.stopping, lambda msg, n: self.log.warning(msg, overruns=n))

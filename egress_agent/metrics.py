@@ -47,6 +47,7 @@ class State:
         self.sync_seconds: dict[str, float] = {}
         self.last_sync_duration = 0.0
         self.failovers = 0
+        self.store_write_failures = 0
         self.snapshot = None
         self.usable: dict[str, bool] = {}
 
@@ -79,6 +80,10 @@ class Collector:
                                     "Duration of the last sync", value=s.last_sync_duration)
             yield CounterMetricFamily("egress_agent_failovers", "Egress IPs that became unusable",
                                       value=s.failovers)
+            yield CounterMetricFamily("egress_agent_store_write_failures",
+                                      "Writes of the allocation store that failed (each is "
+                                      "retried; the kernel kept the change)",
+                                      value=s.store_write_failures)
             g = GaugeMetricFamily("egress_agent_egress_ip_usable", "1 if the egress IP can take "
                                   "new connections", labels=["egress_ip"])
             for ip, ok in sorted(s.usable.items()):

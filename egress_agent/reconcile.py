@@ -5,10 +5,19 @@ rules are added before the nft batch that marks traffic for them, and removed
 after the batch that stops marking. What was applied is remembered only after
 the kernel said yes; any failure makes the next sync a full one (read the
 kernel again instead of trusting memory).
+
+Memory follows the kernel, not the disk: once the nft batch is accepted, the
+new allocations are what the agent believes, whether or not the store write
+that follows succeeds. A failed write (read-only or full state dir) is logged,
+counted, kept pending (its history events keep the time the kernel took them)
+and retried by every later sync; `SyncResult.store_error` tells the daemon to
+schedule one soon. A store that does not validate is moved aside and the
+kernel's live maps are adopted (adopt.py), with history for what was adopted.
 """
 
 from __future__ import annotations
 
+import errno as errno_mod
 import ipaddress
 import os
 import time
@@ -16,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from . import alloc as alloc_mod
+from . import log as logmod
 from .adopt import adopt
 from .config import Config
 from .hoststate import HostState
@@ -24,7 +34,7 @@ from .nft import NftPort
 from .plan import HostFacts, Plan, build
 from .render import observed_from_json, transaction
 from .routing import RoutingPort, diff_routes, split_ops
-from .store import Store
+from .store import Store, StoreCorrupt, event_record, lease_key, now_iso, open_assigns
 
 
 @dataclass
@@ -41,6 +51,8 @@ class SyncResult:
     notes: list[str] = field(default_factory=list)
     batch: str = ""
     usable: alloc_mod.Usable = field(default_factory=alloc_mod.Usable)  # what the plan used
+    quarantined: Optional[str] = None  # where a corrupt allocations.json was moved
+    store_error: Optional[str] = None  # the kernel took the change, the store write failed
 
     @property
     def changed(self) -> bool:
@@ -52,6 +64,7 @@ class SyncResult:
                 "elements_added": self.added, "elements_removed": self.removed,
                 "route_ops": self.route_ops, "policies_changed": self.policies_changed,
                 "skeleton_replaced": self.skeleton_replaced, "adopted": self.adopted,
+                "quarantined": self.quarantined, "store_error": self.store_error,
                 "duration_ms": round(self.duration_ms, 2), "notes": self.notes}
 
 
@@ -84,8 +97,14 @@ class Reconciler:
         self.read_host = read_host
         self.cgroup_root = cgroup_root
         self.applied: Optional[Observed] = None  # what the kernel accepted last
-        self.alloc: Optional[alloc_mod.Allocations] = None  # stored with it
+        self.alloc: Optional[alloc_mod.Allocations] = None  # the allocations it accepted with it
         self.full_next = True
+        self.quarantine = True  # move a corrupt store aside (False: plan only, touch nothing)
+        self.unsaved: list[dict] = []  # history records the kernel took and the disk has not
+        self.store_dirty = False  # allocations.json is older than self.alloc
+        self.store_write_failures = 0
+        self.log = logmod.get()
+        self._quarantined: Optional[str] = None
 
     def facts(self, cfg: Config) -> HostFacts:
         return HostFacts(usable_from(cfg, self.read_host()),
@@ -96,18 +115,54 @@ class Reconciler:
         return observed_from_json(self.nft.list_table(), routes, rules)
 
     def plan(self, cfg: Config, observed: Observed) -> tuple[Plan, list[alloc_mod.Event], bool]:
-        # the allocations committed with the last sync; the store after a failure or at start
-        prev = self.alloc if self.alloc is not None and not self.full_next else self.store.load()
-        adopted = False
-        if not self.store.exists() and observed.table:
-            prev, adopted = adopt(cfg, observed), True
+        prev, adopted_events, adopted = self.previous(cfg, observed)
         facts = self.facts(cfg)
         new_alloc, events = alloc_mod.allocate(cfg, prev, facts.usable)
-        return build(cfg, new_alloc, facts), events, adopted
+        return build(cfg, new_alloc, facts), adopted_events + events, adopted
+
+    def previous(self, cfg: Config, observed: Observed
+                 ) -> tuple[alloc_mod.Allocations, list[alloc_mod.Event], bool]:
+        """The allocations the kernel holds now: those of the last sync it accepted,
+        else the store, else (store lost or corrupt) adopted from the live maps, with
+        the history events that make `who` answer for what was adopted."""
+        if self.alloc is not None:
+            return self.alloc, [], False
+        try:
+            if self.store.exists():
+                return self.store.load(), [], False
+        except StoreCorrupt as e:
+            moved = None
+            if self.quarantine:
+                try:
+                    moved = self._quarantined = str(self.store.quarantine())
+                except OSError as err:  # read-only too: adopt anyway; the next write replaces it
+                    self.log.error("cannot move the corrupt allocation store aside", path=e.path,
+                                   error=err.strerror or str(err))
+            self.log.warning("allocation store corrupt: adopting the kernel's live state",
+                             path=e.path, reason=e.reason, moved_to=moved)
+        if not observed.table:
+            return alloc_mod.Allocations(), [], False
+        prev = adopt(cfg, observed)
+        return prev, self._adoption_events(prev), True
+
+    def _adoption_events(self, prev: alloc_mod.Allocations) -> list[alloc_mod.Event]:
+        """Releases for what the history holds open and the kernel no longer has;
+        assigns (marked adopted) for what the kernel has and the history does not."""
+        try:
+            open_ = open_assigns(self.store.history())
+        except (OSError, StoreCorrupt):
+            open_ = {}
+        live = {lease_key(l): l for l in prev.leases.values()}
+        events = [alloc_mod.Event("release", alloc_mod.Lease.from_json(ev))
+                  for key, ev in open_.items() if key not in live]
+        events += [_Adopted("assign", l) for key, l in sorted(live.items(), key=lambda kv: str(kv[0]))
+                   if key not in open_]
+        return events
 
     def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
         t0 = time.perf_counter()
         mode = "full" if (full or self.full_next or self.applied is None) else "incremental"
+        self._quarantined = None
         if mode == "full":
             observed = self.observe()
         else:
@@ -124,18 +179,49 @@ class Reconciler:
             before, after = split_ops(ops)
             self.routing.apply(before)
             self.nft.run(tx.text)
+        except Exception:
+            self.full_next = True
+            raise
+        # The kernel took the batch: memory follows it, whatever the disk does next.
+        at = now_iso()
+        self.alloc = plan.alloc
+        self.applied = _as_observed(d)
+        self.unsaved += [event_record(at, e, isinstance(e, _Adopted)) for e in events]
+        self.store_dirty = True
+        try:
             self.routing.apply(after)
         except Exception:
             self.full_next = True
             raise
-        self.store.save(plan.alloc, events)
-        self.alloc = plan.alloc
-        self.applied = _as_observed(d)
-        self.full_next = False
+        finally:
+            store_error = self.persist()
+        self.full_next = store_error is not None
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
                           tx.policies_changed and not tx.full, tx.full and observed.table,
                           adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text,
-                          plan.usable)
+                          plan.usable, self._quarantined, store_error)
+
+    def persist(self) -> Optional[str]:
+        """Write what the kernel holds to the store: pending history first, then
+        allocations.json (never the other way round: a new allocations.json with its
+        events lost would leave `who` without them for good). None, or the error."""
+        if self.alloc is None or not (self.unsaved or self.store_dirty):
+            return None
+        try:
+            self.store.append_history(self.unsaved)
+            self.unsaved = []
+            self.store.write_allocations(self.alloc)
+            self.store_dirty = False
+            return None
+        except OSError as e:
+            self.store_write_failures += 1
+            path = e.filename or str(self.store.dir)
+            reason = e.strerror or str(e)
+            self.log.error("allocation store write failed; the kernel has the change, the "
+                           "write is retried", path=path, error=reason,
+                           errno=errno_mod.errorcode.get(e.errno or 0), failures=self.store_write_failures,
+                           pending_history_events=len(self.unsaved))
+            return f"{path}: {reason}"
 
     def teardown(self) -> SyncResult:
         t0 = time.perf_counter()
@@ -148,6 +234,10 @@ class Reconciler:
         self.applied, self.alloc, self.full_next = None, None, True
         return SyncResult("teardown", "full", 0, removed, [op.describe() for op in ops],
                           duration_ms=(time.perf_counter() - t0) * 1000)
+
+
+class _Adopted(alloc_mod.Event):
+    """An assign learnt from the kernel's live maps (history marks it adopted)."""
 
 
 def _as_observed(d: Desired) -> Observed:

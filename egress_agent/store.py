@@ -1,8 +1,18 @@
 """The allocation store under state_dir: current allocations and their history.
 
-`allocations.json` is replaced atomically (write, fsync, rename); `history.jsonl`
-is append-only, one event per line, so `who` can answer for any past time.
-The store is written only after the kernel accepted a sync.
+`allocations.json` is replaced atomically (a temporary file unique to the
+writer, fsync, rename). It is validated on load as strictly as the config; a
+file that does not parse or does not validate raises `StoreCorrupt` and
+nothing else, so the caller can move it aside (`quarantine`) and adopt the
+kernel's live state instead of failing every sync.
+
+`history.jsonl` is append-only, one event per line, so `who` can answer for
+any past time. An append that a full disk or a crash cut short leaves a torn
+last line: the next append first ends it with a newline, and readers skip
+(and count) every line that is not a valid event.
+
+The store is written only after the kernel accepted a sync; a failed write
+never changes what the agent believes the kernel holds (reconcile.py).
 """
 
 from __future__ import annotations
@@ -10,15 +20,31 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import stat
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
+from . import names
 from .alloc import Allocations, Event, Lease
+from .config import _ID
 
 ALLOCATIONS = "allocations.json"
 HISTORY = "history.jsonl"
+# 100k workloads with two leases each are ~25 MB of JSON
+MAX_ALLOCATIONS_BYTES = 256 << 20
+LEASE_KEYS = frozenset({"workload", "ip", "ipv4", "ports", "ipv6", "temporary"})
+TOP_KEYS = frozenset({"version", "wids", "eids", "app_choice", "leases"})
+
+
+class StoreCorrupt(ValueError):
+    """The store file at `path` cannot be used: `reason` says why."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
 
 
 def now_iso() -> str:
@@ -30,35 +56,287 @@ def parse_time(s: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
+# --- allocations.json: strict validation -------------------------------------------
+
+def _int(v: Any, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _id_map(d: Any, field: str, hi: int, bad) -> dict[str, int]:
+    if not isinstance(d, dict):
+        bad(f"{field}: expected an object of id -> number, got {type(d).__name__}")
+    seen: dict[int, str] = {}
+    for k, v in d.items():
+        if not _ID.fullmatch(k):
+            bad(f"{field}: {k[:80]!r} is not an id")
+        if not _int(v, 1, hi):
+            bad(f"{field}.{k}: {str(v)[:40]} is not a number in 1..{hi}")
+        if v in seen:
+            bad(f"{field}: {k} and {seen[v]} share the number {v}")
+        seen[v] = k
+    return dict(d)
+
+
+def _address(v: Any, version: int, where: str, bad) -> Optional[str]:
+    if v is None:
+        return None
+    try:
+        if not isinstance(v, str):
+            raise ValueError
+        a = ipaddress.ip_address(v)
+    except ValueError:
+        bad(f"{where}: {str(v)[:60]!r} is not an IPv{version} address")
+    if a.version != version:
+        bad(f"{where}: {v} is not an IPv{version} address")
+    return v
+
+
+def validate(d: Any, where: str | Path) -> Allocations:
+    """The allocations in `d` (parsed JSON), or StoreCorrupt naming the first problem.
+
+    As strict as the config: exact keys, types, id syntax, number ranges, address
+    families, port ranges, every lease naming known ids, no two leases sharing a
+    port or an IPv6 address."""
+    def bad(reason: str):
+        raise StoreCorrupt(where, reason)
+
+    if not isinstance(d, dict):
+        bad(f"expected a JSON object, got {type(d).__name__}")
+    if set(d) != TOP_KEYS:
+        bad(f"keys {sorted(d)[:10]}; expected {sorted(TOP_KEYS)}")
+    if d["version"] != 1 or type(d["version"]) is not int:
+        bad(f"version {str(d['version'])[:20]}; this agent reads version 1")
+    wids = _id_map(d["wids"], "wids", names.WID_MAX, bad)
+    eids = _id_map(d["eids"], "eids", names.EID_MAX, bad)
+    choice = d["app_choice"]
+    if not isinstance(choice, dict):
+        bad("app_choice: expected an object of workload -> egress IP")
+    for w, ip in choice.items():
+        if w not in wids or not isinstance(ip, str) or ip not in eids:
+            bad(f"app_choice.{w[:80]}: names a workload or egress IP without a number")
+    if not isinstance(d["leases"], list):
+        bad("leases: expected a list")
+    leases: dict[tuple[str, str], Lease] = {}
+    blocks: dict[str, list[tuple[int, int, str]]] = {}
+    v6_owner: dict[str, str] = {}
+    for i, x in enumerate(d["leases"]):
+        at = f"leases[{i}]"
+        if not isinstance(x, dict) or set(x) != LEASE_KEYS:
+            bad(f"{at}: expected an object with keys {sorted(LEASE_KEYS)}")
+        w, ip = x["workload"], x["ip"]
+        if not isinstance(w, str) or w not in wids:
+            bad(f"{at}.workload: {str(w)[:80]!r} has no workload number")
+        if not isinstance(ip, str) or ip not in eids:
+            bad(f"{at}.ip: {str(ip)[:80]!r} has no egress number")
+        if (w, ip) in leases:
+            bad(f"{at}: a second lease of {w} on {ip}")
+        ipv4 = _address(x["ipv4"], 4, f"{at}.ipv4", bad)
+        ipv6 = _address(x["ipv6"], 6, f"{at}.ipv6", bad)
+        ports = x["ports"]
+        if ipv4 is None and ipv6 is None:
+            bad(f"{at}: neither ipv4 nor ipv6")
+        if (ports is None) != (ipv4 is None):
+            bad(f"{at}: an IPv4 lease has a port block and only an IPv4 lease has one")
+        if ports is not None:
+            if not (isinstance(ports, list) and len(ports) == 2 and _int(ports[0], 1, 65535)
+                    and _int(ports[1], ports[0], 65535)):
+                bad(f"{at}.ports: {str(ports)[:60]} is not [first, last] within 1-65535")
+            blocks.setdefault(str(ipaddress.ip_address(ipv4)), []).append(
+                (ports[0], ports[1], w))
+        if ipv6 is not None:
+            key6 = str(ipaddress.ip_address(ipv6))
+            if key6 in v6_owner:
+                bad(f"{at}.ipv6: {ipv6} is leased to {v6_owner[key6]} too")
+            v6_owner[key6] = w
+        if type(x["temporary"]) is not bool:
+            bad(f"{at}.temporary: expected true or false")
+        leases[(w, ip)] = Lease(w, ip, ipv4, tuple(ports) if ports else None, ipv6,
+                                x["temporary"])
+    for addr, bs in blocks.items():
+        bs.sort()
+        for (lo1, hi1, w1), (lo2, hi2, w2) in zip(bs, bs[1:]):
+            if lo2 <= hi1:
+                bad(f"leases: port blocks {lo1}-{hi1} ({w1}) and {lo2}-{hi2} ({w2}) "
+                    f"overlap on {addr}")
+    return Allocations(wids, eids, dict(choice), leases)
+
+
+def parse_allocations(raw: bytes, where: str | Path) -> Allocations:
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise StoreCorrupt(where, f"not UTF-8 (byte {e.start})") from None
+    except RecursionError:
+        raise StoreCorrupt(where, "nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, NaN, integers too long to convert
+        raise StoreCorrupt(where, f"not JSON: {str(e)[:200]}") from None
+    return validate(data, where)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+# --- history.jsonl: lenient reading --------------------------------------------------
+
+def parse_event(raw: bytes) -> Optional[dict]:
+    """One history line as an event dict, or None if it is not a valid event."""
+    try:
+        ev = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        # any event kind: readers act on those they know (assign, release)
+        if not isinstance(ev, dict) or not isinstance(ev.get("event"), str):
+            return None
+        if not isinstance(ev.get("at"), str) or not isinstance(ev.get("workload"), str) \
+                or not isinstance(ev.get("ip"), str):
+            return None
+        parse_time(ev["at"])
+        for fam, key in ((4, "ipv4"), (6, "ipv6")):
+            v = ev.get(key)
+            if v is not None and (not isinstance(v, str) or ipaddress.ip_address(v).version != fam):
+                return None
+        p = ev.get("ports")
+        if p is not None and not (isinstance(p, list) and len(p) == 2
+                                  and _int(p[0], 0, 65535) and _int(p[1], 0, 65535)):
+            return None
+        return ev
+    except (ValueError, RecursionError, OverflowError):
+        return None
+
+
+def event_record(at: str, e: Event, adopted: bool = False) -> dict:
+    """The history line of event `e` at time `at` (adopted: learnt from the kernel's
+    live maps, not decided by an allocation)."""
+    return {"at": at, "event": e.kind, **e.lease.to_json(), **({"adopted": True} if adopted else {})}
+
+
+def _lease_key(ev: dict) -> tuple:
+    return (ev["workload"], ev["ip"], ev.get("ipv4"), tuple(ev.get("ports") or ()), ev.get("ipv6"))
+
+
+def open_assigns(history: Iterable[dict]) -> dict[tuple, dict]:
+    """The assign events that no release has closed, by lease."""
+    open_: dict[tuple, dict] = {}
+    for ev in history:
+        key = _lease_key(ev)
+        if ev["event"] == "assign":
+            open_.setdefault(key, ev)
+        elif ev["event"] == "release":
+            open_.pop(key, None)
+    return open_
+
+
+def lease_key(lease: Lease) -> tuple:
+    return _lease_key(lease.to_json())
+
+
+# --- the store -----------------------------------------------------------------------
+
 class Store:
     def __init__(self, state_dir: str | Path):
         self.dir = Path(state_dir)
+        self.skipped_lines = 0  # history lines the last history() read skipped
+        self.first_skipped: Optional[int] = None
+
+    @property
+    def allocations_path(self) -> Path:
+        return self.dir / ALLOCATIONS
+
+    @property
+    def history_path(self) -> Path:
+        return self.dir / HISTORY
 
     def exists(self) -> bool:
-        return (self.dir / ALLOCATIONS).exists()
+        # a dangling symlink is no store: adopt the kernel rather than start empty
+        return os.path.exists(self.allocations_path)
 
     def load(self) -> Allocations:
+        """The stored allocations (empty if there are none). StoreCorrupt if the file
+        cannot be used; OSError only if it cannot be read at all (EACCES, EIO)."""
+        path = self.allocations_path
         try:
-            return Allocations.from_json(json.loads((self.dir / ALLOCATIONS).read_text()))
+            # O_NONBLOCK: a FIFO put there must not hang the agent
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return Allocations()
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreCorrupt(path, "not a regular file")
+            if st.st_size > MAX_ALLOCATIONS_BYTES:
+                raise StoreCorrupt(path, f"{st.st_size} bytes, more than "
+                                         f"{MAX_ALLOCATIONS_BYTES} (not written by this agent)")
+            chunks, n = [], 0
+            while n <= MAX_ALLOCATIONS_BYTES:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+                n += len(b)
+        finally:
+            os.close(fd)
+        if n > MAX_ALLOCATIONS_BYTES:
+            raise StoreCorrupt(path, f"more than {MAX_ALLOCATIONS_BYTES} bytes")
+        return parse_allocations(b"".join(chunks), path)
+
+    def quarantine(self) -> Path:
+        """Move allocations.json aside, beside itself; its new path."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dest = self.dir / f"{ALLOCATIONS}.corrupt-{stamp}"
+        n = 1
+        while os.path.lexists(dest):
+            n += 1
+            dest = self.dir / f"{ALLOCATIONS}.corrupt-{stamp}-{n}"
+        os.rename(self.allocations_path, dest)
+        self._sync_dir()
+        return dest
 
     def save(self, alloc: Allocations, events: list[Event], at: Optional[str] = None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         at = at or now_iso()
-        if events:
-            with open(self.dir / HISTORY, "a") as f:
-                for e in events:
-                    f.write(json.dumps({"at": at, "event": e.kind, **e.lease.to_json()}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        tmp = self.dir / (ALLOCATIONS + ".tmp")
-        with open(tmp, "w") as f:
+        self.append_history([event_record(at, e) for e in events])
+        self.write_allocations(alloc)
+
+    def append_history(self, records: list[dict]) -> None:
+        """Append `records`, one write() per line. A torn last line (a crash or a full
+        disk during an earlier append) is ended first, so it stays one bad line
+        that readers skip instead of swallowing the next record."""
+        if not records:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.history_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                _write_all(fd, b"\n")
+            for r in records:
+                _write_all(fd, (json.dumps(r, separators=(",", ":")) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_allocations(self, alloc: Allocations) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # unique per writer: two writers never share (and never rename away) one temp file
+        fd, tmp = tempfile.mkstemp(prefix=ALLOCATIONS + ".", suffix=".tmp", dir=self.dir)
+        try:
             # dumps() without indent is the C encoder: json.dump(indent=...) is ~20x slower
-            f.write(json.dumps(alloc.to_json(), separators=(",", ":"), sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / ALLOCATIONS)
+            _write_all(fd, json.dumps(alloc.to_json(), separators=(",", ":"),
+                                      sort_keys=True).encode())
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 ignores the umask; open() would not
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, self.allocations_path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -66,13 +344,45 @@ class Store:
             os.close(fd)
 
     def history(self) -> Iterator[dict]:
+        """Every valid event, in order. Lines that are not one (a torn tail, bytes
+        that are not UTF-8 or JSON, a wrong shape) are skipped and counted in
+        `skipped_lines` (first one: `first_skipped`)."""
+        self.skipped_lines, self.first_skipped = 0, None
         try:
-            with open(self.dir / HISTORY) as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)
+            fd = os.open(self.history_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreCorrupt(self.history_path, "not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                ev = parse_event(raw)
+                if ev is None:
+                    self.skipped_lines += 1
+                    self.first_skipped = self.first_skipped or n
+                    continue
+                yield ev
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask() sets it, racing threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @dataclass(frozen=True)
@@ -118,7 +428,7 @@ def who(history: Iterator[dict], address: str, port: Optional[int] = None,
         return parse_time(since) <= when and (until is None or when < parse_time(until))
 
     for ev in history:
-        key = (ev["workload"], ev["ip"], ev.get("ipv4"), tuple(ev.get("ports") or ()), ev.get("ipv6"))
+        key = _lease_key(ev)
         if ev["event"] == "assign":
             open_[key] = ev
         elif ev["event"] == "release" and key in open_:
@@ -137,4 +447,5 @@ def _holder(ev: dict, addr: str, until: Optional[str]) -> Holder:
                   ev["at"], until)
 
 
-__all__ = ["Store", "who", "Holder", "Lease", "now_iso"]
+__all__ = ["Store", "StoreCorrupt", "who", "Holder", "Lease", "now_iso", "event_record",
+           "open_assigns", "lease_key"]

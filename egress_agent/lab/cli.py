@@ -102,8 +102,13 @@ def cmd_demo(args) -> int:
         print(f"lab {args.prefix} is not up; building it ...", file=sys.stderr)
         lab.up()
     config = write_demo_config(lab)
+    running = _daemon_pid(lab)
     if args.daemon:
         rc = _start_daemon(lab, config)
+    elif running:  # it holds the namespace's lock (an apply would be refused) and applies itself
+        print(f"the lab's daemon (pid {running}) keeps {config} applied; checking",
+              file=sys.stderr)
+        rc = 0
     else:
         print(f"applying {config} in namespace {lab.host} ...", file=sys.stderr)
         rc = _agent(lab, "apply", "-c", config)
@@ -123,19 +128,27 @@ def cmd_check(args) -> int:
                   *(["--json"] if args.json else []))
 
 
+def _daemon_pid(lab: Lab) -> int | None:
+    """The pid of the daemon `lab demo --daemon` started, if it still runs."""
+    try:
+        with open(os.path.join(STATE_ROOT, lab.prefix, "agent.pid")) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
 def _start_daemon(lab: Lab, config: str, timeout: float = 30.0) -> int:
     """`egress-agent run` in the lab's host namespace, logging to a file; `lab down`
     stops it with everything else in the lab's namespaces."""
     import time
     log = os.path.join(STATE_ROOT, lab.prefix, "agent.log")
     pid_file = os.path.join(STATE_ROOT, lab.prefix, "agent.pid")
-    try:
-        pid = int(open(pid_file).read())
-        os.kill(pid, 0)
+    pid = _daemon_pid(lab)
+    if pid:
         print(f"the lab's daemon is running already (pid {pid}, log {log})", file=sys.stderr)
         return 0
-    except (OSError, ValueError):
-        pass
     cmd = lab.agent_prefix() + [sys.executable, "-m", "egress_agent.cli", "run", "-c", config,
                                 "--log-format", "json", "--resync", "30"]
     with open(log, "a") as out:
