@@ -38,7 +38,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from . import names
@@ -851,6 +851,25 @@ def dump_groups(mark: int | None = names.OURS_FLAG, mask: int | None = names.OUR
         stats.slow += c
     stats.messages = stats.fast + stats.slow
     return out
+
+
+LEASE_BITS = names.WID_MASK | names.EID_MASK
+
+
+def lease_addresses(groups: Iterable[Group]) -> frozenset[tuple[int, str]]:
+    """(lease mark, egress address) of the groups: the leases whose blocks carry them.
+
+    The egress address is the REPLY tuple's destination, i.e. the source the
+    origin sees; the conntrack mark names the lease that translated it."""
+    return frozenset((g.mark & LEASE_BITS, g.egress_address) for g in groups)
+
+
+def live_leases(*, netns: str | None = None, stats: DumpStats | None = None
+                ) -> frozenset[tuple[int, str]]:
+    """Which leases (released ones included) still have connections in conntrack.
+
+    One kernel-filtered dump_groups() (the agent's flows only); see alloc.drain."""
+    return lease_addresses(dump_groups(netns=netns, stats=stats))
 
 
 def _log_warning(msg: str) -> None:

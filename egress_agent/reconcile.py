@@ -77,12 +77,16 @@ def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str
 
 class Reconciler:
     def __init__(self, nft: NftPort, routing: RoutingPort, store: Store,
-                 read_host: Callable[[], HostState], cgroup_root: str = "/sys/fs/cgroup"):
+                 read_host: Callable[[], HostState], cgroup_root: str = "/sys/fs/cgroup",
+                 live_leases: Optional[Callable[[], alloc_mod.Live]] = None):
         self.nft = nft
         self.routing = routing
         self.store = store
         self.read_host = read_host
         self.cgroup_root = cgroup_root
+        # which leases conntrack still has connections of (conntrack.live_leases);
+        # None: unknown, released blocks linger until a reconciler that can tell
+        self.live_leases = live_leases
         self.applied: Optional[Observed] = None  # what the kernel accepted last
         self.alloc: Optional[alloc_mod.Allocations] = None  # stored with it
         self.full_next = True
@@ -128,14 +132,32 @@ class Reconciler:
         except Exception:
             self.full_next = True
             raise
-        self.store.save(plan.alloc, events)
-        self.alloc = plan.alloc
+        alloc = self._drain(plan.alloc, events, plan.notes)
+        self.store.save(alloc, events)
+        self.alloc = alloc
         self.applied = _as_observed(d)
         self.full_next = False
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
                           tx.policies_changed and not tx.full, tx.full and observed.table,
                           adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text,
                           plan.usable)
+
+    def _drain(self, alloc: alloc_mod.Allocations, events: list[alloc_mod.Event],
+               notes: list[str]) -> alloc_mod.Allocations:
+        """Free the lingering blocks with no connection left (appends `drained` events).
+
+        Read after the kernel took the batch: from then on no new connection
+        can get a released block, so none is missed between dump and commit."""
+        if not alloc.lingering or self.live_leases is None:
+            return alloc
+        try:
+            live = self.live_leases()
+        except OSError as e:  # not fatal: they linger until a check can read conntrack
+            notes.append(f"released port blocks kept until conntrack can be read: {e}")
+            return alloc
+        alloc, drained = alloc_mod.drain(alloc, live)
+        events += drained
+        return alloc
 
     def teardown(self) -> SyncResult:
         t0 = time.perf_counter()

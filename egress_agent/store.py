@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from .alloc import Allocations, Event, Lease
 
@@ -77,30 +77,70 @@ class Store:
 
 @dataclass(frozen=True)
 class Holder:
+    """One hold of an address (and port block) by a workload, from the history.
+
+    state: "held" (leased now or at that time), "lingering" (released, but
+    connections translated into it still live: the block is given to nobody
+    else), "drained" (released, and its last connection was found gone at
+    `drained`), "released" (a release written before lingering existed).
+    """
+
     workload: str
     ip: str
     address: str
     ports: Optional[tuple[int, int]]
     since: str
-    until: Optional[str]  # None: still held
+    until: Optional[str]  # released at (None: still held)
+    lingering: bool = False  # the release waited for its connections to end
+    drained: Optional[str] = None  # when no connection was left in it
+
+    @property
+    def state(self) -> str:
+        if self.until is None:
+            return "held"
+        if not self.lingering:
+            return "released"
+        return "drained" if self.drained else "lingering"
+
+    @property
+    def end(self) -> Optional[str]:
+        """When the block stopped carrying this workload's traffic (None: it still may)."""
+        return (self.drained if self.lingering else self.until) if self.until else None
+
+    def describe(self) -> str:
+        ports = f" ports {self.ports[0]}-{self.ports[1]}" if self.ports else ""
+        head = f"{self.workload}: {self.address}{ports} via {self.ip}, since {self.since}"
+        return head + {
+            "held": " (still held)",
+            "released": f" until {self.until}",
+            "lingering": f", released {self.until}, connections still open "
+                         "(block not reused until they close)",
+            "drained": f", released {self.until}, last connection closed by {self.drained}",
+        }[self.state]
 
     def to_json(self) -> dict:
         return {"workload": self.workload, "egress_ip": self.ip, "address": self.address,
                 "ports": list(self.ports) if self.ports else None,
-                "since": self.since, "until": self.until}
+                "since": self.since, "until": self.until, "state": self.state,
+                "released": self.until, "drained": self.drained,
+                "connections_open": self.state == "lingering"}
 
 
-def who(history: Iterator[dict], address: str, port: Optional[int] = None,
+def who(history: Iterable[dict], address: str, port: Optional[int] = None,
         at: Optional[str] = None) -> list[Holder]:
     """Who held `address` (and `port`) at time `at` (default: now).
 
-    Replays the history: an assign opens an interval, the matching release
-    closes it. Matching is on the IPv4 and port block, or the IPv6 address.
+    Replays the history: an assign opens a hold, the matching release ends the
+    lease; a `linger` after it keeps the hold going while the released block
+    still carries connections, until `drained`. An assign of the same block
+    to the same workload while it lingers continues the one hold. Matching is
+    on the IPv4 and port block, or the IPv6 address.
     """
     addr = str(ipaddress.ip_address(address))
     when = parse_time(at) if at else None
-    open_: dict[tuple, dict] = {}
-    out: list[Holder] = []
+    open_: dict[tuple, dict] = {}      # key -> its hold (a dict, see hold())
+    released: dict[tuple, dict] = {}   # key -> its last released hold
+    holds: list[dict] = []
 
     def matches(ev: dict) -> bool:
         if ev.get("ipv6") == addr:
@@ -112,29 +152,40 @@ def who(history: Iterator[dict], address: str, port: Optional[int] = None,
         lo, hi = ev["ports"]
         return lo <= port <= hi
 
-    def held_at(since: str, until: Optional[str]) -> bool:
-        if when is None:
-            return until is None
-        return parse_time(since) <= when and (until is None or when < parse_time(until))
-
     for ev in history:
         key = (ev["workload"], ev["ip"], ev.get("ipv4"), tuple(ev.get("ports") or ()), ev.get("ipv6"))
-        if ev["event"] == "assign":
-            open_[key] = ev
-        elif ev["event"] == "release" and key in open_:
-            start = open_.pop(key)
-            if matches(start) and held_at(start["at"], ev["at"]):
-                out.append(_holder(start, addr, ev["at"]))
-    for ev in open_.values():
-        if matches(ev) and held_at(ev["at"], None):
-            out.append(_holder(ev, addr, None))
-    return out
+        kind = ev["event"]
+        if kind == "assign":
+            h = released.pop(key, None)
+            if h is not None and h["linger"] and h["drained"] is None:
+                h["until"], h["linger"] = None, False  # its own block again: one hold
+                open_[key] = h
+            elif key not in open_ and matches(ev):
+                open_[key] = {"ev": ev, "until": None, "linger": False, "drained": None}
+                holds.append(open_[key])
+        elif kind == "release" and key in open_:
+            h = open_.pop(key)
+            h["until"] = ev["at"]
+            released[key] = h
+        elif kind == "linger" and key in released and released[key]["until"] == ev["at"]:
+            released[key]["linger"] = True
+        elif kind == "drained" and key in released and released[key]["linger"]:
+            released[key]["drained"] = released[key]["drained"] or ev["at"]
+    out = [_holder(h["ev"], addr, h["until"], h["linger"], h["drained"]) for h in holds]
+    return [h for h in out if _held_at(h, when)]
 
 
-def _holder(ev: dict, addr: str, until: Optional[str]) -> Holder:
+def _held_at(h: Holder, when: Optional[datetime]) -> bool:
+    if when is None:
+        return h.end is None
+    return parse_time(h.since) <= when and (h.end is None or when < parse_time(h.end))
+
+
+def _holder(ev: dict, addr: str, until: Optional[str], linger: bool = False,
+            drained: Optional[str] = None) -> Holder:
     return Holder(ev["workload"], ev["ip"], addr,
                   tuple(ev["ports"]) if ev.get("ports") and ev.get("ipv4") == addr else None,  # type: ignore[arg-type]
-                  ev["at"], until)
+                  ev["at"], until, linger, drained)
 
 
 __all__ = ["Store", "who", "Holder", "Lease", "now_iso"]
