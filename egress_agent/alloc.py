@@ -232,7 +232,7 @@ class _Room:
         i = bisect.bisect_left(self.starts, lo)
         return ((i < len(self.starts) and self.starts[i] <= hi)
                 or (i > 0 and self.starts[i - 1] + self.size > lo)
-                or any(a <= hi and lo <= b for a, b in self.odd))
+                or bool(self.odd) and any(a <= hi and lo <= b for a, b in self.odd))
 
     def reserve(self, lease: Lease, retake: bool) -> None:
         """Keep what `lease` gave (a block still in use) from everyone; with `retake`,
@@ -393,9 +393,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
             room.take(lease)
             leases[key] = lease
     # what is released now lingers from now on: nobody else gets it in this allocation
-    for key in sorted(prev.leases):
-        if key not in leases:
-            reserve(prev.leases[key])
+    for key in prev.leases.keys() - leases.keys():
+        reserve(prev.leases[key])
 
     # 2. app choice: keep it while it is in the app; else least loaded active IP
     app_choice: dict[str, str] = {}
@@ -463,13 +462,16 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
     leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
 
     # A released lease lingers unless the same workload holds the same block again.
-    held = {block_key(l) for l in leases.values()}
-    lingering = {k: l for k, l in prev.lingering.items() if k not in held}
+    def held(k: BlockKey) -> bool:
+        now = leases.get((k[0], k[1]))
+        return now is not None and block_key(now) == k
+
+    lingering = {k: l for k, l in prev.lingering.items() if not held(k)}
     events = []
     for k, l in sorted(prev.leases.items()):
         if leases.get(k) != l:
             events.append(Event("release", l))
-            if block_key(l) not in held:
+            if not held(block_key(l)):
                 mark = names.lease_mark(prev.wids[l.workload], prev.eids[l.ip])
                 lingering[block_key(l)] = Lingering(replace(l, temporary=False), mark)
                 events.append(Event("linger", l))
