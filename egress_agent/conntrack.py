@@ -864,12 +864,28 @@ def lease_addresses(groups: Iterable[Group]) -> frozenset[tuple[int, str]]:
     return frozenset((g.mark & LEASE_BITS, g.egress_address) for g in groups)
 
 
-def live_leases(*, netns: str | None = None, stats: DumpStats | None = None
-                ) -> frozenset[tuple[int, str]]:
-    """Which leases (released ones included) still have connections in conntrack.
+def lease_filter(marks: Iterable[int]) -> tuple[int, int]:
+    """(mark, mask) for a kernel-filtered dump that keeps every connection of
+    these leases and as few others as one filter can: the agent's flag plus
+    the lease bits on which all of them agree (one lease: its exact mark; the
+    blocks of one drained IP: that egress id)."""
+    marks = list(marks)
+    mask = LEASE_BITS
+    for m in marks[1:]:
+        mask &= ~(m ^ marks[0])
+    first = marks[0] if marks else 0
+    mask = (mask if marks else 0) | names.OURS_FLAG
+    return (first | names.OURS_FLAG) & mask, mask
 
-    One kernel-filtered dump_groups() (the agent's flows only); see alloc.drain."""
-    return lease_addresses(dump_groups(netns=netns, stats=stats))
+
+def live_leases(marks: Iterable[int] = (), *, netns: str | None = None,
+                stats: DumpStats | None = None) -> frozenset[tuple[int, str]]:
+    """Which of these leases (released ones included) still have connections.
+
+    One dump, filtered by the kernel (lease_filter); with no marks, every
+    lease the agent's flows carry. See alloc.drain."""
+    mark, mask = lease_filter(marks)
+    return lease_addresses(dump_groups(mark, mask, netns=netns, stats=stats))
 
 
 def _log_warning(msg: str) -> None:

@@ -78,13 +78,14 @@ def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str
 class Reconciler:
     def __init__(self, nft: NftPort, routing: RoutingPort, store: Store,
                  read_host: Callable[[], HostState], cgroup_root: str = "/sys/fs/cgroup",
-                 live_leases: Optional[Callable[[], alloc_mod.Live]] = None):
+                 live_leases: Optional[Callable[[list[int]], alloc_mod.Live]] = None):
         self.nft = nft
         self.routing = routing
         self.store = store
         self.read_host = read_host
         self.cgroup_root = cgroup_root
-        # which leases conntrack still has connections of (conntrack.live_leases);
+        # which of these lease marks conntrack still has connections of
+        # (conntrack.live_leases);
         # None: unknown, released blocks linger until a reconciler that can tell
         self.live_leases = live_leases
         self.applied: Optional[Observed] = None  # what the kernel accepted last
@@ -151,7 +152,7 @@ class Reconciler:
         if not alloc.lingering or self.live_leases is None:
             return alloc
         try:
-            live = self.live_leases()
+            live = self.live_leases(sorted({l.mark for l in alloc.lingering.values()}))
         except OSError as e:  # not fatal: they linger until a check can read conntrack
             notes.append(f"released port blocks kept until conntrack can be read: {e}")
             return alloc

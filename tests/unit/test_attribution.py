@@ -276,8 +276,8 @@ def test_the_sync_after_the_commit_frees_what_conntrack_no_longer_has(tmp_path):
     conns: set = set()
     calls = []
 
-    def live():
-        calls.append(len(rec.nft.batches))  # read after this sync's batch went in
+    def live(marks):
+        calls.append((len(rec.nft.batches), marks))  # read after this sync's batch went in
         return frozenset(conns)
 
     rec = reconciler(tmp_path, live)
@@ -287,7 +287,8 @@ def test_the_sync_after_the_commit_frees_what_conntrack_no_longer_has(tmp_path):
     mark = names.lease_mark(rec.alloc.wids["w0"], rec.alloc.eids[gone.ip])
     conns.add((mark, gone.ipv4))
     rec.sync(cfg_with(["w1"], IPS))
-    assert calls == [len(rec.nft.batches)] and list(rec.alloc.lingering) == [block_key(gone)]
+    assert calls == [(len(rec.nft.batches), [mark])]
+    assert list(rec.alloc.lingering) == [block_key(gone)]
     assert Store(tmp_path).load() == rec.alloc
     [h] = who(Store(tmp_path).history(), gone.ipv4, gone.ports[0])
     assert (h.workload, h.state) == ("w0", "lingering")
@@ -300,7 +301,7 @@ def test_the_sync_after_the_commit_frees_what_conntrack_no_longer_has(tmp_path):
 
 
 def test_an_unreadable_conntrack_keeps_the_blocks_and_says_so(tmp_path):
-    def live():
+    def live(marks):
         raise PermissionError(1, "Operation not permitted")
 
     rec = reconciler(tmp_path, live)
@@ -317,3 +318,22 @@ def test_conntrack_groups_name_the_lease_by_mark_and_the_source_the_origin_saw()
               Group(m | names.OURS_FLAG, 17, "192.0.2.53", 53, A),
               Group(names.lease_mark(8, 2) | names.OURS_FLAG, 6, "192.0.2.10", 8080, "2001:db8:10::100")]
     assert lease_addresses(groups) == {(m, A), (names.lease_mark(8, 2), "2001:db8:10::100")}
+
+
+def test_one_kernel_filter_keeps_every_connection_of_the_lingering_leases():
+    from egress_agent.conntrack import lease_filter
+    one = names.lease_mark(7, 2)
+    assert lease_filter([one]) == (one | names.OURS_FLAG, names.OURS_FLAG | names.WID_MASK
+                                   | names.EID_MASK)
+    same_ip = [names.lease_mark(w, 3) for w in (5, 9, 1000)]
+    mark, mask = lease_filter(same_ip)
+    assert mask & names.EID_MASK == names.EID_MASK  # only egress id 3's connections
+    assert lease_filter([]) == (names.OURS_FLAG, names.OURS_FLAG)
+    marks = [names.lease_mark(w, e) for w, e in ((1, 1), (2, 7), (300, 200), (77, 3))]
+    for ms in (marks, same_ip, [one]):
+        mark, mask = lease_filter(ms)
+        for m in ms:
+            assert ((m | names.OURS_FLAG) & mask) == mark, (hex(m), hex(mark), hex(mask))
+        other = names.lease_mark(8, 2) | names.OURS_FLAG
+        if ms == [one]:
+            assert other & mask != mark
