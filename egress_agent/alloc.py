@@ -126,11 +126,14 @@ class Allocations:
         return self.leases.get((workload, ip))
 
 
+# "linger": the block just released stays taken, its connections may live;
+# "drained": a lingering block's last connection is gone, the block is free
+EVENT_KINDS = ("assign", "release", "linger", "drained")
+
+
 @dataclass(frozen=True)
 class Event:
-    # "assign" | "release" | "linger" (the released block stays taken: its
-    # connections live) | "drained" (a lingering block's last connection is gone)
-    kind: str
+    kind: str  # one of EVENT_KINDS
     lease: Lease
 
 

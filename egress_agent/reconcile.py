@@ -158,6 +158,11 @@ class Reconciler:
             return alloc
         alloc, drained = alloc_mod.drain(alloc, live)
         events += drained
+        if drained:
+            notes.append("released blocks free again, no connection left: " + ", ".join(
+                f"{e.lease.workload} {e.lease.ipv4 or e.lease.ipv6}"
+                + (f" {e.lease.ports[0]}-{e.lease.ports[1]}" if e.lease.ports else "")
+                for e in drained))
         return alloc
 
     def teardown(self) -> SyncResult:

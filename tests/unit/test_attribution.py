@@ -295,6 +295,7 @@ def test_the_sync_after_the_commit_frees_what_conntrack_no_longer_has(tmp_path):
     conns.clear()
     r = rec.sync(cfg_with(["w1"], IPS), trigger="drained")
     assert not rec.alloc.lingering and not Store(tmp_path).load().lingering and not r.changed
+    assert f"w0 {gone.ipv4} {gone.ports[0]}-{gone.ports[1]}" in " ".join(r.notes)
     assert who(Store(tmp_path).history(), gone.ipv4, gone.ports[0]) == []
     [h] = who(Store(tmp_path).history(), gone.ipv4, gone.ports[0], h.until)
     assert h.state == "drained"
