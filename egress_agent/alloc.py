@@ -125,6 +125,13 @@ class Allocations:
     def lease(self, workload: str, ip: str) -> Optional[Lease]:
         return self.leases.get((workload, ip))
 
+    def workloads_by_wid(self) -> dict[int, str]:
+        """wid -> workload, for the wids in conntrack marks: a removed workload whose
+        connections still linger keeps its name (its wid goes to nobody else)."""
+        out = {l.wid: l.lease.workload for l in self.lingering.values()}
+        out.update((wid, w) for w, wid in self.wids.items())
+        return out
+
 
 # "linger": the block just released stays taken, its connections may live;
 # "drained": a lingering block's last connection is gone, the block is free

@@ -70,7 +70,7 @@ class Row:
 
 def rows(cfg: Config, alloc: Allocations, groups: dict[Group, int]) -> list[Row]:
     """Rows sorted by saturation, most saturated first."""
-    workload_of = {wid: w for w, wid in alloc.wids.items()}
+    workload_of = alloc.workloads_by_wid()
     ip_of = {eid: ip for ip, eid in alloc.eids.items()}
     ips = {ip.id: ip for ip in cfg.egress_ips}
     lo, hi = port_bounds(cfg.defaults.port_range)
@@ -136,7 +136,7 @@ def lingering_blocks(alloc: Allocations, ipv4: Optional[str], lo: int, hi: int) 
 
 def refusals(cfg: Config, alloc: Allocations, elements: Iterable[tuple[int, str, int]]) -> list[dict]:
     """(lease mark, protocol, packets) from @refused_ports -> per workload and IP."""
-    workload_of = {wid: w for w, wid in alloc.wids.items()}
+    workload_of = alloc.workloads_by_wid()
     ip_of = {eid: ip for ip, eid in alloc.eids.items()}
     out = []
     for mark, proto, count in elements:

@@ -139,6 +139,11 @@ def test_a_removed_workloads_id_and_block_wait_and_come_back_to_it():
     c, _ = allocate(cfg_with(["w1", "new"], IPS), b)
     assert c.wids["new"] != a.wids["w0"]  # its id is in the marks of w0's connections
     assert all(l.ports != gone.ports for l in c.leases.values() if l.ipv4 == gone.ipv4)
+    assert c.workloads_by_wid()[a.wids["w0"]] == "w0"  # usage and the translation log
+    from egress_agent.usage import Group, rows
+    mark = names.lease_mark(a.wids["w0"], a.eids[gone.ip])
+    [r] = rows(cfg_with(["w1", "new"], IPS), c, {Group(mark, 6, "192.0.2.10", 443, gone.ipv4): 3})
+    assert (r.workload, r.egress_ip, r.connections) == ("w0", gone.ip, 3)
     d, events = allocate(cfg_with(["w1", "new", "w0"], IPS), c)
     assert d.wids["w0"] == a.wids["w0"] and d.leases[("w0", gone.ip)] == gone
     assert not d.lingering and [e.kind for e in events] == ["assign"]
@@ -338,3 +343,24 @@ def test_one_kernel_filter_keeps_every_connection_of_the_lingering_leases():
         other = names.lease_mark(8, 2) | names.OURS_FLAG
         if ms == [one]:
             assert other & mask != mark
+
+
+def test_the_metrics_count_lingering_blocks_apart_from_free_ones():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from egress_agent.metrics import Collector, State
+    from egress_agent.report import Snapshot
+    ips = ["  - {id: a1, app: app, ipv4: 203.0.113.10, ports: 10000-13071}"]
+    a, _ = allocate(cfg_with(["w0", "w1"], ips), Allocations())
+    cfg = cfg_with(["w1"], ips)
+    b, _ = allocate(cfg, a)
+    state = State()
+    state.snapshot = Snapshot([], ip_rows(cfg, b), [], {"count": 0, "max": 10, "ratio": 0.0,
+                                                        "stats": {}})
+    reg = CollectorRegistry()
+    reg.register(Collector(state))
+    got = {(s.name, s.labels.get("egress_ip")): s.value
+           for f in text_string_to_metric_families(generate_latest(reg).decode())
+           for s in f.samples if "port_blocks" in s.name}
+    assert got == {("egress_agent_egress_ip_free_port_blocks", "a1"): 1,
+                   ("egress_agent_egress_ip_lingering_port_blocks", "a1"): 1}
