@@ -247,17 +247,19 @@ class _Room:
     def reserve(self, lease: Lease, retake: bool) -> None:
         """Keep what `lease` gave (a block still in use) from everyone; with `retake`,
         its own workload may take it again (new_lease)."""
+        alone = True  # nothing else has any of it: its workload may have it back
         if lease.ports and lease.ipv4 == self.ip.ipv4:
             lo, hi = lease.ports
+            alone = not self._overlaps(lo, hi)
             if hi - lo + 1 != self.size:
                 self.odd.append((lo, hi))
-                self.reserved += 1
-            elif not self._overlaps(lo):
+            elif alone:
                 bisect.insort(self.starts, lo)
-                self.reserved += 1
+            self.reserved += 1
         if lease.ipv6 and self.ip.ipv6 and ipaddress.IPv6Address(lease.ipv6) in self.net6:
+            alone = alone and self._offset(lease.ipv6) not in self.v6_used
             self.v6_used.add(self._offset(lease.ipv6))
-        if retake and lease.ip == self.ip.id and self._shaped(lease):
+        if retake and alone and lease.ip == self.ip.id and self._shaped(lease):
             self.held.setdefault(lease.workload, []).append(lease)
 
     def _shaped(self, lease: Lease) -> bool:
@@ -481,9 +483,10 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
     for k, l in sorted(prev.leases.items()):
         if leases.get(k) != l:
             events.append(Event("release", l))
-            if not held(block_key(l)):
-                mark = names.lease_mark(prev.wids[l.workload], prev.eids[l.ip])
-                lingering[block_key(l)] = Lingering(replace(l, temporary=False), mark)
+            wid, eid = prev.wids.get(l.workload), prev.eids.get(l.ip)
+            if not held(block_key(l)) and wid and eid:
+                lingering[block_key(l)] = Lingering(replace(l, temporary=False),
+                                                    names.lease_mark(wid, eid))
                 events.append(Event("linger", l))
     events += [Event("assign", l) for k, l in sorted(leases.items()) if prev.leases.get(k) != l]
     return Allocations(wids, eids, app_choice, leases, lingering), events
@@ -498,8 +501,8 @@ def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
     gone = [k for k, l in sorted(a.lingering.items()) if not l.in_use(live)]
     if not gone:
         return a, []
-    events = [Event("drained", a.lingering[k].lease) for k in gone]
-    return replace(a, lingering={k: l for k, l in a.lingering.items() if k not in gone}), events
+    left = {k: l for k, l in a.lingering.items() if l.in_use(live)}
+    return replace(a, lingering=left), [Event("drained", a.lingering[k].lease) for k in gone]
 
 
 def _family_wanted(ip: EgressIP, fam: int) -> bool:
