@@ -86,6 +86,9 @@ def test_a_draining_ips_open_connection_keeps_its_block_and_who_names_it(lab: La
             who_text(lab, drained, addr, port)
         [ip] = [i for i in st2["egress_ips"] if i["id"] == ip_id]
         assert [(l["workload"], l["ports"]) for l in ip["lingering"]] == [("m42", lease["ports"])]
+        lo, hi = lease["ports"]
+        assert f"(+1 released, connections still open: m42 {lo}-{hi})" in \
+            agent(lab, "status", "-c", drained).stdout
         # a check while it is open changes nothing
         apply(lab, drained)
         assert who(lab, drained, addr, port)[1][0]["state"] == "lingering"
