@@ -3,7 +3,7 @@ connections, nobody else gets it, and `who` names its holder until it drains.
 
 Pure parts only: history replay on hand-made histories, the allocator and
 drain(), the reconciler on fakes. The kernel test is
-tests/integration/test_attribution.py.
+tests/integration/test_attribution_kernel.py.
 """
 
 import json
