@@ -67,10 +67,13 @@ def adopt(cfg: Config, observed: Observed) -> Allocations:
         leases[(w, ip_id)] = Lease(w, ip_id, addr4, ports, v6.get(mark))
 
     app_choice: dict[str, str] = {}
+    app_choice6: dict[str, str] = {}
     for fam in (4, 6):
         for wid, mark in el.get(names.ASSIGN_MAP[fam], ()):
             w = workload_of.get(wid)
             ip_id = ip_of_eid.get(names.split_mark(mark)[1])
             if w and ip_id and cfg.ip(ip_id).app is not None:
-                app_choice.setdefault(w, ip_id)
-    return Allocations(wids, eids, app_choice, leases)
+                home = app_choice.setdefault(w, ip_id)
+                if fam == 6 and home != ip_id and not cfg.ip(home).ipv6:
+                    app_choice6[w] = ip_id  # IPv6 from another IP of the app
+    return Allocations(wids, eids, app_choice, leases, app_choice6)

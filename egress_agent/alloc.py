@@ -59,6 +59,11 @@ def block_key(lease: Lease) -> BlockKey:
     return (lease.workload, lease.ip, lease.ipv4, lease.ports, lease.ipv6)
 
 
+def lingering_order(k: BlockKey) -> tuple:
+    """A sort key for lingering keys (some of their parts are None)."""
+    return (k[0], k[1], k[2] or "", k[3] or (0, 0), k[4] or "")
+
+
 @dataclass(frozen=True)
 class Lingering:
     """A released lease whose connections may still live in conntrack.
@@ -80,8 +85,24 @@ class Lingering:
     def eid(self) -> int:
         return names.split_mark(self.mark)[1]
 
-    def in_use(self, live: "Live") -> bool:
-        return any((self.mark, a) in live for a in (self.lease.ipv4, self.lease.ipv6) if a)
+    def rest(self, now: Optional[Lease]) -> Optional[Lease]:
+        """What of it is not held again by `now`, its workload's lease on the same IP
+        (a lease that shrank to one family leaves the other lingering); None: nothing."""
+        if now is None:
+            return self.lease
+        v4 = self.lease.ports is not None and (now.ipv4, now.ports) != (self.lease.ipv4,
+                                                                         self.lease.ports)
+        v6 = self.lease.ipv6 is not None and now.ipv6 != self.lease.ipv6
+        if not (v4 or v6):
+            return None
+        return replace(self.lease, ipv4=self.lease.ipv4 if v4 else None,
+                       ports=self.lease.ports if v4 else None,
+                       ipv6=self.lease.ipv6 if v6 else None)
+
+    def in_use(self, live: "Live", now: Optional[Lease] = None) -> bool:
+        """Does conntrack (`live`) have a connection in what of it is not held again?"""
+        rest = self.rest(now)
+        return rest is not None and any((self.mark, a) in live for a in (rest.ipv4, rest.ipv6) if a)
 
     def to_json(self) -> dict:
         return {**self.lease.to_json(), "mark": self.mark}
@@ -101,16 +122,19 @@ class Allocations:
     eids: dict[str, int] = field(default_factory=dict)     # egress IP id -> eid
     app_choice: dict[str, str] = field(default_factory=dict)  # workload -> app IP id
     leases: dict[tuple[str, str], Lease] = field(default_factory=dict)  # (workload, ip)
+    # workload -> the app IP that serves its IPv6 when its app IP has no IPv6
+    # range but another IP of the app has one (its lease there is IPv6 only)
+    app_choice6: dict[str, str] = field(default_factory=dict)
     lingering: dict[BlockKey, Lingering] = field(default_factory=dict)  # released, still in use
 
     def to_json(self) -> dict:
         d = {"version": 1, "wids": self.wids, "eids": self.eids,
-             "app_choice": self.app_choice,
+             "app_choice": self.app_choice, "app_choice6": self.app_choice6,
              "leases": [l.to_json() for l in sorted(self.leases.values(),
                                                      key=lambda l: (l.workload, l.ip))]}
         if self.lingering:  # absent when empty: older readers see the file they know
-            d["lingering"] = [self.lingering[k].to_json() for k in sorted(
-                self.lingering, key=lambda k: (k[0], k[1], k[2] or "", k[3] or (0, 0), k[4] or ""))]
+            d["lingering"] = [self.lingering[k].to_json()
+                              for k in sorted(self.lingering, key=lingering_order)]
         return d
 
     @staticmethod
@@ -120,10 +144,17 @@ class Allocations:
         return Allocations(dict(d.get("wids", {})), dict(d.get("eids", {})),
                            dict(d.get("app_choice", {})),
                            {(l.workload, l.ip): l for l in leases},
+                           dict(d.get("app_choice6", {})),
                            {block_key(l.lease): l for l in lingering})
 
     def lease(self, workload: str, ip: str) -> Optional[Lease]:
         return self.leases.get((workload, ip))
+
+    def family_choice(self, workload: str, fam: int) -> Optional[str]:
+        """The app IP that serves `workload`'s traffic of family `fam` (4 or 6)."""
+        if fam == 6 and workload in self.app_choice6:
+            return self.app_choice6[workload]
+        return self.app_choice.get(workload)
 
     def workloads_by_wid(self) -> dict[int, str]:
         """wid -> workload, for the wids in conntrack marks: a removed workload whose
@@ -263,14 +294,16 @@ class _Room:
             self.held.setdefault(lease.workload, []).append(lease)
 
     def _shaped(self, lease: Lease) -> bool:
-        """Does `lease` have the shape a new lease on this IP would have?"""
-        if bool(self.ip.ipv4) != bool(lease.ports) or bool(self.ip.ipv6) != bool(lease.ipv6):
-            return False
+        """Could a new lease on this IP (of some of its families) look like `lease`?"""
         if lease.ports:
             lo, hi = lease.ports
             if lease.ipv4 != self.ip.ipv4 or hi - lo + 1 != self.size or lo < self.lo or hi > self.hi:
                 return False
-        return not lease.ipv6 or ipaddress.IPv6Address(lease.ipv6) in self.net6
+        elif lease.ipv4:
+            return False
+        if lease.ipv6 and not (self.ip.ipv6 and ipaddress.IPv6Address(lease.ipv6) in self.net6):
+            return False
+        return bool(lease.ports or lease.ipv6)
 
     def fits(self, lease: Lease) -> bool:
         if self.ip.ipv4 and lease.ports:
@@ -279,8 +312,8 @@ class _Room:
                 return False
             if self._overlaps(lo):
                 return False
-        elif self.ip.ipv4:
-            return False
+        elif self.ip.ipv4 and (lease.ipv4 or not lease.ipv6):
+            return False  # an IPv6-only lease holds no block of a dual IP
         if self.ip.ipv6:
             if not lease.ipv6 or ipaddress.IPv6Address(lease.ipv6) not in self.net6:
                 return False
@@ -300,18 +333,23 @@ class _Room:
         if lease.ipv6:
             self.v6_used.add(self._offset(lease.ipv6))
 
-    def new_lease(self, workload: str, temporary: bool) -> Lease:
+    def new_lease(self, workload: str, temporary: bool, families: tuple[int, ...] = (4, 6)) -> Lease:
+        """A lease for the `families` this IP has; `(6,)`: an IPv6 address, no port block."""
         if self.max is not None and workload not in self.workloads and len(self.workloads) >= self.max:
             raise CapacityError(workload, self.ip.id,
                                 f"max_workloads {self.max} reached; add an egress IP to the "
                                 "app or raise limits.max_workloads")
-        held = self.held.get(workload)
-        if held:  # its own block, still reserved: the same source again, nobody else's
-            self.workloads.add(workload)
-            self.reserved -= 1 if held[0].ports else 0
-            return replace(held.pop(0), temporary=temporary)
+        want = (bool(self.ip.ipv4 and 4 in families), bool(self.ip.ipv6 and 6 in families))
+        held = self.held.get(workload, [])
+        for i, old in enumerate(held):
+            if (bool(old.ports), bool(old.ipv6)) == want:
+                # its own block, still reserved: the same source again, nobody else's
+                self.workloads.add(workload)
+                self.reserved -= 1 if old.ports else 0
+                return replace(held.pop(i), temporary=temporary)
         ports = None
-        if self.ip.ipv4:
+        ipv4 = self.ip.ipv4 if 4 in families else None
+        if ipv4:
             start = self.next_start
             while start + self.size - 1 <= self.hi and self._overlaps(start):
                 start += self.size
@@ -326,15 +364,21 @@ class _Room:
                                     "an egress IP")
             ports = (start, start + self.size - 1)
         ipv6 = None
-        if self.ip.ipv6:
+        if self.ip.ipv6 and 6 in families:
             while self.v6_next in self.v6_used:
                 self.v6_next += 1
             if self.v6_next >= self.net6.num_addresses:
                 raise CapacityError(workload, self.ip.id, f"range {self.ip.ipv6} is full")
             ipv6 = str(ipaddress.IPv6Address(self.net6_base + self.v6_next))
-        lease = Lease(workload, self.ip.id, self.ip.ipv4, ports, ipv6, temporary)
+        lease = Lease(workload, self.ip.id, ipv4, ports, ipv6, temporary)
         self.take(lease)
         return lease
+
+    def widen(self, lease: Lease, fam: int) -> Lease:
+        """`lease` (IPv6 only) plus what this IP gives family `fam`, kept from now on."""
+        more = self.new_lease(lease.workload, lease.temporary, (fam,))
+        return replace(lease, ipv4=lease.ipv4 or more.ipv4, ports=lease.ports or more.ports,
+                       ipv6=lease.ipv6 or more.ipv6)
 
 
 def needed_ips(cfg: Config, w: Workload) -> list[str]:
@@ -386,7 +430,9 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
             room.reserve(lease, retake=lease.workload in workloads)
 
     for l in prev.lingering.values():
-        reserve(l.lease)
+        rest = l.rest(prev.leases.get((l.lease.workload, l.lease.ip)))
+        if rest is not None:
+            reserve(rest)
     leases: dict[tuple[str, str], Lease] = {}
 
     # What each workload needs, before any new allocation.
@@ -400,7 +446,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
             continue
         room = rooms[ip_id]
         keep = (ip_id in need[w] or lease.temporary
-                or (ip_id == prev.app_choice.get(w) and here[ip_id].state == "active"))
+                or (ip_id in (prev.app_choice.get(w), prev.app_choice6.get(w))
+                    and here[ip_id].state == "active"))
         if keep and room.fits(lease) and (room.max is None or len(room.workloads) < room.max):
             room.take(lease)
             leases[key] = lease
@@ -410,7 +457,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
 
     # 2. app choice: keep it while it is in the app; else least loaded active IP
     app_choice: dict[str, str] = {}
-    active_ids = {app: {ip.id for ip in cfg.app_ips(app) if ip.state == "active"}
+    # the app IP serves IPv4 when the app has any IPv4 (step 2b adds IPv6 if it lacks it)
+    active_ids = {app: {ip.id for ip in _first_family_ips(cfg.app_ips(app)) if ip.state == "active"}
                   for app in {w.app for w in cfg.workloads if w.app}}
     # least loaded first: a heap of (workloads on it, id) per app, built when first needed
     heaps: dict[str, list[tuple[int, str]]] = {}
@@ -424,6 +472,7 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
             continue
         heap = heaps.get(w.app)
         if heap is None:
+            candidates = _first_family_ips(candidates)
             active = [ip for ip in candidates if ip.state == "active"] or candidates
             heap = heaps[w.app] = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
             heapq.heapify(heap)
@@ -442,6 +491,42 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
             raise CapacityError(w.id, ",".join(ip.id for ip in candidates),
                                 f"every egress IP of app {w.app!r} is full ({'; '.join(reasons)})")
 
+    # 2b. IPv6 from another IP of the app when the app IP has no IPv6 range
+    app_choice6: dict[str, str] = {}
+    heaps6: dict[str, list[tuple[int, str]]] = {}
+    for w in cfg.workloads:
+        choice = app_choice.get(w.id)
+        if choice is None or here[choice].ipv6:
+            continue
+        candidates = [ip for ip in app_ips(cfg, w) if ip.ipv6]
+        if not candidates:
+            continue  # the app has no IPv6: defaults.unavailable
+        prev6 = prev.app_choice6.get(w.id)
+        if (prev6 in {ip.id for ip in candidates if ip.state == "active"}
+                and (w.id, prev6) in leases):
+            app_choice6[w.id] = prev6
+            continue
+        heap = heaps6.get(w.app)
+        if heap is None:
+            active = [ip for ip in candidates if ip.state == "active"] or candidates
+            heap = heaps6[w.app] = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
+            heapq.heapify(heap)
+        reasons = []
+        while heap:
+            _, ip_id = heapq.heappop(heap)
+            try:
+                leases[(w.id, ip_id)] = (leases.get((w.id, ip_id))
+                                         or rooms[ip_id].new_lease(w.id, False, (6,)))
+            except CapacityError as e:
+                reasons.append(f"{ip_id}: {e.reason}")
+                continue
+            app_choice6[w.id] = ip_id
+            heapq.heappush(heap, (len(rooms[ip_id].workloads), ip_id))
+            break
+        else:
+            raise CapacityError(w.id, ",".join(ip.id for ip in candidates),
+                                f"every IPv6 range of app {w.app!r} is full ({'; '.join(reasons)})")
+
     # 3. the IPs named by policies and machine-scoped IPs
     for w in cfg.workloads:
         for ip_id in need[w.id]:
@@ -453,18 +538,19 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
     #    the borrowed block is kept while the failover lasts, then released.
     borrowed: set[tuple[str, str]] = set()
     for w in cfg.workloads:
-        choice = app_choice.get(w.id)
-        if choice is None:
-            continue
         for fam in (4, 6):
-            if not _family_wanted(here[choice], fam) or usable.ok(here[choice], fam):
+            choice = (app_choice6 if fam == 6 and w.id in app_choice6 else app_choice).get(w.id)
+            if choice is None or not _family_wanted(here[choice], fam) or usable.ok(here[choice], fam):
                 continue
             alt_id = failover_target(cfg, w, here[choice], fam, usable, leases)
             if alt_id is None:
                 for alt in sorted(app_ips(cfg, w), key=lambda ip: (len(rooms[ip.id].workloads), ip.id)):
                     if alt.id != choice and usable.ok(alt, fam):
+                        held = leases.get((w.id, alt.id))
                         try:
-                            leases[(w.id, alt.id)] = rooms[alt.id].new_lease(w.id, True)
+                            # an IPv6-only lease on alt grows a block: kept, the same next time
+                            leases[(w.id, alt.id)] = (rooms[alt.id].widen(held, fam) if held
+                                                      else rooms[alt.id].new_lease(w.id, True))
                             alt_id = alt.id
                             break
                         except CapacityError:
@@ -473,23 +559,21 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
                 borrowed.add((w.id, alt_id))
     leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
 
-    # A released lease lingers unless the same workload holds the same block again.
-    def held(k: BlockKey) -> bool:
-        now = leases.get((k[0], k[1]))
-        return now is not None and block_key(now) == k
-
-    lingering = {k: l for k, l in prev.lingering.items() if not held(k)}
+    # A released lease lingers unless its workload holds all of it again.
+    lingering = {k: l for k, l in prev.lingering.items()
+                 if l.rest(leases.get((l.lease.workload, l.lease.ip))) is not None}
     events = []
     for k, l in sorted(prev.leases.items()):
         if leases.get(k) != l:
             events.append(Event("release", l))
             wid, eid = prev.wids.get(l.workload), prev.eids.get(l.ip)
-            if not held(block_key(l)) and wid and eid:
-                lingering[block_key(l)] = Lingering(replace(l, temporary=False),
-                                                    names.lease_mark(wid, eid))
+            gone = Lingering(replace(l, temporary=False), names.lease_mark(wid, eid)) \
+                if wid and eid else None
+            if gone and gone.rest(leases.get(k)) is not None:
+                lingering[block_key(l)] = gone
                 events.append(Event("linger", l))
     events += [Event("assign", l) for k, l in sorted(leases.items()) if prev.leases.get(k) != l]
-    return Allocations(wids, eids, app_choice, leases, lingering), events
+    return Allocations(wids, eids, app_choice, leases, app_choice6, lingering), events
 
 
 def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
@@ -498,15 +582,22 @@ def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
     `live` must be read after the kernel stopped giving out the released
     blocks (after the sync that released them), or a connection made in
     between would be missed."""
-    gone = [k for k, l in sorted(a.lingering.items()) if not l.in_use(live)]
+    busy = {k for k, l in a.lingering.items()
+            if l.in_use(live, a.leases.get((l.lease.workload, l.lease.ip)))}
+    gone = sorted(a.lingering.keys() - busy, key=lingering_order)
     if not gone:
         return a, []
-    left = {k: l for k, l in a.lingering.items() if l.in_use(live)}
+    left = {k: l for k, l in a.lingering.items() if k in busy}
     return replace(a, lingering=left), [Event("drained", a.lingering[k].lease) for k in gone]
 
 
 def _family_wanted(ip: EgressIP, fam: int) -> bool:
     return (ip.ipv4 if fam == 4 else ip.ipv6) is not None
+
+
+def _first_family_ips(ips: list[EgressIP]) -> list[EgressIP]:
+    """The IPs an app choice is made from: those with IPv4 if the app has any."""
+    return [ip for ip in ips if ip.ipv4] or ips
 
 
 def _own_covers_both(cfg: Config, w: Workload) -> bool:
@@ -517,9 +608,10 @@ def _own_covers_both(cfg: Config, w: Workload) -> bool:
 
 def failover_target(cfg: Config, w: Workload, ip: EgressIP, fam: int, usable: Usable,
                     leases: dict[tuple[str, str], Lease]) -> Optional[str]:
-    """Another usable IP of the same app on which `w` already holds a lease."""
+    """Another usable IP of the same app on which `w` already holds a lease for `fam`."""
     for alt in app_ips(cfg, w):
-        if alt.id != ip.id and usable.ok(alt, fam) and (w.id, alt.id) in leases:
+        held = leases.get((w.id, alt.id))
+        if alt.id != ip.id and usable.ok(alt, fam) and held and (held.ipv4 if fam == 4 else held.ipv6):
             return alt.id
     return None
 

@@ -284,6 +284,7 @@ def cmd_teardown(args) -> int:
 
 def cmd_status(args) -> int:
     cfg = _load(args)
+    from .alloc import lingering_order
     from .hoststate import read_host_state
     from .reconcile import usable_from
     from .store import Store
@@ -296,7 +297,8 @@ def cmd_status(args) -> int:
         present = bool(ip.ipv4 and host.has_address(ip.ipv4))
         state = ip.state if usable.ok(ip, 4) or usable.ok(ip, 6) or ip.state != "active" else "failed-over"
         # released blocks whose connections still live: not free, not reused
-        lingering = [l.to_json() for k, l in sorted(a.lingering.items()) if l.lease.ip == ip.id]
+        lingering = [a.lingering[k].to_json() for k in sorted(a.lingering, key=lingering_order)
+                     if k[1] == ip.id]
         ips.append({"id": ip.id, "ipv4": ip.ipv4, "ipv6": ip.ipv6, "present": present,
                     "state": state, "workloads": n, "max_workloads": ip.limits.max_workloads,
                     "lingering": lingering})
@@ -314,6 +316,7 @@ def cmd_status(args) -> int:
         leases = [l.to_json() for (wid, _), l in sorted(a.leases.items()) if wid == w.id]
         wls.append({"id": w.id, "app": w.app, "source": w.source, "cgroup": w.cgroup,
                     "app_ip": a.app_choice.get(w.id), "leases": leases,
+                    "app_ip6": a.app_choice6.get(w.id),  # IPv6 from another app IP
                     "policies": [p.name for p in cfg.policies if policy_matches(p, w)],
                     "highest_ratio": round(ratios.get(w.id, 0.0), 4) if have_usage else None})
     if args.json:

@@ -92,6 +92,7 @@ SOURCE_MAP = {4: "source4", 6: "source6"}            # saddr : wid-mark
 SOURCE_IF_MAP = {4: "source4_if", 6: "source6_if"}    # saddr . iifname : wid-mark
 BOUND_SET = {4: "bound4", 6: "bound6"}                # sources bound to an interface
 MANAGED_SET = {4: "managed4", 6: "managed6"}          # managed networks (intervals)
+EGRESS_SET = {4: "egress4", 6: "egress6"}             # every egress address/range (intervals)
 EXCLUDE_SET = {4: "exclude4", 6: "exclude6"}          # excluded destinations
 ASSIGN_MAP = {4: "assign4", 6: "assign6"}             # wid-mark : lease mark (default route)
 SNAT4_PORTS_MAP = "snat4"                            # lease mark : addr . port block

@@ -53,31 +53,28 @@ def _unavailable(cfg: Config) -> Choice:
 
 
 def assignment(cfg: Config, alloc: Allocations, w: Workload, fam: int, usable: Usable) -> Choice:
-    """The workload's own egress for `fam` when no policy matches."""
+    """The workload's own egress for `fam` when no policy matches. Each family is
+    assigned on its own; a family with no assignment follows defaults.unavailable,
+    never the host's address silently."""
     for ip in own_ips(cfg, w):
         if (ip.ipv4 if fam == 4 else ip.ipv6):
             if usable.ok(ip, fam):
                 return Choice("snat", ip.id, "machine-scoped IP")
             break  # own IP present in config but unusable: the app's IPs take over
-    choice = alloc.app_choice.get(w.id)
-    if choice is None:
-        if not app_ips(cfg, w) and not own_ips(cfg, w):
-            return Choice(DEFAULT, reason="no egress IP for this workload: host default")
-        return _unavailable(cfg) if _has_family(cfg, w, fam) else Choice(
-            DEFAULT, reason=f"no IPv{fam} egress for this workload: host default")
-    ip = cfg.ip(choice)
-    if not (ip.ipv4 if fam == 4 else ip.ipv6):
-        return Choice(DEFAULT, reason=f"app IP {ip.id} has no IPv{fam}: host default")
+    choice = alloc.family_choice(w.id, fam)
+    ip = cfg.ip(choice) if choice else None
+    if ip is None or not (ip.ipv4 if fam == 4 else ip.ipv6):
+        return Choice(cfg.defaults.unavailable,
+                      reason=f"no IPv{fam} egress IP for this workload: defaults.unavailable")
     if usable.ok(ip, fam):
+        if choice != alloc.app_choice.get(w.id):
+            return Choice("snat", ip.id, f"app {w.app} IP {ip.id}: its IPv6 range "
+                                         f"({alloc.app_choice[w.id]} has none)")
         return Choice("snat", ip.id, f"app {w.app} IP")
     alt = failover_target(cfg, w, ip, fam, usable, alloc.leases)
     if alt:
         return Choice("snat", alt, f"failover: {ip.id} unusable, another IP of app {w.app}")
     return _unavailable(cfg)
-
-
-def _has_family(cfg: Config, w: Workload, fam: int) -> bool:
-    return any((ip.ipv4 if fam == 4 else ip.ipv6) for ip in own_ips(cfg, w) + app_ips(cfg, w))
 
 
 def policy_choice(cfg: Config, p: Policy, fam: int, usable: Usable) -> Optional[Choice]:
@@ -165,6 +162,11 @@ def find_workload(cfg: Config, src: str, iface: Optional[str] = None) -> tuple[O
                 if best is None or w.cgroup.count("/") > best.cgroup.count("/"):
                     best = w
         return best, "" if best else f"no workload has cgroup {path} or a parent of it"
+    if iface != "lo":
+        for ip in cfg.egress_ips:
+            if any(ipaddress.ip_address(addr) in ipaddress.ip_network(x) for x in (ip.ipv4, ip.ipv6) if x):
+                return None, (f"{addr} is an address of egress IP {ip.id}: only the agent's SNAT "
+                              "sends with it; as a packet's source it is a forgery: drop")
     for w in cfg.workloads:
         if addr in w.source:
             if w.interface and iface and iface != w.interface:
@@ -221,6 +223,12 @@ def _host_default(w: Workload, reason: str) -> Explanation:
 
 # --- desired kernel objects --------------------------------------------------------
 
+def egress_prefixes(cfg: Config) -> list[str]:
+    """Every configured egress address and IPv6 range, of any region, present or
+    not: no workload may send with one unless the agent's SNAT writes it."""
+    return [x for ip in cfg.egress_ips for x in (ip.ipv4, ip.ipv6) if x]
+
+
 def _collapse(prefixes: list[str], fam: int) -> frozenset[Element]:
     nets = [ipaddress.ip_network(p) for p in prefixes if ipaddress.ip_network(p).version == fam]
     out = set()
@@ -274,6 +282,7 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
 
     for fam in (4, 6):
         el[names.MANAGED_SET[fam]] |= _collapse(cfg.managed_sources, fam)
+        el[names.EGRESS_SET[fam]] |= _collapse(egress_prefixes(cfg), fam)
         el[names.EXCLUDE_SET[fam]] |= _collapse(cfg.exclude.destinations, fam)
     if cfg.exclude.dns:
         el["exclude_services"] |= {(("tcp", 53), None), (("udp", 53), None)}
@@ -321,6 +330,7 @@ def _choice_mark_or(alloc: Allocations, c: Optional[Choice]) -> Union[None, str,
 _ALL_SETS = (
     list(names.SOURCE_MAP.values()) + list(names.SOURCE_IF_MAP.values())
     + list(names.BOUND_SET.values()) + list(names.MANAGED_SET.values())
+    + list(names.EGRESS_SET.values())
     + list(names.EXCLUDE_SET.values()) + list(names.ASSIGN_MAP.values())
     + [names.cgroup_map(l) for l in names.CGROUP_LEVELS]
     + [names.SNAT4_PORTS_MAP, names.SNAT4_ADDR_MAP, names.SNAT6_MAP,

@@ -48,6 +48,7 @@ KINDS: dict[str, _Kinds] = {
     "source4_if": (("addr", "ifname"), ("mark",)), "source6_if": (("addr", "ifname"), ("mark",)),
     "bound4": (("addr",), None), "bound6": (("addr",), None),
     "managed4": (("prefix",), None), "managed6": (("prefix",), None),
+    "egress4": (("prefix",), None), "egress6": (("prefix",), None),
     "exclude4": (("prefix",), None), "exclude6": (("prefix",), None),
     "exclude_services": (("proto", "port"), None), "exclude_protocols": (("proto",), None),
     "assign4": (("mark",), ("mark",)), "assign6": (("mark",), ("mark",)),

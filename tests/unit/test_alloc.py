@@ -41,6 +41,16 @@ def assert_no_overlap(a):
     assert len(v6) == len(set(v6))
 
 
+def assert_both_families(a):
+    """cfg_with's app: a1 has IPv4 and IPv6, a2 IPv4 only. Every workload gets
+    both families; one on a2 takes its IPv6 from a1, with no block there."""
+    for w, ip in a.app_choice.items():
+        v6_ip = a.app_choice6.get(w, ip)
+        assert v6_ip == "a1" and a.leases[(w, "a1")].ipv6, (w, a)
+        if ip == "a2":
+            assert a.leases[(w, "a1")].ports is None and a.leases[(w, "a1")].ipv4 is None
+
+
 names_st = st.lists(st.sampled_from([f"w{i}" for i in range(40)]), unique=True, max_size=30)
 
 
@@ -60,10 +70,12 @@ def test_blocks_never_overlap_and_unrelated_workloads_keep_their_leases(first, o
             continue
         b, _ = allocate(cfg_with(order), a)
         assert_no_overlap(b)
+        assert_both_families(b)
         for other in order:
             if other != w and other in a.wids:
                 assert b.wids[other] == a.wids[other]
                 assert b.app_choice.get(other) == a.app_choice.get(other)
+                assert b.app_choice6.get(other) == a.app_choice6.get(other)
                 for key, lease in a.leases.items():
                     if key[0] == other:
                         assert b.leases[key] == lease, f"{other} moved when {w} changed"
@@ -114,8 +126,8 @@ def test_smaller_block_size_reallocates_to_fit():
     assert all(l.ports[1] - l.ports[0] + 1 == 512 for l in b.leases.values() if l.ports)
     assert {e.kind for e in events} == {"assign", "release", "linger"}
     # the old blocks may still carry connections: the new ones stay clear of them
-    old = {(l.lease.ipv4, l.lease.ports) for l in b.lingering.values()}
-    assert old == {(l.ipv4, l.ports) for l in a.leases.values()}
+    old = {(l.lease.ipv4, l.lease.ports) for l in b.lingering.values() if l.lease.ports}
+    assert old == {(l.ipv4, l.ports) for l in a.leases.values() if l.ports}
     for addr, (lo, hi) in old:
         for l in b.leases.values():
             if l.ipv4 == addr:
@@ -169,3 +181,91 @@ def test_draining_ip_takes_no_new_workloads_and_hands_over_its_own():
     assert set(b.app_choice.values()) == {"a2"}
     assert all(("a1" != k[1]) for k in b.leases)
     assert {e.lease.workload for e in events if e.kind == "release"} == set(on_a1)
+
+
+def test_ipv6_comes_from_any_ip_of_the_app_with_a_range():
+    a, _ = allocate(cfg_with([f"w{i}" for i in range(6)]), Allocations())
+    assert set(a.app_choice.values()) == {"a1", "a2"}
+    assert_both_families(a)
+    assert set(a.app_choice6) == {w for w, ip in a.app_choice.items() if ip == "a2"}
+    again, events = allocate(cfg_with([f"w{i}" for i in range(6)]), a)
+    assert again == a and events == []
+    # an app whose IPv6 lives on an IP without IPv4: the app IP is an IPv4 one
+    ips = ["  - {id: v6only, app: app, ipv6: '2001:db8:10::/64'}",
+           "  - {id: v4only, app: app, ipv4: 203.0.113.11}"]
+    b, _ = allocate(cfg_with(["w0", "w1"], ips), Allocations())
+    assert b.app_choice == {"w0": "v4only", "w1": "v4only"}
+    assert b.app_choice6 == {"w0": "v6only", "w1": "v6only"}
+
+
+def test_ipv4_failover_widens_the_ipv6_lease_and_keeps_the_block():
+    cfg = cfg_with(["w0", "w1"])
+    a, _ = allocate(cfg, Allocations())
+    w = next(w for w, ip in a.app_choice.items() if ip == "a2")
+    down = Usable(v4=frozenset({"a1"}), v6=frozenset({"a1"}))
+    b, _ = allocate(cfg, a, down)
+    widened = b.leases[(w, "a1")]
+    assert widened.ipv6 == a.leases[(w, "a1")].ipv6 and widened.ports  # same IPv6, a block
+    assert_no_overlap(b)
+    c, _ = allocate(cfg, b, Usable())
+    assert c.app_choice[w] == "a2" and c.leases[(w, "a2")] == a.leases[(w, "a2")]
+    d, _ = allocate(cfg, c, down)
+    assert d.leases[(w, "a1")] == widened  # the same block the next time
+
+
+def test_app_choice6_survives_the_store(tmp_path):
+    s = Store(tmp_path)
+    a, ev = allocate(cfg_with(["w0", "w1"]), Allocations())
+    assert a.app_choice6
+    s.save(a, ev, at="2026-11-23T10:00:00+00:00")
+    assert s.load() == a
+
+
+IP_KINDS = {"dual": "ipv4: 203.0.113.{n}, ipv6: '2001:db8:{n}::/64'", "v4": "ipv4: 203.0.113.{n}",
+            "v6": "ipv6: '2001:db8:{n}::/64'"}
+
+
+@settings(max_examples=80, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(IP_KINDS)), min_size=1, max_size=4),
+       count=st.integers(1, 8), down4=st.sets(st.integers(0, 3)), down6=st.sets(st.integers(0, 3)))
+def test_each_family_gets_an_address_of_that_family_or_follows_unavailable(kinds, count, down4, down6):
+    """Whatever families the app's IPs have and whichever are unusable: a workload's
+    traffic of a family leaves with an address of that family from a usable IP of
+    its app holding its lease, or follows defaults.unavailable (here: drop)."""
+    from egress_agent.plan import assignment
+    ips = [f"  - {{id: i{n}, app: app, {IP_KINDS[k].format(n=n + 10)}}}" for n, k in enumerate(kinds)]
+    cfg = cfg_with([f"w{i}" for i in range(count)], ips)
+    cfg = cfg.model_copy(update={"defaults": cfg.defaults.model_copy(update={"unavailable": "drop"})})
+    a, _ = allocate(cfg, Allocations())
+    usable = Usable(v4=frozenset(f"i{n}" for n in range(len(kinds)) if n not in down4),
+                    v6=frozenset(f"i{n}" for n in range(len(kinds)) if n not in down6))
+    b, _ = allocate(cfg, a, usable)
+    assert_no_overlap(b)
+    for w in cfg.workloads:
+        for fam, addr in ((4, "ipv4"), (6, "ipv6")):
+            has = [ip for ip in cfg.app_ips("app") if getattr(ip, addr)]
+            c = assignment(cfg, b, w, fam, usable)
+            can = any(usable.ok(ip, fam) for ip in has)
+            assert c.action == ("snat" if can else "drop"), (w.id, fam, c, b)
+            if c.action == "snat":
+                assert usable.ok(cfg.ip(c.ip), fam)
+                assert getattr(b.leases[(w.id, c.ip)], addr), (w.id, fam, c, b)
+
+
+def test_full_ipv6_ranges_are_named_in_the_error():
+    ips = ["  - {id: a1, app: app, ipv4: 203.0.113.10, ipv6: '2001:db8:10::/64', "
+           "limits: {max_workloads: 1}}", "  - {id: a2, app: app, ipv4: 203.0.113.11}"]
+    with pytest.raises(CapacityError, match="every IPv6 range of app 'app' is full.*max_workloads 1"):
+        allocate(cfg_with(["w0", "w1"], ips), Allocations())
+
+
+def test_an_ipv4_failover_that_finds_no_block_follows_unavailable():
+    from egress_agent.plan import assignment
+    cfg = cfg_with(["w0", "w1"], ports_per_workload=1024, port_range="1024-2047")
+    a, _ = allocate(cfg, Allocations())
+    w = next(w for w, ip in a.app_choice.items() if ip == "a2")
+    down = Usable(v4=frozenset({"a1"}), v6=frozenset({"a1"}))
+    b, _ = allocate(cfg, a, down)  # a1's only block is taken: no widening
+    assert b.leases[(w, "a1")] == a.leases[(w, "a1")] and b.leases[(w, "a1")].ports is None
+    c = assignment(cfg, b, cfg.workloads[int(w[1:])], 4, down)
+    assert c.action == "default" and "no usable egress IP" in c.reason, c

@@ -7,11 +7,13 @@ tests/integration/test_attribution_kernel.py.
 """
 
 import json
+from dataclasses import replace
 
 from hypothesis import given, settings, strategies as st
 
 from egress_agent import names
-from egress_agent.alloc import Allocations, CapacityError, Lease, Usable, allocate, block_key, drain
+from egress_agent.alloc import (Allocations, CapacityError, Usable, allocate, block_key, drain,
+                                 lingering_order)
 from egress_agent.hoststate import HostState
 from egress_agent.nft.fake import FakeNft
 from egress_agent.reconcile import Reconciler
@@ -100,7 +102,7 @@ def test_drained_without_a_linger_or_for_another_block_changes_nothing():
 # --- the allocator -----------------------------------------------------------------
 
 IPS = ["  - {id: a1, app: app, ipv4: 203.0.113.10, ipv6: '2001:db8:10::/64'}",
-       "  - {id: a2, app: app, ipv4: 203.0.113.11}"]
+       "  - {id: a2, app: app, ipv4: 203.0.113.11, ipv6: '2001:db8:11::/64'}"]
 
 
 def draining(ips, which="a1"):
@@ -232,9 +234,10 @@ def test_a_lingering_block_is_never_given_to_another_and_freed_exactly_when_empt
         before = a
         if op == "conntrack":
             # conntrack still has connections of these lingering leases (by index)
-            ling = sorted(a.lingering)
+            ling = sorted(a.lingering, key=lingering_order)
             busy = {ling[i] for i in arg if i < len(ling)}
-            live = frozenset((a.lingering[k].mark, a.lingering[k].lease.ipv4) for k in busy)
+            live = frozenset((a.lingering[k].mark, addr) for k in busy
+                             for addr in (a.lingering[k].lease.ipv4, a.lingering[k].lease.ipv6))
             a, events = drain(a, live)
             assert set(a.lingering) == busy  # freed exactly the empty ones
             assert {block_key(e.lease) for e in events} == set(before.lingering) - busy
@@ -364,3 +367,24 @@ def test_the_metrics_count_lingering_blocks_apart_from_free_ones():
            for s in f.samples if "port_blocks" in s.name}
     assert got == {("egress_agent_egress_ip_free_port_blocks", "a1"): 1,
                    ("egress_agent_egress_ip_lingering_port_blocks", "a1"): 1}
+
+
+def test_a_lease_widened_to_both_families_leaves_nothing_lingering():
+    """IPv4 failover widens the IPv6-only lease on the app's IPv6 IP: the old lease is
+    released, but all of it (its IPv6 address) is held again, so nothing lingers."""
+    ips = ["  - {id: a1, app: app, ipv4: 203.0.113.10, ipv6: '2001:db8:10::/64'}",
+           "  - {id: a2, app: app, ipv4: 203.0.113.11}"]
+    cfg = cfg_with(["w0", "w1"], ips)
+    a, _ = allocate(cfg, Allocations())
+    w = next(w for w, ip in a.app_choice.items() if ip == "a2")  # its IPv6 comes from a1
+    down = Usable(v4=frozenset({"a1"}), v6=frozenset({"a1"}))
+    b, events = allocate(cfg, a, down)
+    widened = b.leases[(w, "a1")]
+    assert widened.ipv6 == a.leases[(w, "a1")].ipv6 and widened.ports
+    assert [e.kind for e in events] == ["release", "assign"] and not b.lingering
+    # a record of the old lease would linger in nothing but what is held again
+    from egress_agent.alloc import Lingering
+    old = Lingering(a.leases[(w, "a1")], names.lease_mark(a.wids[w], a.eids["a1"]))
+    assert old.rest(widened) is None and not old.in_use(frozenset({(old.mark, widened.ipv6)}),
+                                                        widened)
+    assert old.rest(replace(widened, ipv6="2001:db8:10::999")) == old.lease

@@ -141,6 +141,8 @@ packets = st.tuples(
     st.sampled_from([("10.0.1.2", "vm-m42", None), ("10.0.1.3", "vm-m43", None),
                      ("10.0.1.4", "vm-m44", None), ("10.0.1.2", "vm-spoof", None),
                      ("10.0.1.66", "vm-spoof", None), ("fd00:1::2", "vm-m42", None),
+                     ("2001:db8:10::100", "vm-m43", None), ("203.0.113.50", "vm-m43", None),
+                     ("203.0.113.10", "lo", None),
                      ("", None, "egress-lab-t/app.service")]),
     st.sampled_from(["192.0.2.10", "192.0.2.53", "198.51.100.10", "10.99.0.10", "203.0.113.1",
                      "2001:db8:ff::10"]),
@@ -192,3 +194,106 @@ def test_a_vanished_cgroup_is_replaced_by_flushing_its_map():
     assert not any(l.startswith("delete element") and "cgroup" in l for l in tx.lines)
     nft.run(tx.text)
     assert transaction(p.desired, observed_from_json(nft.list_table())).empty
+
+
+# --- sources are bound in both families ---------------------------------------------
+
+def test_no_one_sends_with_an_egress_address_present_or_not(lab):
+    """m43 (or anyone) sending with m42's IPv6 egress address, or with an IPv4
+    egress address that is not on the host (legacy), is dropped; explain agrees."""
+    cfg, d, a, usable = lab
+    m42_v6 = a.leases[("m42", a.app_choice["m42"])].ipv6
+    assert ("203.0.113.50", None) in d.elements[names.EGRESS_SET[4]]  # legacy: not on the host
+    for src, dst, iif in ((m42_v6, "2001:db8:ff::10", "vm-m43"), ("2001:db8:11::7", "2001:db8:ff::10", "up0"),
+                          ("203.0.113.50", "192.0.2.10", "vm-m43"), ("203.0.113.10", "192.0.2.10", "vm-m43")):
+        for proto, port in (("tcp", 8080), ("udp", 53), ("icmp", None)):
+            assert trace(d, src, dst, proto, port, iif=iif).action == "drop", (src, proto)
+            e = explain(cfg, a, src, dst, port, proto, iif, usable)
+            assert e.action == "drop" and "egress IP" in e.reason, e
+    # local traffic to local addresses loops through lo: left alone
+    assert explain(cfg, a, "203.0.113.10", "203.0.113.11", 80, "tcp", "lo", usable).action == "none"
+
+
+def test_a_workload_process_bound_to_an_egress_address_never_leaves_with_it(lab):
+    """batch binds another workload's egress address: translated traffic gets its
+    own lease; untranslated traffic (excluded, east-west) is dropped."""
+    cfg, d, a, _ = lab
+    cg = "egress-lab-t/app.service"
+    own = a.leases[("batch", a.app_choice["batch"])]
+    for bound in ("203.0.113.11", "203.0.113.10", "203.0.113.50"):
+        v = trace(d, bound, "192.0.2.10", "tcp", 8080, cgroup=cg)
+        assert (v.action, v.address, v.ports) == ("snat", own.ipv4, own.ports)
+        assert trace(d, bound, "192.0.2.53", "udp", 53, cgroup=cg).action == "drop"
+        assert trace(d, bound, "10.0.1.3", "tcp", 22, cgroup=cg).action == "drop"
+    assert trace(d, "2001:db8:10::1", "2001:db8:ff::10", "udp", 53, cgroup=cg).action == "drop"
+    # the host picks the source: excluded traffic keeps the host default
+    assert trace(d, "", "192.0.2.53", "udp", 53, cgroup=cg).action == "default"
+
+
+@pytest.mark.parametrize("src,iif", [("10.0.1.2", "vm-m42"), ("10.0.1.66", "vm-spoof"),
+                                     ("10.0.1.2", "vm-spoof"), ("fd00:1::2", "vm-m42"),
+                                     ("fd00:1::99", "vm-x")])
+def test_invalid_packets_from_workloads_and_managed_networks_are_dropped(lab, src, iif):
+    cfg, d, a, _ = lab
+    dst = "2001:db8:ff::10" if ":" in src else "192.0.2.10"
+    for proto, port in (("tcp", 8080), ("udp", 8081)):
+        assert trace(d, src, dst, proto, port, iif=iif, state="invalid").action == "drop"
+
+
+def test_invalid_packets_of_others_are_left_alone_and_of_cgroups_dropped(lab):
+    cfg, d, a, _ = lab
+    assert trace(d, "172.16.0.9", "192.0.2.10", "tcp", 8080, iif="eth9", state="invalid").action == "none"
+    assert trace(d, "", "192.0.2.10", "tcp", 8080, cgroup="egress-lab-t/app.service/x",
+                 state="invalid").action == "drop"
+    assert trace(d, "", "192.0.2.10", "tcp", 8080, cgroup="other.service", state="invalid").action == "none"
+
+
+PER_FAMILY = """version: 1
+host: {name: h, region: r}
+defaults: {unavailable: UNAVAILABLE}
+egress_ips:
+  - {id: dual, app: app, ipv4: 203.0.113.10, ipv6: "2001:db8:10::/64"}
+  - {id: v4, app: app, ipv4: 203.0.113.11}
+  - {id: plain, app: plain, ipv4: 203.0.113.12}
+workloads:
+  - {id: w1, app: app, source: [10.0.1.1, "fd00:1::1"]}
+  - {id: w2, app: app, source: [10.0.1.2, "fd00:1::2"]}
+  - {id: p1, app: plain, source: [10.0.1.3, "fd00:1::3"]}
+managed_sources: [10.0.1.0/24, "fd00:1::/64"]
+"""
+
+
+@pytest.mark.parametrize("unavailable", ["default", "drop"])
+def test_each_family_is_assigned_on_its_own(unavailable):
+    """A workload on an IP without IPv6 gets its IPv6 from another IP of its app;
+    a workload whose app has no IPv6 at all follows defaults.unavailable."""
+    cfg = parse(PER_FAMILY.replace("UNAVAILABLE", unavailable)).config
+    p, a = planned(cfg)
+    d = p.desired
+    on_v4 = next(w for w, ip in a.app_choice.items() if ip == "v4")
+    src = {"w1": "fd00:1::1", "w2": "fd00:1::2"}[on_v4]
+    v = trace(d, src, "2001:db8:ff::10", "tcp", 443)
+    assert v.action == "snat" and v.address == a.leases[(on_v4, "dual")].ipv6
+    e = explain(cfg, a, src, "2001:db8:ff::10", 443, "tcp")
+    assert (e.action, e.source_address, e.egress_ip) == ("snat", v.address, "dual"), e
+    assert "IPv6 range" in e.reason
+    v4 = trace(d, src.replace("fd00:1::", "10.0.1."), "192.0.2.10", "tcp", 443)
+    assert v4.address == "203.0.113.11"
+
+    v = trace(d, "fd00:1::3", "2001:db8:ff::10", "tcp", 443)
+    e = explain(cfg, a, "fd00:1::3", "2001:db8:ff::10", 443, "tcp")
+    assert v.action == e.action == unavailable, (v, e)
+    assert "no IPv6 egress IP" in e.reason and "defaults.unavailable" in e.reason
+
+
+def test_adoption_recovers_the_ipv6_choice():
+    from egress_agent.adopt import adopt
+    from egress_agent.model import Observed
+    from egress_agent.nft.fake import FakeNft
+    from egress_agent.render import observed_from_json, transaction
+    cfg = parse(PER_FAMILY.replace("UNAVAILABLE", "drop")).config
+    p, a = planned(cfg)
+    nft = FakeNft()
+    nft.run(transaction(p.desired, Observed()).text)
+    got = adopt(cfg, observed_from_json(nft.list_table()))
+    assert got.app_choice6 == a.app_choice6 and got.leases == a.leases

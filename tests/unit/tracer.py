@@ -67,7 +67,9 @@ def _policy_verdict(rule: str, mark: int, fam: int, dst: str, proto: str, dport,
 
 
 def trace(d: Desired, src: str, dst: str, proto: str = "tcp", dport: Optional[int] = None,
-          iif: Optional[str] = None, cgroup: Optional[str] = None) -> Verdict:
+          iif: Optional[str] = None, cgroup: Optional[str] = None, state: str = "new") -> Verdict:
+    """`src` of a cgroup's process: the address it bound, or "" (the host picks).
+    `state`: what conntrack says of the packet, "new" or "invalid"."""
     el = d.elements
     fam = ipaddress.ip_address(dst).version
     mark = None
@@ -81,10 +83,18 @@ def trace(d: Desired, src: str, dst: str, proto: str = "tcp", dport: Optional[in
                     break
         if mark is None:
             return Verdict("none")
+        if state == "invalid":
+            return Verdict("drop")
     else:
         src = str(ipaddress.ip_address(src))
+        if iif != "lo" and _in_prefixes(src, el.get(names.EGRESS_SET[fam], ())):
+            return Verdict("drop")
         by_if = dict(el.get(names.SOURCE_IF_MAP[fam], ()))
         plain = dict(el.get(names.SOURCE_MAP[fam], ()))
+        if state == "invalid":
+            workload_source = (src in plain or (src, None) in el.get(names.BOUND_SET[fam], ())
+                               or _in_prefixes(src, el.get(names.MANAGED_SET[fam], ())))
+            return Verdict("drop" if workload_source else "none")
         if (src, iif) in by_if:
             mark = by_if[(src, iif)]
         elif src in plain:
@@ -96,12 +106,14 @@ def trace(d: Desired, src: str, dst: str, proto: str = "tcp", dport: Optional[in
         else:
             return Verdict("none")
     wid_mark = mark
+    # chain commit: a workload's untranslated packet may not carry an egress source
+    bound_egress = bool(cgroup and src and _in_prefixes(src, el.get(names.EGRESS_SET[fam], ())))
     l4 = "ipv6-icmp" if (proto == "icmp" and fam == 6) else proto
     if ((proto, dport), None) in el.get("exclude_services", ()) \
             or (l4, None) in el.get("exclude_protocols", ()) \
             or _in_prefixes(dst, el.get(names.EXCLUDE_SET[fam], ())) \
             or _in_prefixes(dst, el.get(names.MANAGED_SET[fam], ())):
-        return Verdict("default", wid_mark)
+        return Verdict("drop" if bound_egress else "default", wid_mark)
     for rule in d.chains[names.POLICY_CHAIN]:
         v = _policy_verdict(rule, mark, fam, dst, proto, dport, el)
         if v == "drop":
@@ -115,7 +127,7 @@ def trace(d: Desired, src: str, dst: str, proto: str = "tcp", dport: Optional[in
         return Verdict("drop", wid_mark)
     eid = (mark & names.EID_MASK) >> names.EID_SHIFT
     if eid == 0:
-        return Verdict("default", wid_mark)
+        return Verdict("drop" if bound_egress else "default", wid_mark)
     if fam == 6:
         return Verdict("snat", wid_mark, dict(el[names.SNAT6_MAP])[mark], None, eid)
     if proto in ("tcp", "udp"):
