@@ -1,10 +1,17 @@
 """Allocations: workload ids, egress ids, and leases (port block + IPv6 address).
 
 Pure: `allocate(config, previous, usable)` returns the next allocations and
-the events (assign/release) that the store appends to its history once the
-kernel has accepted the sync. Stability is the point: anything that still fits
-is kept, so adding or removing one workload moves no other workload, and a
+the events (assign/release/linger) that the store appends to its history once
+the kernel has accepted the sync. Stability is the point: anything that still
+fits is kept, so adding or removing one workload moves no other workload, and a
 workload that falls back while its IP is away gets the same block back.
+
+A released lease lingers: conntrack keeps the NAT binding of every connection
+translated into its block until that connection ends, so the block (and its
+IPv6 address, workload id and egress id) is handed to nobody else, and not
+counted free, until `drain(allocations, live)` finds no connection left in it.
+Otherwise two workloads would leave from one address:port and `who` could not
+tell them apart.
 """
 
 from __future__ import annotations
@@ -44,6 +51,71 @@ class Lease:
                      d.get("ipv6"), bool(d.get("temporary")))
 
 
+BlockKey = tuple[str, str, Optional[str], Optional[Ports], Optional[str]]
+
+
+def block_key(lease: Lease) -> BlockKey:
+    """What identifies a lease in the history: workload, IP and the addresses it gave."""
+    return (lease.workload, lease.ip, lease.ipv4, lease.ports, lease.ipv6)
+
+
+def lingering_order(k: BlockKey) -> tuple:
+    """A sort key for lingering keys (some of their parts are None)."""
+    return (k[0], k[1], k[2] or "", k[3] or (0, 0), k[4] or "")
+
+
+@dataclass(frozen=True)
+class Lingering:
+    """A released lease whose connections may still live in conntrack.
+
+    `mark` is the lease mark (names.lease_mark(wid, eid)) in the conntrack mark
+    of its connections. While a lease lingers its wid and eid are given to
+    nobody else, so (mark, the lease's address) found in a conntrack dump
+    means: a connection the origin sees from this lease's block.
+    """
+
+    lease: Lease
+    mark: int
+
+    @property
+    def wid(self) -> int:
+        return names.split_mark(self.mark)[0]
+
+    @property
+    def eid(self) -> int:
+        return names.split_mark(self.mark)[1]
+
+    def rest(self, now: Optional[Lease]) -> Optional[Lease]:
+        """What of it is not held again by `now`, its workload's lease on the same IP
+        (a lease that shrank to one family leaves the other lingering); None: nothing."""
+        if now is None:
+            return self.lease
+        v4 = self.lease.ports is not None and (now.ipv4, now.ports) != (self.lease.ipv4,
+                                                                         self.lease.ports)
+        v6 = self.lease.ipv6 is not None and now.ipv6 != self.lease.ipv6
+        if not (v4 or v6):
+            return None
+        return replace(self.lease, ipv4=self.lease.ipv4 if v4 else None,
+                       ports=self.lease.ports if v4 else None,
+                       ipv6=self.lease.ipv6 if v6 else None)
+
+    def in_use(self, live: "Live", now: Optional[Lease] = None) -> bool:
+        """Does conntrack (`live`) have a connection in what of it is not held again?"""
+        rest = self.rest(now)
+        return rest is not None and any((self.mark, a) in live for a in (rest.ipv4, rest.ipv6) if a)
+
+    def to_json(self) -> dict:
+        return {**self.lease.to_json(), "mark": self.mark}
+
+    @staticmethod
+    def from_json(d: dict) -> "Lingering":
+        return Lingering(Lease.from_json(d), int(d["mark"]))
+
+
+# (lease mark, egress address) of every connection in conntrack (conntrack.live_leases)
+Live = frozenset[tuple[int, str]]
+
+
 @dataclass(frozen=True)
 class Allocations:
     wids: dict[str, int] = field(default_factory=dict)     # workload id -> wid
@@ -53,20 +125,27 @@ class Allocations:
     # workload -> the app IP that serves its IPv6 when its app IP has no IPv6
     # range but another IP of the app has one (its lease there is IPv6 only)
     app_choice6: dict[str, str] = field(default_factory=dict)
+    lingering: dict[BlockKey, Lingering] = field(default_factory=dict)  # released, still in use
 
     def to_json(self) -> dict:
-        return {"version": 1, "wids": self.wids, "eids": self.eids,
-                "app_choice": self.app_choice, "app_choice6": self.app_choice6,
-                "leases": [l.to_json() for l in sorted(self.leases.values(),
-                                                        key=lambda l: (l.workload, l.ip))]}
+        d = {"version": 1, "wids": self.wids, "eids": self.eids,
+             "app_choice": self.app_choice, "app_choice6": self.app_choice6,
+             "leases": [l.to_json() for l in sorted(self.leases.values(),
+                                                     key=lambda l: (l.workload, l.ip))]}
+        if self.lingering:  # absent when empty: older readers see the file they know
+            d["lingering"] = [self.lingering[k].to_json()
+                              for k in sorted(self.lingering, key=lingering_order)]
+        return d
 
     @staticmethod
     def from_json(d: dict) -> "Allocations":
         leases = [Lease.from_json(x) for x in d.get("leases", [])]
+        lingering = [Lingering.from_json(x) for x in d.get("lingering", [])]
         return Allocations(dict(d.get("wids", {})), dict(d.get("eids", {})),
                            dict(d.get("app_choice", {})),
                            {(l.workload, l.ip): l for l in leases},
-                           dict(d.get("app_choice6", {})))
+                           dict(d.get("app_choice6", {})),
+                           {block_key(l.lease): l for l in lingering})
 
     def lease(self, workload: str, ip: str) -> Optional[Lease]:
         return self.leases.get((workload, ip))
@@ -77,10 +156,22 @@ class Allocations:
             return self.app_choice6[workload]
         return self.app_choice.get(workload)
 
+    def workloads_by_wid(self) -> dict[int, str]:
+        """wid -> workload, for the wids in conntrack marks: a removed workload whose
+        connections still linger keeps its name (its wid goes to nobody else)."""
+        out = {l.wid: l.lease.workload for l in self.lingering.values()}
+        out.update((wid, w) for w, wid in self.wids.items())
+        return out
+
+
+# "linger": the block just released stays taken, its connections may live;
+# "drained": a lingering block's last connection is gone, the block is free
+EVENT_KINDS = ("assign", "release", "linger", "drained")
+
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "assign" | "release"
+    kind: str  # one of EVENT_KINDS
     lease: Lease
 
 
@@ -167,6 +258,9 @@ class _Room:
         self.v6_used: set[int] = set()
         self.workloads: set[str] = set()
         self.next_start = self.lo
+        self.odd: list[Ports] = []  # reserved blocks of another size (ports_per_workload changed)
+        self.held: dict[str, list[Lease]] = {}  # reserved for this workload to take again
+        self.reserved = 0  # blocks of released leases whose connections still live
         if ip.ipv6:
             net = ipaddress.IPv6Network(ip.ipv6)
             self.net6 = net
@@ -174,10 +268,42 @@ class _Room:
             # low offsets are left to the host and the gateway of the range
             self.v6_next = 0x100 if net.num_addresses > 0x200 else 2
 
-    def _overlaps(self, lo: int) -> bool:
+    def _overlaps(self, lo: int, hi: Optional[int] = None) -> bool:
+        hi = lo + self.size - 1 if hi is None else hi
         i = bisect.bisect_left(self.starts, lo)
-        return ((i < len(self.starts) and self.starts[i] < lo + self.size)
-                or (i > 0 and self.starts[i - 1] + self.size > lo))
+        return ((i < len(self.starts) and self.starts[i] <= hi)
+                or (i > 0 and self.starts[i - 1] + self.size > lo)
+                or bool(self.odd) and any(a <= hi and lo <= b for a, b in self.odd))
+
+    def reserve(self, lease: Lease, retake: bool) -> None:
+        """Keep what `lease` gave (a block still in use) from everyone; with `retake`,
+        its own workload may take it again (new_lease)."""
+        alone = True  # nothing else has any of it: its workload may have it back
+        if lease.ports and lease.ipv4 == self.ip.ipv4:
+            lo, hi = lease.ports
+            alone = not self._overlaps(lo, hi)
+            if hi - lo + 1 != self.size:
+                self.odd.append((lo, hi))
+            elif alone:
+                bisect.insort(self.starts, lo)
+            self.reserved += 1
+        if lease.ipv6 and self.ip.ipv6 and ipaddress.IPv6Address(lease.ipv6) in self.net6:
+            alone = alone and self._offset(lease.ipv6) not in self.v6_used
+            self.v6_used.add(self._offset(lease.ipv6))
+        if retake and alone and lease.ip == self.ip.id and self._shaped(lease):
+            self.held.setdefault(lease.workload, []).append(lease)
+
+    def _shaped(self, lease: Lease) -> bool:
+        """Could a new lease on this IP (of some of its families) look like `lease`?"""
+        if lease.ports:
+            lo, hi = lease.ports
+            if lease.ipv4 != self.ip.ipv4 or hi - lo + 1 != self.size or lo < self.lo or hi > self.hi:
+                return False
+        elif lease.ipv4:
+            return False
+        if lease.ipv6 and not (self.ip.ipv6 and ipaddress.IPv6Address(lease.ipv6) in self.net6):
+            return False
+        return bool(lease.ports or lease.ipv6)
 
     def fits(self, lease: Lease) -> bool:
         if self.ip.ipv4 and lease.ports:
@@ -213,6 +339,14 @@ class _Room:
             raise CapacityError(workload, self.ip.id,
                                 f"max_workloads {self.max} reached; add an egress IP to the "
                                 "app or raise limits.max_workloads")
+        want = (bool(self.ip.ipv4 and 4 in families), bool(self.ip.ipv6 and 6 in families))
+        held = self.held.get(workload, [])
+        for i, old in enumerate(held):
+            if (bool(old.ports), bool(old.ipv6)) == want:
+                # its own block, still reserved: the same source again, nobody else's
+                self.workloads.add(workload)
+                self.reserved -= 1 if old.ports else 0
+                return replace(held.pop(i), temporary=temporary)
         ports = None
         ipv4 = self.ip.ipv4 if 4 in families else None
         if ipv4:
@@ -221,10 +355,13 @@ class _Room:
                 start += self.size
             self.next_start = start
             if start + self.size - 1 > self.hi:
+                waiting = (f" ({self.reserved} released blocks are reused when their "
+                           "connections close)" if self.reserved else "")
                 raise CapacityError(workload, self.ip.id,
                                     f"no free block of {self.size} ports left in "
-                                    f"{self.lo}-{self.hi}; lower defaults.ports_per_workload, "
-                                    "widen the port range or add an egress IP")
+                                    f"{self.lo}-{self.hi}{waiting}; lower "
+                                    "defaults.ports_per_workload, widen the port range or add "
+                                    "an egress IP")
             ports = (start, start + self.size - 1)
         ipv6 = None
         if self.ip.ipv6 and 6 in families:
@@ -257,8 +394,15 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
     here = {ip.id: ip for ip in cfg.ips_here()}
     workloads = {w.id: w for w in cfg.workloads}
 
+    # the ids in the marks of lingering connections stay theirs: a workload or IP
+    # that comes back gets its own again, and nobody else gets them meanwhile
+    linger_wid = {l.lease.workload: l.wid for l in prev.lingering.values()}
+    linger_eid = {l.lease.ip: l.eid for l in prev.lingering.values()}
     wids = {w: i for w, i in prev.wids.items() if w in workloads}
-    free_wids = _FreeIds(wids.values())
+    for w in workloads:
+        if w not in wids and w in linger_wid and linger_wid[w] not in wids.values():
+            wids[w] = linger_wid[w]
+    free_wids = _FreeIds([*wids.values(), *linger_wid.values()])
     for w in workloads:
         if w not in wids:
             wids[w] = free_wids.take()
@@ -266,12 +410,29 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
                 raise CapacityError(w, "-", f"more than {names.WID_MAX} workloads")
     eids = {ip: i for ip, i in prev.eids.items() if ip in here}
     for ip in here:
+        if ip not in eids and ip in linger_eid and linger_eid[ip] not in eids.values():
+            eids[ip] = linger_eid[ip]
+    for ip in here:
         if ip not in eids:
-            eids[ip] = _lowest_free(eids.values())
+            eids[ip] = _lowest_free([*eids.values(), *linger_eid.values()])
             if eids[ip] > names.EID_MAX:
                 raise CapacityError("-", ip, f"more than {names.EID_MAX} egress IPs on one host")
 
     rooms = {ip_id: _Room(cfg, ip) for ip_id, ip in here.items()}
+    by_v4 = {ip.ipv4: rooms[ip.id] for ip in here.values() if ip.ipv4}
+    v6_rooms = [r for r in rooms.values() if r.ip.ipv6]
+
+    def reserve(lease: Lease) -> None:
+        """Its block and IPv6 address stay taken, on whichever IP has them now."""
+        for room in {id(r): r for r in [by_v4.get(lease.ipv4), *(
+                r for r in v6_rooms if lease.ipv6 and ipaddress.IPv6Address(lease.ipv6) in r.net6)]
+                if r is not None}.values():
+            room.reserve(lease, retake=lease.workload in workloads)
+
+    for l in prev.lingering.values():
+        rest = l.rest(prev.leases.get((l.lease.workload, l.lease.ip)))
+        if rest is not None:
+            reserve(rest)
     leases: dict[tuple[str, str], Lease] = {}
 
     # What each workload needs, before any new allocation.
@@ -290,6 +451,9 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
         if keep and room.fits(lease) and (room.max is None or len(room.workloads) < room.max):
             room.take(lease)
             leases[key] = lease
+    # what is released now lingers from now on: nobody else gets it in this allocation
+    for key in prev.leases.keys() - leases.keys():
+        reserve(prev.leases[key])
 
     # 2. app choice: keep it while it is in the app; else least loaded active IP
     app_choice: dict[str, str] = {}
@@ -395,9 +559,36 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
                 borrowed.add((w.id, alt_id))
     leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
 
-    events = [Event("release", l) for k, l in sorted(prev.leases.items()) if leases.get(k) != l]
+    # A released lease lingers unless its workload holds all of it again.
+    lingering = {k: l for k, l in prev.lingering.items()
+                 if l.rest(leases.get((l.lease.workload, l.lease.ip))) is not None}
+    events = []
+    for k, l in sorted(prev.leases.items()):
+        if leases.get(k) != l:
+            events.append(Event("release", l))
+            wid, eid = prev.wids.get(l.workload), prev.eids.get(l.ip)
+            gone = Lingering(replace(l, temporary=False), names.lease_mark(wid, eid)) \
+                if wid and eid else None
+            if gone and gone.rest(leases.get(k)) is not None:
+                lingering[block_key(l)] = gone
+                events.append(Event("linger", l))
     events += [Event("assign", l) for k, l in sorted(leases.items()) if prev.leases.get(k) != l]
-    return Allocations(wids, eids, app_choice, leases, app_choice6), events
+    return Allocations(wids, eids, app_choice, leases, app_choice6, lingering), events
+
+
+def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
+    """Free the lingering blocks that no connection in `live` uses any more.
+
+    `live` must be read after the kernel stopped giving out the released
+    blocks (after the sync that released them), or a connection made in
+    between would be missed."""
+    busy = {k for k, l in a.lingering.items()
+            if l.in_use(live, a.leases.get((l.lease.workload, l.lease.ip)))}
+    gone = sorted(a.lingering.keys() - busy, key=lingering_order)
+    if not gone:
+        return a, []
+    left = {k: l for k, l in a.lingering.items() if k in busy}
+    return replace(a, lingering=left), [Event("drained", a.lingering[k].lease) for k in gone]
 
 
 def _family_wanted(ip: EgressIP, fam: int) -> bool:

@@ -164,9 +164,7 @@ def cmd_who(args) -> int:
         print(f"nobody held {args.address}" + (f" at {args.at}" if args.at else " now"))
     else:
         for h in holders:
-            ports = f" ports {h.ports[0]}-{h.ports[1]}" if h.ports else ""
-            print(f"{h.workload}: {h.address}{ports} via {h.ip}, since {h.since}"
-                  + (f" until {h.until}" if h.until else " (still held)"))
+            print(h.describe())
     return Exit.OK if holders else Exit.INVALID
 
 
@@ -184,7 +182,9 @@ def _reconciler(cfg):
     except OSError as e:  # only cgroup workloads need it; say so, keep going
         print(f"warning: no cgroup2 view at /sys/fs/cgroup ({e}); cgroup workloads "
               "cannot be classified", file=sys.stderr)
-    return Reconciler(Libnft(), IPRouteRouting(), Store(cfg.state_dir), read_host_state)
+    from .conntrack import live_leases
+    return Reconciler(Libnft(), IPRouteRouting(), Store(cfg.state_dir), read_host_state,
+                      live_leases=live_leases)
 
 
 def cmd_apply(args) -> int:
@@ -303,6 +303,7 @@ def cmd_teardown(args) -> int:
 
 def cmd_status(args) -> int:
     cfg = _load(args)
+    from .alloc import lingering_order
     from .hoststate import read_host_state
     from .reconcile import usable_from
     from .store import Store
@@ -314,8 +315,12 @@ def cmd_status(args) -> int:
         n = len({w for (w, i) in a.leases if i == ip.id})
         present = bool(ip.ipv4 and host.has_address(ip.ipv4))
         state = ip.state if usable.ok(ip, 4) or usable.ok(ip, 6) or ip.state != "active" else "failed-over"
+        # released blocks whose connections still live: not free, not reused
+        lingering = [a.lingering[k].to_json() for k in sorted(a.lingering, key=lingering_order)
+                     if k[1] == ip.id]
         ips.append({"id": ip.id, "ipv4": ip.ipv4, "ipv6": ip.ipv6, "present": present,
-                    "state": state, "workloads": n, "max_workloads": ip.limits.max_workloads})
+                    "state": state, "workloads": n, "max_workloads": ip.limits.max_workloads,
+                    "lingering": lingering})
     from .alloc import policy_matches
     ratios: dict[str, float] = {}
     try:  # usage needs root (a ctnetlink dump); status works without it
@@ -339,7 +344,11 @@ def cmd_status(args) -> int:
     print(f"{'EGRESS IP':12} {'IPV4':16} {'PRESENT':8} {'STATE':12} WORKLOADS")
     for i in ips:
         print(f"{i['id']:12} {i['ipv4'] or '-':16} {'yes' if i['present'] else 'NO':8} "
-              f"{i['state']:12} {i['workloads']}/{i['max_workloads'] or '-'}")
+              f"{i['state']:12} {i['workloads']}/{i['max_workloads'] or '-'}"
+              + (f" (+{len(i['lingering'])} released, connections still open: "
+                 + ", ".join(f"{l['workload']} {l['ports'][0]}-{l['ports'][1]}" if l["ports"]
+                             else f"{l['workload']} {l['ipv6']}" for l in i["lingering"]) + ")"
+                 if i["lingering"] else ""))
     print()
     print(f"{'WORKLOAD':12} {'EGRESS IP':13} {'IPV4':16} {'PORTS':12} {'IPV6':20} {'RATIO':>6}  POLICIES")
     for w in wls:

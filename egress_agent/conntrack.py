@@ -38,7 +38,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from . import names
@@ -851,6 +851,41 @@ def dump_groups(mark: int | None = names.OURS_FLAG, mask: int | None = names.OUR
         stats.slow += c
     stats.messages = stats.fast + stats.slow
     return out
+
+
+LEASE_BITS = names.WID_MASK | names.EID_MASK
+
+
+def lease_addresses(groups: Iterable[Group]) -> frozenset[tuple[int, str]]:
+    """(lease mark, egress address) of the groups: the leases whose blocks carry them.
+
+    The egress address is the REPLY tuple's destination, i.e. the source the
+    origin sees; the conntrack mark names the lease that translated it."""
+    return frozenset((g.mark & LEASE_BITS, g.egress_address) for g in groups)
+
+
+def lease_filter(marks: Iterable[int]) -> tuple[int, int]:
+    """(mark, mask) for a kernel-filtered dump that keeps every connection of
+    these leases and as few others as one filter can: the agent's flag plus
+    the lease bits on which all of them agree (one lease: its exact mark; the
+    blocks of one drained IP: that egress id)."""
+    marks = list(marks)
+    mask = LEASE_BITS
+    for m in marks[1:]:
+        mask &= ~(m ^ marks[0])
+    first = marks[0] if marks else 0
+    mask = (mask if marks else 0) | names.OURS_FLAG
+    return (first | names.OURS_FLAG) & mask, mask
+
+
+def live_leases(marks: Iterable[int] = (), *, netns: str | None = None,
+                stats: DumpStats | None = None) -> frozenset[tuple[int, str]]:
+    """Which of these leases (released ones included) still have connections.
+
+    One dump, filtered by the kernel (lease_filter); with no marks, every
+    lease the agent's flows carry. See alloc.drain."""
+    mark, mask = lease_filter(marks)
+    return lease_addresses(dump_groups(mark, mask, netns=netns, stats=stats))
 
 
 def _log_warning(msg: str) -> None:

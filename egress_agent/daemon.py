@@ -36,7 +36,7 @@ STORE_RETRY = (0.5, 30.0)  # first and longest delay before retrying a failed st
 
 @dataclass(frozen=True)
 class Trigger:
-    kind: str  # config | sighup | netlink | resync | stop | start
+    kind: str  # config | sighup | netlink | resync | stop | start | drained
     full: bool = False    # re-read the kernel instead of trusting memory
     reload: bool = False  # re-read the config file
     force: bool = False   # sync even if no egress IP changed usability
@@ -347,6 +347,11 @@ class Daemon:
             with self.metrics.lock:
                 self.metrics.snapshot = snap
             self._warn(snap)
+            # a released block whose last connection is gone: the sync frees it
+            # (after its own conntrack read; this dump may predate a release)
+            alloc = self.rec.alloc if self.rec else None
+            if alloc and any(not l.in_use(snap.live) for l in alloc.lingering.values()):
+                self.queue.put(Trigger("drained"))
 
     def _warn(self, snap) -> None:
         """One warning when a ratio crosses warn_at, one note when it falls back below."""

@@ -146,8 +146,13 @@ def _snapshot_metrics(snap):
                            labels=["egress_ip"])
     free = GaugeMetricFamily("egress_agent_egress_ip_free_port_blocks", "Port blocks left",
                              labels=["egress_ip"])
+    linger = GaugeMetricFamily("egress_agent_egress_ip_lingering_port_blocks", "Released port "
+                               "blocks not reused yet: conntrack still has their connections",
+                               labels=["egress_ip"])
     for ip in snap.ips:
         cap.add_metric([ip["egress_ip"]], ip["workloads"])
+        if ip.get("lingering_port_blocks") is not None:
+            linger.add_metric([ip["egress_ip"]], ip["lingering_port_blocks"])
         if ip["max_workloads"]:
             mx.add_metric([ip["egress_ip"]], ip["max_workloads"])
         if ip["free_port_blocks"] is not None:
@@ -155,6 +160,7 @@ def _snapshot_metrics(snap):
     yield cap
     yield mx
     yield free
+    yield linger
 
 
 def serve(listen: str, state: State, nonlocal_: bool = False) -> Optional[object]:

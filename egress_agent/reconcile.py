@@ -90,12 +90,17 @@ def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str
 
 class Reconciler:
     def __init__(self, nft: NftPort, routing: RoutingPort, store: Store,
-                 read_host: Callable[[], HostState], cgroup_root: str = "/sys/fs/cgroup"):
+                 read_host: Callable[[], HostState], cgroup_root: str = "/sys/fs/cgroup",
+                 live_leases: Optional[Callable[[list[int]], alloc_mod.Live]] = None):
         self.nft = nft
         self.routing = routing
         self.store = store
         self.read_host = read_host
         self.cgroup_root = cgroup_root
+        # which of these lease marks conntrack still has connections of
+        # (conntrack.live_leases);
+        # None: unknown, released blocks linger until a reconciler that can tell
+        self.live_leases = live_leases
         self.applied: Optional[Observed] = None  # what the kernel accepted last
         self.alloc: Optional[alloc_mod.Allocations] = None  # the allocations it accepted with it
         self.full_next = True
@@ -184,7 +189,7 @@ class Reconciler:
             raise
         # The kernel took the batch: memory follows it, whatever the disk does next.
         at = now_iso()
-        self.alloc = plan.alloc
+        self.alloc = self._drain(plan.alloc, events, plan.notes)
         self.applied = _as_observed(d)
         self.unsaved += [event_record(at, e, isinstance(e, _Adopted)) for e in events]
         self.store_dirty = True
@@ -222,6 +227,28 @@ class Reconciler:
                            errno=errno_mod.errorcode.get(e.errno or 0), failures=self.store_write_failures,
                            pending_history_events=len(self.unsaved))
             return f"{path}: {reason}"
+
+    def _drain(self, alloc: alloc_mod.Allocations, events: list[alloc_mod.Event],
+               notes: list[str]) -> alloc_mod.Allocations:
+        """Free the lingering blocks with no connection left (appends `drained` events).
+
+        Read after the kernel took the batch: from then on no new connection
+        can get a released block, so none is missed between dump and commit."""
+        if not alloc.lingering or self.live_leases is None:
+            return alloc
+        try:
+            live = self.live_leases(sorted({l.mark for l in alloc.lingering.values()}))
+        except OSError as e:  # not fatal: they linger until a check can read conntrack
+            notes.append(f"released port blocks kept until conntrack can be read: {e}")
+            return alloc
+        alloc, drained = alloc_mod.drain(alloc, live)
+        events += drained
+        if drained:
+            notes.append("released blocks free again, no connection left: " + ", ".join(
+                f"{e.lease.workload} {e.lease.ipv4 or e.lease.ipv6}"
+                + (f" {e.lease.ports[0]}-{e.lease.ports[1]}" if e.lease.ports else "")
+                for e in drained))
+        return alloc
 
     def teardown(self) -> SyncResult:
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ class Snapshot:
     conntrack: dict
     taken_at: float = field(default_factory=time.time)
     duration_ms: float = 0.0
+    live: frozenset = frozenset()  # (lease mark, egress address) with connections
 
     def to_json(self, top: int | None = None) -> dict:
         rows = self.rows[:top] if top else self.rows
@@ -33,11 +34,13 @@ def collect(cfg: Config, alloc: Allocations, nft) -> Snapshot:
     from . import conntrack
     from .nft.libnft import refused_elements
     t0 = time.perf_counter()
-    groups = {usage.Group(*g): n for g, n in conntrack.dump_groups().items()}
+    raw = conntrack.dump_groups()
+    groups = {usage.Group(*g): n for g, n in raw.items()}
     counts = conntrack.read_counts()
     ct = {"count": counts.get("count"), "max": counts.get("max"),
           "ratio": round(counts["count"] / counts["max"], 4) if counts.get("max") else None,
           "stats": counts.get("stats", {})}
     refused = usage.refusals(cfg, alloc, refused_elements(nft.list_set("refused_ports")))
     return Snapshot(usage.rows(cfg, alloc, groups), usage.ip_rows(cfg, alloc), refused, ct,
-                    duration_ms=(time.perf_counter() - t0) * 1000)
+                    duration_ms=(time.perf_counter() - t0) * 1000,
+                    live=conntrack.lease_addresses(raw))

@@ -37,6 +37,7 @@ HISTORY = "history.jsonl"
 MAX_ALLOCATIONS_BYTES = 256 << 20
 LEASE_KEYS = frozenset({"workload", "ip", "ipv4", "ports", "ipv6", "temporary"})
 TOP_KEYS = frozenset({"version", "wids", "eids", "app_choice", "leases"})
+OPTIONAL_KEYS = frozenset({"app_choice6", "lingering"})  # absent when empty
 
 
 class StoreCorrupt(ValueError):
@@ -102,18 +103,15 @@ def validate(d: Any, where: str | Path) -> Allocations:
 
     if not isinstance(d, dict):
         bad(f"expected a JSON object, got {type(d).__name__}")
-    if set(d) != TOP_KEYS:
-        bad(f"keys {sorted(d)[:10]}; expected {sorted(TOP_KEYS)}")
+    if not TOP_KEYS <= set(d) <= TOP_KEYS | OPTIONAL_KEYS:
+        bad(f"keys {sorted(d)[:10]}; expected {sorted(TOP_KEYS)} and optionally "
+            f"{sorted(OPTIONAL_KEYS)}")
     if d["version"] != 1 or type(d["version"]) is not int:
         bad(f"version {str(d['version'])[:20]}; this agent reads version 1")
     wids = _id_map(d["wids"], "wids", names.WID_MAX, bad)
     eids = _id_map(d["eids"], "eids", names.EID_MAX, bad)
-    choice = d["app_choice"]
-    if not isinstance(choice, dict):
-        bad("app_choice: expected an object of workload -> egress IP")
-    for w, ip in choice.items():
-        if w not in wids or not isinstance(ip, str) or ip not in eids:
-            bad(f"app_choice.{w[:80]}: names a workload or egress IP without a number")
+    choice = _choice(d["app_choice"], "app_choice", wids, eids, bad)
+    choice6 = _choice(d.get("app_choice6", {}), "app_choice6", wids, eids, bad)
     if not isinstance(d["leases"], list):
         bad("leases: expected a list")
     leases: dict[tuple[str, str], Lease] = {}
@@ -121,44 +119,74 @@ def validate(d: Any, where: str | Path) -> Allocations:
     v6_owner: dict[str, str] = {}
     for i, x in enumerate(d["leases"]):
         at = f"leases[{i}]"
-        if not isinstance(x, dict) or set(x) != LEASE_KEYS:
-            bad(f"{at}: expected an object with keys {sorted(LEASE_KEYS)}")
-        w, ip = x["workload"], x["ip"]
-        if not isinstance(w, str) or w not in wids:
-            bad(f"{at}.workload: {str(w)[:80]!r} has no workload number")
-        if not isinstance(ip, str) or ip not in eids:
-            bad(f"{at}.ip: {str(ip)[:80]!r} has no egress number")
+        lease = _lease(x, at, LEASE_KEYS, bad)
+        w, ip = lease.workload, lease.ip
+        if w not in wids:
+            bad(f"{at}.workload: {w[:80]!r} has no workload number")
+        if ip not in eids:
+            bad(f"{at}.ip: {ip[:80]!r} has no egress number")
         if (w, ip) in leases:
             bad(f"{at}: a second lease of {w} on {ip}")
-        ipv4 = _address(x["ipv4"], 4, f"{at}.ipv4", bad)
-        ipv6 = _address(x["ipv6"], 6, f"{at}.ipv6", bad)
-        ports = x["ports"]
-        if ipv4 is None and ipv6 is None:
-            bad(f"{at}: neither ipv4 nor ipv6")
-        if (ports is None) != (ipv4 is None):
-            bad(f"{at}: an IPv4 lease has a port block and only an IPv4 lease has one")
-        if ports is not None:
-            if not (isinstance(ports, list) and len(ports) == 2 and _int(ports[0], 1, 65535)
-                    and _int(ports[1], ports[0], 65535)):
-                bad(f"{at}.ports: {str(ports)[:60]} is not [first, last] within 1-65535")
-            blocks.setdefault(str(ipaddress.ip_address(ipv4)), []).append(
-                (ports[0], ports[1], w))
-        if ipv6 is not None:
-            key6 = str(ipaddress.ip_address(ipv6))
+        if lease.ports is not None:
+            blocks.setdefault(str(ipaddress.ip_address(lease.ipv4)), []).append(
+                (lease.ports[0], lease.ports[1], w))
+        if lease.ipv6 is not None:
+            key6 = str(ipaddress.ip_address(lease.ipv6))
             if key6 in v6_owner:
-                bad(f"{at}.ipv6: {ipv6} is leased to {v6_owner[key6]} too")
+                bad(f"{at}.ipv6: {lease.ipv6} is leased to {v6_owner[key6]} too")
             v6_owner[key6] = w
-        if type(x["temporary"]) is not bool:
-            bad(f"{at}.temporary: expected true or false")
-        leases[(w, ip)] = Lease(w, ip, ipv4, tuple(ports) if ports else None, ipv6,
-                                x["temporary"])
+        leases[(w, ip)] = lease
+    # released leases whose connections may live: their workload or IP may be gone
+    # from the config (and so from wids/eids); their mark keeps the ids they had
+    lingering = d.get("lingering", [])
+    if not isinstance(lingering, list):
+        bad("lingering: expected a list")
+    for i, x in enumerate(lingering):
+        at = f"lingering[{i}]"
+        if isinstance(x, dict) and not _int(x.get("mark"), 1, 0x0FFFFFFF):
+            bad(f"{at}.mark: {str(x.get('mark'))[:40]} is not a lease mark")
+        _lease(x, at, LEASE_KEYS | {"mark"}, bad)
     for addr, bs in blocks.items():
         bs.sort()
         for (lo1, hi1, w1), (lo2, hi2, w2) in zip(bs, bs[1:]):
             if lo2 <= hi1:
                 bad(f"leases: port blocks {lo1}-{hi1} ({w1}) and {lo2}-{hi2} ({w2}) "
                     f"overlap on {addr}")
-    return Allocations(wids, eids, dict(choice), leases)
+    base = Allocations(wids, eids, choice, leases, choice6)
+    return Allocations.from_json({**base.to_json(), "lingering": lingering}) if lingering else base
+
+
+def _choice(c: Any, field: str, wids: dict, eids: dict, bad) -> dict[str, str]:
+    if not isinstance(c, dict):
+        bad(f"{field}: expected an object of workload -> egress IP")
+    for w, ip in c.items():
+        if w not in wids or not isinstance(ip, str) or ip not in eids:
+            bad(f"{field}.{w[:80]}: names a workload or egress IP without a number")
+    return dict(c)
+
+
+def _lease(x: Any, at: str, keys: frozenset, bad) -> Lease:
+    """One lease object, checked for types, families and its port block."""
+    if not isinstance(x, dict) or set(x) != keys:
+        bad(f"{at}: expected an object with keys {sorted(keys)}")
+    w, ip = x["workload"], x["ip"]
+    if not isinstance(w, str) or not _ID.fullmatch(w):
+        bad(f"{at}.workload: {str(w)[:80]!r} is not an id")
+    if not isinstance(ip, str) or not _ID.fullmatch(ip):
+        bad(f"{at}.ip: {str(ip)[:80]!r} is not an id")
+    ipv4 = _address(x["ipv4"], 4, f"{at}.ipv4", bad)
+    ipv6 = _address(x["ipv6"], 6, f"{at}.ipv6", bad)
+    ports = x["ports"]
+    if ipv4 is None and ipv6 is None:
+        bad(f"{at}: neither ipv4 nor ipv6")
+    if (ports is None) != (ipv4 is None):
+        bad(f"{at}: an IPv4 lease has a port block and only an IPv4 lease has one")
+    if ports is not None and not (isinstance(ports, list) and len(ports) == 2
+                                  and _int(ports[0], 1, 65535) and _int(ports[1], ports[0], 65535)):
+        bad(f"{at}.ports: {str(ports)[:60]} is not [first, last] within 1-65535")
+    if type(x["temporary"]) is not bool:
+        bad(f"{at}.temporary: expected true or false")
+    return Lease(w, ip, ipv4, tuple(ports) if ports else None, ipv6, x["temporary"])
 
 
 def parse_allocations(raw: bytes, where: str | Path) -> Allocations:
@@ -387,30 +415,70 @@ def _write_all(fd: int, data: bytes) -> None:
 
 @dataclass(frozen=True)
 class Holder:
+    """One hold of an address (and port block) by a workload, from the history.
+
+    state: "held" (leased now or at that time), "lingering" (released, but
+    connections translated into it still live: the block is given to nobody
+    else), "drained" (released, and its last connection was found gone at
+    `drained`), "released" (a release written before lingering existed).
+    """
+
     workload: str
     ip: str
     address: str
     ports: Optional[tuple[int, int]]
     since: str
-    until: Optional[str]  # None: still held
+    until: Optional[str]  # released at (None: still held)
+    lingering: bool = False  # the release waited for its connections to end
+    drained: Optional[str] = None  # when no connection was left in it
+
+    @property
+    def state(self) -> str:
+        if self.until is None:
+            return "held"
+        if not self.lingering:
+            return "released"
+        return "drained" if self.drained else "lingering"
+
+    @property
+    def end(self) -> Optional[str]:
+        """When the block stopped carrying this workload's traffic (None: it still may)."""
+        return (self.drained if self.lingering else self.until) if self.until else None
+
+    def describe(self) -> str:
+        ports = f" ports {self.ports[0]}-{self.ports[1]}" if self.ports else ""
+        head = f"{self.workload}: {self.address}{ports} via {self.ip}, since {self.since}"
+        return head + {
+            "held": " (still held)",
+            "released": f" until {self.until}",
+            "lingering": f", released {self.until}, connections still open "
+                         "(block not reused until they close)",
+            "drained": f", released {self.until}, last connection closed by {self.drained}",
+        }[self.state]
 
     def to_json(self) -> dict:
         return {"workload": self.workload, "egress_ip": self.ip, "address": self.address,
                 "ports": list(self.ports) if self.ports else None,
-                "since": self.since, "until": self.until}
+                "since": self.since, "until": self.until, "state": self.state,
+                "released": self.until, "drained": self.drained,
+                "connections_open": self.state == "lingering"}
 
 
-def who(history: Iterator[dict], address: str, port: Optional[int] = None,
+def who(history: Iterable[dict], address: str, port: Optional[int] = None,
         at: Optional[str] = None) -> list[Holder]:
     """Who held `address` (and `port`) at time `at` (default: now).
 
-    Replays the history: an assign opens an interval, the matching release
-    closes it. Matching is on the IPv4 and port block, or the IPv6 address.
+    Replays the history: an assign opens a hold, the matching release ends the
+    lease; a `linger` after it keeps the hold going while the released block
+    still carries connections, until `drained`. An assign of the same block
+    to the same workload while it lingers continues the one hold. Matching is
+    on the IPv4 and port block, or the IPv6 address.
     """
     addr = str(ipaddress.ip_address(address))
     when = parse_time(at) if at else None
-    open_: dict[tuple, dict] = {}
-    out: list[Holder] = []
+    open_: dict[tuple, dict] = {}      # key -> its hold (a dict, see hold())
+    released: dict[tuple, dict] = {}   # key -> its last released hold
+    holds: list[dict] = []
 
     def matches(ev: dict) -> bool:
         if ev.get("ipv6") == addr:
@@ -422,29 +490,40 @@ def who(history: Iterator[dict], address: str, port: Optional[int] = None,
         lo, hi = ev["ports"]
         return lo <= port <= hi
 
-    def held_at(since: str, until: Optional[str]) -> bool:
-        if when is None:
-            return until is None
-        return parse_time(since) <= when and (until is None or when < parse_time(until))
-
     for ev in history:
         key = _lease_key(ev)
-        if ev["event"] == "assign":
-            open_[key] = ev
-        elif ev["event"] == "release" and key in open_:
-            start = open_.pop(key)
-            if matches(start) and held_at(start["at"], ev["at"]):
-                out.append(_holder(start, addr, ev["at"]))
-    for ev in open_.values():
-        if matches(ev) and held_at(ev["at"], None):
-            out.append(_holder(ev, addr, None))
-    return out
+        kind = ev["event"]
+        if kind == "assign":
+            h = released.pop(key, None)
+            if h is not None and h["linger"] and h["drained"] is None:
+                h["until"], h["linger"] = None, False  # its own block again: one hold
+                open_[key] = h
+            elif key not in open_ and matches(ev):
+                open_[key] = {"ev": ev, "until": None, "linger": False, "drained": None}
+                holds.append(open_[key])
+        elif kind == "release" and key in open_:
+            h = open_.pop(key)
+            h["until"] = ev["at"]
+            released[key] = h
+        elif kind == "linger" and key in released and released[key]["until"] == ev["at"]:
+            released[key]["linger"] = True
+        elif kind == "drained" and key in released and released[key]["linger"]:
+            released[key]["drained"] = released[key]["drained"] or ev["at"]
+    out = [_holder(h["ev"], addr, h["until"], h["linger"], h["drained"]) for h in holds]
+    return [h for h in out if _held_at(h, when)]
 
 
-def _holder(ev: dict, addr: str, until: Optional[str]) -> Holder:
+def _held_at(h: Holder, when: Optional[datetime]) -> bool:
+    if when is None:
+        return h.end is None
+    return parse_time(h.since) <= when and (h.end is None or when < parse_time(h.end))
+
+
+def _holder(ev: dict, addr: str, until: Optional[str], linger: bool = False,
+            drained: Optional[str] = None) -> Holder:
     return Holder(ev["workload"], ev["ip"], addr,
                   tuple(ev["ports"]) if ev.get("ports") and ev.get("ipv4") == addr else None,  # type: ignore[arg-type]
-                  ev["at"], until)
+                  ev["at"], until, linger, drained)
 
 
 __all__ = ["Store", "StoreCorrupt", "who", "Holder", "Lease", "now_iso", "event_record",

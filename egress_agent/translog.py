@@ -120,7 +120,7 @@ def workload_lookup(load_alloc: Callable[[], object], refresh: float = 5.0):
         stale = now - cache["at"]
         if stale > refresh or (wid not in cache["by_wid"] and stale > 0.5):
             alloc = load_alloc()
-            cache["by_wid"] = {v: k for k, v in alloc.wids.items()}
+            cache["by_wid"] = alloc.workloads_by_wid()
             cache["at"] = now
         return cache["by_wid"].get(wid)
     return lookup

@@ -70,7 +70,7 @@ class Row:
 
 def rows(cfg: Config, alloc: Allocations, groups: dict[Group, int]) -> list[Row]:
     """Rows sorted by saturation, most saturated first."""
-    workload_of = {wid: w for w, wid in alloc.wids.items()}
+    workload_of = alloc.workloads_by_wid()
     ip_of = {eid: ip for ip, eid in alloc.eids.items()}
     ips = {ip.id: ip for ip in cfg.egress_ips}
     lo, hi = port_bounds(cfg.defaults.port_range)
@@ -106,7 +106,9 @@ def rows(cfg: Config, alloc: Allocations, groups: dict[Group, int]) -> list[Row]
 
 
 def ip_rows(cfg: Config, alloc: Allocations) -> list[dict]:
-    """Workloads per egress IP against max_workloads, and free port blocks."""
+    """Workloads per egress IP against max_workloads, and free port blocks.
+
+    A released block whose connections still live (alloc.Lingering) is not free."""
     out = []
     size = cfg.defaults.ports_per_workload
     for ip in cfg.ips_here():
@@ -114,18 +116,27 @@ def ip_rows(cfg: Config, alloc: Allocations) -> list[dict]:
         n = len({l.workload for l in leases})
         lo, hi = cfg.ip_ports(ip)
         blocks = (hi - lo + 1) // size if ip.ipv4 else None
+        lingering = lingering_blocks(alloc, ip.ipv4, lo, hi)
         out.append({"egress_ip": ip.id, "ipv4": ip.ipv4, "workloads": n,
                     "max_workloads": ip.limits.max_workloads,
                     "ratio": round(n / ip.limits.max_workloads, 4) if ip.limits.max_workloads else None,
                     "port_blocks": blocks,
-                    "free_port_blocks": None if blocks is None else blocks - sum(
-                        1 for l in leases if l.ports)})
+                    "lingering_port_blocks": None if blocks is None else lingering,
+                    "free_port_blocks": None if blocks is None else max(0, blocks - sum(
+                        1 for l in leases if l.ports) - lingering)})
     return out
+
+
+def lingering_blocks(alloc: Allocations, ipv4: Optional[str], lo: int, hi: int) -> int:
+    """Released blocks of this address and range still in use by their connections."""
+    return sum(1 for l in alloc.lingering.values()
+               if ipv4 and l.lease.ipv4 == ipv4 and l.lease.ports
+               and l.lease.ports[1] >= lo and l.lease.ports[0] <= hi)
 
 
 def refusals(cfg: Config, alloc: Allocations, elements: Iterable[tuple[int, str, int]]) -> list[dict]:
     """(lease mark, protocol, packets) from @refused_ports -> per workload and IP."""
-    workload_of = {wid: w for w, wid in alloc.wids.items()}
+    workload_of = alloc.workloads_by_wid()
     ip_of = {eid: ip for ip, eid in alloc.eids.items()}
     out = []
     for mark, proto, count in elements:

@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from egress_agent.alloc import Allocations, CapacityError, Usable, allocate
+from egress_agent.alloc import Allocations, CapacityError, Usable, allocate, drain
 from egress_agent.config import parse
 from egress_agent.store import Store, who
 
@@ -124,7 +124,14 @@ def test_smaller_block_size_reallocates_to_fit():
     b, events = allocate(cfg_with(["w0", "w1"], ports_per_workload=512), a)
     assert_no_overlap(b)
     assert all(l.ports[1] - l.ports[0] + 1 == 512 for l in b.leases.values() if l.ports)
-    assert {e.kind for e in events} == {"assign", "release"}
+    assert {e.kind for e in events} == {"assign", "release", "linger"}
+    # the old blocks may still carry connections: the new ones stay clear of them
+    old = {(l.lease.ipv4, l.lease.ports) for l in b.lingering.values() if l.lease.ports}
+    assert old == {(l.ipv4, l.ports) for l in a.leases.values() if l.ports}
+    for addr, (lo, hi) in old:
+        for l in b.leases.values():
+            if l.ipv4 == addr:
+                assert l.ports[1] < lo or hi < l.ports[0], (l.ports, (lo, hi))
 
 
 def test_failover_borrows_a_block_and_returns_to_the_same_one():
@@ -152,6 +159,14 @@ def test_store_roundtrip_and_who(tmp_path):
     port = l0.ports[0] + 5
     at10 = who(s.history(), l0.ipv4, port, "2026-11-23T10:30:00Z")
     assert [h.workload for h in at10] == ["w0"]
+    # released at 11:00 while its connections may live: still w0's until drained
+    [h] = who(s.history(), l0.ipv4, port)
+    assert (h.workload, h.state, h.until) == ("w0", "lingering", "2026-11-23T11:00:00+00:00")
+    c, ev3 = drain(b, frozenset())
+    s.save(c, ev3, at="2026-11-23T11:10:00+00:00")
+    assert s.load() == c and not c.lingering
+    [h] = who(s.history(), l0.ipv4, port, "2026-11-23T11:05:00Z")
+    assert (h.state, h.drained) == ("drained", "2026-11-23T11:10:00+00:00")
     assert who(s.history(), l0.ipv4, port, "2026-11-23T11:30:00Z") == []
     assert who(s.history(), l0.ipv4, port) == []  # nobody now
     assert who(s.history(), l0.ipv4, port, "2026-11-23T09:00:00Z") == []
