@@ -295,7 +295,9 @@ class Daemon:
         def restore() -> None:
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
-                signal.signal(s, h)
+                # the process is on its way out: a SIGHUP of a reload loop that
+                # arrives now must not turn a clean exit into death by signal
+                signal.signal(s, signal.SIG_IGN if h == signal.SIG_DFL else h)
         return restore
 
     # --- watchers -------------------------------------------------------------------

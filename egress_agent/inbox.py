@@ -48,8 +48,6 @@ class Inbox:
             os.write(self._write, b"\0")
         except BlockingIOError:
             pass  # the pipe is full: the loop has a wake-up pending already
-        except OSError:
-            pass  # closed at exit: nobody is waiting any more
 
     def wait(self, timeout: Optional[float]) -> None:
         """Sleep until something was posted or a signal arrived (or `timeout`);
@@ -69,10 +67,3 @@ class Inbox:
                 out.append(self._items.popleft())
             except IndexError:
                 return out
-
-    def close(self) -> None:
-        for fd in (self._read, self._write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
