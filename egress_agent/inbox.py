@@ -7,7 +7,7 @@ thread holds (issue 10: a loop of `systemctl reload` froze the daemon; every
 further SIGHUP nested one more blocked handler, 5,000 of them a RecursionError).
 
 Here nothing takes a lock: producers append to a deque (atomic in CPython)
-and write one byte to a non-blocking pipe; the loop sleeps in `select()` on
+and write one byte to a non-blocking pipe; the loop sleeps in `poll()` on
 the pipe. `signal.set_wakeup_fd(inbox.wakeup_fd)` makes the C-level signal
 handler write to the same pipe, so a signal wakes the loop at once; the
 Python handlers only set flags that the loop reads (see daemon.py).
@@ -53,7 +53,9 @@ class Inbox:
         """Sleep until something was posted or a signal arrived (or `timeout`);
         empty the pipe. Posts made before the call return at once."""
         if not self._items:
-            select.select([self._read], [], [], timeout)
+            poll = select.poll()  # not select(): no FD_SETSIZE limit on the fd number
+            poll.register(self._read, select.POLLIN)
+            poll.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
         try:
             while os.read(self._read, 4096):
                 pass

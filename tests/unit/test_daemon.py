@@ -122,6 +122,16 @@ def events(logs: list[dict], event: str, **match) -> list[dict]:
     return [r for r in logs if r["event"] == event and all(r.get(k) == v for k, v in match.items())]
 
 
+def exposition(d: Daemon) -> str:
+    """The daemon's Prometheus metrics, as a scrape would see them."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from egress_agent.metrics import Collector
+    registry = CollectorRegistry()
+    registry.register(Collector(d.metrics))
+    return generate_latest(registry).decode()
+
+
 # --- watchers ----------------------------------------------------------------------
 
 def test_a_watcher_that_fails_once_is_restarted_and_what_it_missed_is_synced(tmp_path):
@@ -148,8 +158,8 @@ def test_a_watcher_that_fails_once_is_restarted_and_what_it_missed_is_synced(tmp
     failed = events(logs, "watcher failed; restarting it, then a full resync", watcher="flaky")
     assert len(failed) == 1 and failed[0]["log_level"] == "error", logs
     assert failed[0]["error"] == "ConnectionResetError: [Errno 104] socket reset", failed
-    assert lab.daemon.metrics.watcher_errors == {"flaky": 1}
     assert not events(logs, "watcher cannot recover: stopping the daemon")
+    assert 'egress_agent_watcher_errors_total{watcher="flaky"} 1.0' in exposition(lab.daemon)
 
 
 @pytest.mark.parametrize("how", ["raises", "returns"])
@@ -195,8 +205,9 @@ def test_enobufs_is_lost_events_and_a_full_resync_not_a_failure(tmp_path):
     lost = events(logs, "events lost; resyncing from a fresh dump", watcher="nl")
     assert len(lost) == 1 and lost[0]["log_level"] == "warning", logs
     assert not [r for r in logs if r["log_level"] == "error"], logs
-    assert lab.daemon.metrics.events_lost == {"nl": 1}
-    assert lab.daemon.metrics.watcher_errors == {}
+    text = exposition(lab.daemon)
+    assert 'egress_agent_watcher_events_lost_total{watcher="nl"} 1.0' in text
+    assert "egress_agent_watcher_errors_total{" not in text
     assert len(runs) == 2
 
 
