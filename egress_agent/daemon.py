@@ -47,8 +47,10 @@ NETLINK_DEBOUNCE = 0.005
 # `run` exits with this when a watcher cannot recover: not 0, so that systemd's
 # Restart=on-failure starts the daemon again, and apart from the CLI's 1-4.
 EXIT_WATCHER_FAILED = 5
-# the order in which a merged trigger is named in the sync line
-_KIND_ORDER = ("start", "sighup", "config", "watcher", "resync", "netlink")
+# how a merged trigger is named in the sync line: the first of these it holds,
+# then any other kind (a watcher's own), then resync, then netlink
+_KIND_ORDER = ("start", "sighup", "config", "watcher")
+_KIND_LAST = ("resync", "netlink")
 
 
 def conntrack_numbers() -> tuple[Optional[int], Optional[int]]:
@@ -216,10 +218,13 @@ class Daemon:
             got += self._take()
         if self._stop_requested:
             return None
-        kinds = {t.kind for t in got}
-        kind = next((k for k in _KIND_ORDER if k in kinds), got[0].kind)
-        return Trigger(kind, any(t.full for t in got), any(t.reload for t in got),
-                       any(t.force for t in got))
+        kinds = [t.kind for t in got]
+        kind = next((k for k in _KIND_ORDER if k in kinds), None) \
+            or next((k for k in kinds if k not in _KIND_LAST), None) \
+            or ("resync" if "resync" in kinds else "netlink")
+        # only address events alone may be skipped when usability did not change
+        force = any(t.force or t.kind != "netlink" for t in got)
+        return Trigger(kind, any(t.full for t in got), any(t.reload for t in got), force)
 
     def _usable_changed(self) -> bool:
         if self.cfg is None or self.rec is None:

@@ -297,6 +297,22 @@ def test_an_address_removed_during_a_sync_is_synced_next(tmp_path):
         assert lab.stop() == 0
 
 
+def test_a_watchers_own_trigger_merged_with_an_address_event_still_syncs(tmp_path):
+    """An address event that changes no usability is skipped; another kind
+    (here a drift watcher's) merged with it in one debounce window is not."""
+    lab = Lab(tmp_path)
+    lab.start()
+    try:
+        lab.sync(lambda r: r.trigger == "start", "the first sync")
+        lab.daemon.post(Trigger("netlink"))
+        lab.daemon.post(Trigger("drift", full=True))
+        r = lab.sync(lambda r: r.trigger == "drift", "the merged drift trigger's sync")
+        assert r.mode == "full"
+    finally:
+        assert lab.stop() == 0
+    assert [r.trigger for r in lab.syncs] == ["start", "drift"]
+
+
 def test_a_failed_host_read_on_an_event_syncs_instead_of_dying(tmp_path):
     lab = Lab(tmp_path)
     with capture_logs() as logs:
