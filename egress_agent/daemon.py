@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from typing import Callable, Optional
 
 from . import log as logmod
@@ -44,8 +45,9 @@ __all__ = ["Daemon", "Trigger", "EXIT_WATCHER_FAILED"]
 
 CONFIG_DEBOUNCE = 0.1  # editors write in several steps
 NETLINK_DEBOUNCE = 0.005
-# `run` exits with this when a watcher cannot recover: not 0, so that systemd's
-# Restart=on-failure starts the daemon again, and apart from the CLI's 1-4.
+# `run` exits with this when a watcher cannot recover (or the loop itself
+# fails): not 0, so that systemd's Restart=on-failure starts the daemon again,
+# and apart from the CLI's 1-4.
 EXIT_WATCHER_FAILED = 5
 # how a merged trigger is named in the sync line: the first of these it holds,
 # then any other kind (a watcher's own), then resync, then netlink
@@ -133,8 +135,8 @@ class Daemon:
         self.inbox.wake()
 
     def run(self) -> int:
-        """The daemon until SIGTERM/SIGINT (0) or a watcher that cannot recover
-        (EXIT_WATCHER_FAILED). Signal handlers are installed when called from the
+        """The daemon until SIGTERM/SIGINT (0), or a watcher that cannot recover
+        or an unexpected error in the loop (EXIT_WATCHER_FAILED). Signal handlers are installed when called from the
         main thread, and the previous ones restored on return."""
         restore = self._signals() if threading.current_thread() is threading.main_thread() else None
         try:
@@ -142,14 +144,18 @@ class Daemon:
                 self.start_watcher(name, body)
             self.post(Trigger("start", full=True, reload=True))
             self._loop()
+        except Exception as e:  # a bug: say so in the log, and let systemd restart us
+            self.fatal = f"the loop: {type(e).__name__}: {e}"
+            self.log.error("the daemon's loop failed", error=self.fatal,
+                           traceback=traceback.format_exc())
         finally:
             self.stopping.set()
             if restore:
                 restore()
         self.notify("STOPPING=1")
         if self.fatal:
-            self.log.error("stopped: an event source cannot recover; exiting non-zero so that "
-                           "systemd restarts the agent; kernel state left in place",
+            self.log.error("stopped: cannot go on; exiting non-zero so that systemd restarts "
+                           "the agent; kernel state left in place",
                            reason=self.fatal, exit_status=EXIT_WATCHER_FAILED)
             return EXIT_WATCHER_FAILED
         self.log.info("stopped; kernel state left in place")

@@ -184,6 +184,21 @@ def test_a_watcher_that_cannot_recover_stops_the_daemon_non_zero(tmp_path, how):
     assert lab.daemon.metrics.watcher_errors == {"broken": 3}
 
 
+def test_an_error_in_the_loop_itself_is_logged_and_exits_non_zero(tmp_path):
+    def broken_hook(r: SyncResult) -> None:
+        raise KeyError("no such egress IP")
+
+    lab = Lab(tmp_path)
+    lab.daemon.on_sync.append(broken_hook)
+    with capture_logs() as logs:
+        rc = lab.start().join()
+    assert rc == EXIT_WATCHER_FAILED
+    failed = events(logs, "the daemon's loop failed")
+    assert failed and failed[0]["error"] == "the loop: KeyError: 'no such egress IP'", logs
+    assert "broken_hook" in failed[0]["traceback"]
+    assert logs[-1]["exit_status"] == EXIT_WATCHER_FAILED, logs[-1]
+
+
 def test_enobufs_is_lost_events_and_a_full_resync_not_a_failure(tmp_path):
     runs: list[float] = []
 
