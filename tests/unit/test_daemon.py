@@ -29,7 +29,7 @@ from egress_agent.nft.fake import FakeNft
 from egress_agent.reconcile import Reconciler, SyncResult
 from egress_agent.routing.fake import FakeRouting
 from egress_agent.store import Store
-from egress_agent.watchers import RTM_NEWADDR, RTM_NEWLINK, watch_links
+from egress_agent.watchers import RTM_NEWADDR, RTM_NEWLINK, watch_config, watch_links
 
 ADDRESSES = {"203.0.113.2", "203.0.113.10", "203.0.113.11", "203.0.113.20", "203.0.113.130",
              "203.0.113.140", "2001:db8:10::1", "2001:db8:11::1"}
@@ -160,6 +160,36 @@ def test_a_watcher_that_fails_once_is_restarted_and_what_it_missed_is_synced(tmp
     assert failed[0]["error"] == "ConnectionResetError: [Errno 104] socket reset", failed
     assert not events(logs, "watcher cannot recover: stopping the daemon")
     assert 'egress_agent_watcher_errors_total{watcher="flaky"} 1.0' in exposition(lab.daemon)
+
+
+def test_the_config_watcher_restarted_after_an_error_hears_edits_again(tmp_path):
+    """The real inotify watcher, failing once as when the host is out of
+    inotify instances: the restart's resync reloads the config, and an edit
+    after the restart is heard."""
+    runs: list[float] = []
+
+    def inotify_failing_once() -> None:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        d = lab.daemon
+        watch_config(d.config_path, d.stopping, d.post, d.events_lost, d.log)
+
+    lab = Lab(tmp_path, watchers={"inotify": inotify_failing_once})
+    lab.start()
+    try:
+        wait_until(lambda: len(runs) == 2, "the restart")
+        # the restart's resync (merged with the start's when it fails that early)
+        lab.sync(lambda r: r.mode == "full", "the resync after the restart")
+        with open(lab.config + ".tmp", "w") as f:
+            f.write(demo_text().replace(M43, "").replace(LEGACY_POLICY, ""))
+        os.rename(lab.config + ".tmp", lab.config)
+        r = lab.sync(lambda r: r.trigger == "config", "the sync after the edit")
+        assert r.removed, r.to_json()
+        assert "m43" not in {w.id for w in lab.daemon.cfg.workloads}
+    finally:
+        assert lab.stop() == 0
+    assert lab.daemon.metrics.watcher_errors == {"inotify": 1}
 
 
 @pytest.mark.parametrize("how", ["raises", "returns"])
