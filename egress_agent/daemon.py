@@ -136,9 +136,11 @@ class Daemon:
 
     def run(self) -> int:
         """The daemon until SIGTERM/SIGINT (0), or a watcher that cannot recover
-        or an unexpected error in the loop (EXIT_WATCHER_FAILED). Signal handlers are installed when called from the
-        main thread, and the previous ones restored on return."""
-        restore = self._signals() if threading.current_thread() is threading.main_thread() else None
+        or an unexpected error in the loop (EXIT_WATCHER_FAILED). Signal handlers
+        are installed when called from the main thread, and the previous ones
+        restored on return."""
+        in_main = threading.current_thread() is threading.main_thread()
+        restore = self._signals() if in_main else None
         try:
             for name, body in self.watchers().items():
                 self.start_watcher(name, body)
