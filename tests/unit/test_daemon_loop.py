@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import pytest
 from structlog.testing import capture_logs
 
+from egress_agent import log as logmod
 from egress_agent.daemon import EXIT_WATCHER_FAILED, Daemon
 from egress_agent.hoststate import HostState
 from egress_agent.inbox import Trigger
@@ -212,6 +213,69 @@ def test_a_watcher_that_cannot_recover_stops_the_daemon_non_zero(tmp_path, how):
     assert last["log_level"] == "error" and last["exit_status"] == EXIT_WATCHER_FAILED, last
     assert "systemd restarts" in last["event"] and "broken" in last["reason"], last
     assert lab.daemon.metrics.watcher_errors == {"broken": 3}
+
+
+def test_failures_far_apart_are_not_in_a_row(tmp_path):
+    """A watcher that runs for `watcher_healthy` seconds before each failure is
+    restarted every time: only quick failures in a row stop the daemon."""
+    runs: list[float] = []
+
+    def fails_now_and_then() -> None:
+        runs.append(time.monotonic())
+        if len(runs) <= 4:
+            if lab.daemon.stopping.wait(0.1):  # a healthy run (> watcher_healthy)
+                return
+            raise ConnectionResetError(errno.ECONNRESET, "socket reset")
+        lab.daemon.stopping.wait()
+
+    lab = Lab(tmp_path, watchers={"rare": fails_now_and_then})
+    lab.daemon.watcher_retries, lab.daemon.watcher_healthy = 2, 0.05
+    with capture_logs() as logs:
+        lab.start()
+        wait_until(lambda: len(runs) == 5, "the fifth run")
+        assert lab.stop() == 0
+    failed = events(logs, "watcher failed; restarting it, then a full resync", watcher="rare")
+    assert [r["failures_in_a_row"] for r in failed] == [1, 1, 1, 1], failed
+    assert not events(logs, "watcher cannot recover: stopping the daemon"), logs
+    assert lab.daemon.metrics.watcher_errors == {"rare": 4}
+
+
+def test_inotify_overflow_is_lost_events_and_the_watcher_goes_on(tmp_path):
+    """The real inotify watcher, stalled while more events than the kernel
+    queues (fs.inotify.max_queued_events) happen in the config's directory:
+    it reports lost events (IN_Q_OVERFLOW), then still hears the next edit."""
+    with open("/proc/sys/fs/inotify/max_queued_events") as f:
+        queue_max = int(f.read())
+    config = tmp_path / "config.yaml"
+    config.write_text(demo_text())
+    stopping, release = threading.Event(), threading.Event()
+    heard: list[str] = []
+
+    def post(t: Trigger) -> None:
+        heard.append(t.kind)
+        release.wait(TIMEOUT)  # the first one stalls the watcher
+
+    th = threading.Thread(target=watch_config, args=(str(config), stopping, post, heard.append,
+                                                     logmod.get()), daemon=True)
+    th.start()
+    try:
+        # the watcher is listening once an edit is heard
+        wait_until(lambda: (config.write_text(demo_text()), heard)[1], "the first edit")
+        a, b = tmp_path / "noise-a", tmp_path / "noise-b"
+        a.touch()
+        for _ in range(queue_max // 4 + 100):  # IN_MOVED_FROM and IN_MOVED_TO, twice
+            a.rename(b)
+            b.rename(a)
+        release.set()
+        wait_until(lambda: "inotify" in heard, "the lost-events report")
+        n = len(heard)
+        config.write_text(demo_text())
+        wait_until(lambda: "config" in heard[n:], "an edit after the overflow")
+    finally:
+        release.set()
+        stopping.set()
+        th.join(TIMEOUT)
+    assert heard.count("inotify") == 1, heard
 
 
 def test_an_error_in_the_loop_itself_is_logged_and_exits_non_zero(tmp_path):
