@@ -315,7 +315,10 @@ class Daemon:
 
     # --- watchers -------------------------------------------------------------------
     def watchers(self) -> dict[str, Callable[[], None]]:
-        """The thread bodies `run` starts, by name. Each runs until `stopping`."""
+        """The thread bodies `run` starts, by name. Each runs until `stopping`.
+        A new event source is one entry: a body that hands triggers to
+        `self.post`, reports dropped events to `self.events_lost` and raises
+        when it cannot go on (`start_watcher` does the rest)."""
         out: dict[str, Callable[[], None]] = {
             "inotify": lambda: watch_config(self.config_path, self.stopping, self.post,
                                             self.events_lost, self.log)}
