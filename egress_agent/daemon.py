@@ -1,45 +1,59 @@
 """`egress-agent run`: keep the kernel equal to the desired state.
 
-One loop, one sync at a time. Triggers arrive on a queue:
+One loop, one sync at a time. Triggers arrive in an inbox (inbox.py):
 - the config file changed (inotify on its directory, so editors that replace
   the file are seen; debounced), or SIGHUP: reload, then sync;
 - netlink: an address or link changed; if that changes which egress IPs are
   usable, sync at once (failover is a netlink event, not a poll);
 - the periodic full resync, which re-reads the kernel and repairs drift;
+- a watcher that lost events or failed: a full resync (and a reload);
 - SIGTERM/SIGINT: stop, leaving the kernel state in place.
 An invalid config is logged with file, line and reason; the last good state
 stays applied and the daemon waits for the next version.
+
+Signal handlers only set a flag; the C-level handler writes to the inbox's
+pipe (signal.set_wakeup_fd), which wakes the loop. A storm of SIGHUPs is one
+reload per pass of the loop, and SIGTERM is seen at the next pass.
+
+Each watcher thread runs under `start_watcher`: an error is logged, counted
+and followed by a full resync and a restart with back-off; a watcher that
+fails `watcher_retries` times in a row stops the daemon with EXIT_WATCHER_FAILED
+so that systemd (Restart=on-failure) starts a fresh one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
+import traceback
 from typing import Callable, Optional
 
 from . import log as logmod
 from . import metrics as metrics_mod
-from .config import Config, ConfigError, load, watched_paths
+from .config import Config, ConfigError, load
+from .inbox import Inbox, Trigger
 from .nft import NftError
 from .reconcile import Reconciler, SyncResult, usable_from
 from .routing import RoutingError
 from .sdnotify import Notifier
+from .watchers import watch_config, watch_links
+
+__all__ = ["Daemon", "Trigger", "EXIT_WATCHER_FAILED"]
 
 CONFIG_DEBOUNCE = 0.1  # editors write in several steps
 NETLINK_DEBOUNCE = 0.005
 STORE_RETRY = (0.5, 30.0)  # first and longest delay before retrying a failed store write
-
-
-@dataclass(frozen=True)
-class Trigger:
-    kind: str  # config | sighup | netlink | resync | stop | start | drained
-    full: bool = False    # re-read the kernel instead of trusting memory
-    reload: bool = False  # re-read the config file
-    force: bool = False   # sync even if no egress IP changed usability
+# `run` exits with this when a watcher cannot recover (or the loop itself
+# fails): not 0, so that systemd's Restart=on-failure starts the daemon again,
+# and apart from the CLI's 1-6.
+EXIT_WATCHER_FAILED = 7
+# how a merged trigger is named in the sync line: the first of these it holds,
+# then any other kind (a watcher's own), then resync, then netlink
+_KIND_ORDER = ("start", "sighup", "config", "watcher")
+_KIND_LAST = ("resync", "netlink")
 
 
 def conntrack_numbers() -> tuple[Optional[int], Optional[int]]:
@@ -54,24 +68,30 @@ def conntrack_numbers() -> tuple[Optional[int], Optional[int]]:
 
 
 class Daemon:
+    # watcher supervision; a run that lasted `watcher_healthy` seconds resets the count
+    watcher_retries = 5
+    watcher_backoff = (0.1, 5.0)  # first and longest pause before a restart
+    watcher_healthy = 60.0
+
     def __init__(self, config_path: str, make_reconciler: Callable[[Config], Reconciler],
                  resync_interval: float = 60.0, notify: Optional[Notifier] = None,
                  watch_netlink: bool = True, state_dir: Optional[str] = None,
                  metrics: Optional[metrics_mod.State] = None,
                  usage_interval: Optional[float] = None,
                  collect_usage: Optional[Callable[[Config], object]] = None,
-                 translation_log: Optional[str] = None):
+                 translation_log: Optional[str] = None,
+                 watchers: Optional[dict[str, Callable[[], None]]] = None):
         self.config_path = os.path.abspath(config_path)
         self.make_reconciler = make_reconciler
         self.resync_interval = resync_interval
         self.notify = notify or Notifier()
         self.watch_netlink = watch_netlink
         self.state_dir = state_dir
-        self.queue: "queue.Queue[Trigger]" = queue.Queue()
+        self.inbox = Inbox()
         self.log = logmod.get()
         self.cfg: Optional[Config] = None
         self.rec: Optional[Reconciler] = None
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # tells the watcher threads to end
         self.last_usable = None
         self.syncs = 0
         self.failures = 0
@@ -84,6 +104,12 @@ class Daemon:
         self.translation_log = translation_log
         self.store_retry: Optional[threading.Timer] = None
         self.store_retry_delay = 0.0
+        self.extra_watchers = dict(watchers or {})
+        # written by signal handlers and read by the loop: plain attributes, no lock
+        self._stop_requested = False
+        self._hups = 0
+        self._hups_seen = 0
+        self.fatal: Optional[str] = None  # why the daemon gave up
 
     # --- config ----------------------------------------------------------------
     def load_config(self) -> bool:
@@ -102,36 +128,63 @@ class Daemon:
         return True
 
     # --- the loop ---------------------------------------------------------------
+    def post(self, t: Trigger) -> None:
+        """Hand a trigger to the loop; safe from any thread, takes no lock."""
+        self.inbox.post(t)
+
+    def stop(self) -> None:
+        """Ask the loop to stop (from any thread)."""
+        self._stop_requested = True
+        self.inbox.wake()
+
     def run(self) -> int:
-        self._signals()
-        threading.Thread(target=self._watch_config, name="inotify", daemon=True).start()
-        if self.watch_netlink:
-            threading.Thread(target=self._watch_netlink, name="netlink", daemon=True).start()
-        if self.usage_interval and self.collect_usage:
-            threading.Thread(target=self._watch_usage, name="usage", daemon=True).start()
-        if self.translation_log:
-            threading.Thread(target=self._translations, name="translations", daemon=True).start()
-        self.queue.put(Trigger("start", full=True, reload=True))
+        """The daemon until SIGTERM/SIGINT (0), or a watcher that cannot recover
+        or an unexpected error in the loop (EXIT_WATCHER_FAILED). Signal handlers
+        are installed when called from the main thread, and the previous ones
+        restored on return."""
+        in_main = threading.current_thread() is threading.main_thread()
+        restore = self._signals() if in_main else None
+        try:
+            for name, body in self.watchers().items():
+                self.start_watcher(name, body)
+            self.post(Trigger("start", full=True, reload=True))
+            self._loop()
+        except Exception as e:  # a bug: say so in the log, and let systemd restart us
+            self.fatal = f"the loop: {type(e).__name__}: {e}"
+            self.log.error("the daemon's loop failed", error=self.fatal,
+                           traceback=traceback.format_exc())
+        finally:
+            self.stopping.set()
+            if restore:
+                restore()
+        self.notify("STOPPING=1")
+        if self.fatal:
+            self.log.error("stopped: cannot go on; exiting non-zero so that systemd restarts "
+                           "the agent; kernel state left in place",
+                           reason=self.fatal, exit_status=EXIT_WATCHER_FAILED)
+            return EXIT_WATCHER_FAILED
+        self.log.info("stopped; kernel state left in place")
+        return 0
+
+    def _loop(self) -> None:
         watchdog = self.notify.watchdog_interval()
         next_resync = time.monotonic() + self.resync_interval
         ready = False
-        while not self.stopping.is_set():
-            timeout = max(0.0, next_resync - time.monotonic())
+        while True:
             if watchdog:
-                timeout = min(timeout, watchdog)
                 self.notify("WATCHDOG=1")
-            try:
-                t = self.queue.get(timeout=timeout)
-            except queue.Empty:
-                if time.monotonic() >= next_resync:
-                    t = Trigger("resync", full=True)
-                else:
+            got = self._take()
+            if self._stop_requested:
+                return
+            if not got:
+                left = next_resync - time.monotonic()
+                if left > 0:
+                    self.inbox.wait(min(left, watchdog) if watchdog else left)
                     continue
-            if t.kind == "stop":
-                break
-            t = self._coalesce(t)
-            if t.kind == "stop":
-                break
+                got = [Trigger("resync", full=True)]
+            t = self._coalesce(got)
+            if t is None:
+                return
             if t.reload:
                 if t.kind == "sighup":
                     self.notify("RELOADING=1")
@@ -154,32 +207,45 @@ class Daemon:
             if not ready or t.kind == "sighup":
                 self.notify("READY=1")
                 ready = True
-        self.notify("STOPPING=1")
-        self.log.info("stopped; kernel state left in place")
-        return 0
 
-    def _coalesce(self, first: Trigger) -> Trigger:
-        """Merge the triggers that arrive within the debounce window."""
-        window = CONFIG_DEBOUNCE if first.kind in ("config", "start") else NETLINK_DEBOUNCE
-        kinds, full, reload, force = [first.kind], first.full, first.reload, first.force
+    def _take(self) -> list[Trigger]:
+        """What was posted, and one sighup trigger for any number of SIGHUPs."""
+        got = self.inbox.take()
+        hups = self._hups  # read once: a SIGHUP after this read is seen next time
+        if hups != self._hups_seen:
+            self._hups_seen = hups
+            got.append(Trigger("sighup", full=True, reload=True))
+        return got
+
+    def _coalesce(self, got: list[Trigger]) -> Optional[Trigger]:
+        """Merge the triggers that arrive within the debounce window; None: stop."""
+        window = CONFIG_DEBOUNCE if any(t.kind in ("config", "start") for t in got) \
+            else NETLINK_DEBOUNCE
         deadline = time.monotonic() + window
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                t = self.queue.get(timeout=max(0.0, left)) if left > 0 else self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if t.kind == "stop":
-                return t
-            kinds.append(t.kind)
-            full, reload, force = full or t.full, reload or t.reload, force or t.force
-        kind = next((k for k in ("start", "sighup", "config", "resync", "netlink") if k in kinds), first.kind)
-        return Trigger(kind, full, reload, force)
+        while (left := deadline - time.monotonic()) > 0:
+            self.inbox.wait(left)
+            if self._stop_requested:
+                return None
+            got += self._take()
+        if self._stop_requested:
+            return None
+        kinds = [t.kind for t in got]
+        kind = next((k for k in _KIND_ORDER if k in kinds), None) \
+            or next((k for k in kinds if k not in _KIND_LAST), None) \
+            or ("resync" if "resync" in kinds else "netlink")
+        # only address events alone may be skipped when usability did not change
+        force = any(t.force or t.kind != "netlink" for t in got)
+        return Trigger(kind, any(t.full for t in got), any(t.reload for t in got), force)
 
     def _usable_changed(self) -> bool:
         if self.cfg is None or self.rec is None:
             return False
-        usable = usable_from(self.cfg, self.rec.read_host())
+        try:
+            usable = usable_from(self.cfg, self.rec.read_host())
+        except Exception as e:  # cannot tell: sync, which reads the host again
+            self.log.warning("reading the host's addresses failed; syncing anyway",
+                             error=f"{type(e).__name__}: {e}")
+            return True
         return usable != self.last_usable
 
     def _sync(self, t: Trigger) -> None:
@@ -241,84 +307,119 @@ class Daemon:
         lo, hi = STORE_RETRY
         self.store_retry_delay = min(hi, max(lo, self.store_retry_delay * 2))
         self.store_retry = threading.Timer(
-            self.store_retry_delay, lambda: self.queue.put(Trigger("store-retry", full=True)))
+            self.store_retry_delay, lambda: self.post(Trigger("store-retry", full=True)))
         self.store_retry.daemon = True
         self.store_retry.start()
 
-    # --- event sources ------------------------------------------------------------
-    def _signals(self) -> None:
-        def stop(signum, frame):
-            self.stopping.set()
-            self.queue.put(Trigger("stop"))
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, lambda s, f: self.queue.put(Trigger("sighup", full=True, reload=True)))
 
-    def _watch_config(self) -> None:
-        """inotify on the config's directory and on the directories of its includes.
+    # --- signals ------------------------------------------------------------------
+    def _signals(self) -> Callable[[], None]:
+        """Handlers that only set a flag; the wake-up goes through the inbox's pipe.
+        Returns what restores the previous handlers."""
+        def on_stop(signum, frame):
+            self._stop_requested = True
 
-        Watching directories, not files, sees editors that write a new file and
-        rename it over the old one. Directories of includes added later are
-        watched from the next start."""
-        from inotify_simple import INotify, flags
-        ino = INotify()
-        wanted: dict[int, Optional[str]] = {}
+        def on_hup(signum, frame):
+            self._hups += 1
 
-        def watch(paths: dict[str, Optional[str]]) -> None:
-            for directory, name in paths.items():
-                try:
-                    wd = ino.add_watch(directory, flags.CLOSE_WRITE | flags.MOVED_TO
-                                       | flags.CREATE | flags.DELETE | flags.MOVED_FROM)
-                    wanted[wd] = name
-                except OSError as e:
-                    self.log.warning("cannot watch for config changes", directory=directory,
-                                     error=str(e))
+        old = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, on_stop),
+                                                   (signal.SIGINT, on_stop),
+                                                   (signal.SIGHUP, on_hup))}
+        # a full pipe drops the byte, which is fine: the loop is woken already
+        old_fd = signal.set_wakeup_fd(self.inbox.wakeup_fd, warn_on_full_buffer=False)
 
-        # a config that is a symlink: also watch the file it resolves to
-        target = os.path.realpath(self.config_path)
-        watch({**watched_paths(self.config_path),
-               os.path.dirname(target): os.path.basename(target)})
+        def restore() -> None:
+            signal.set_wakeup_fd(old_fd)
+            for s, h in old.items():
+                # the process is on its way out: a SIGHUP of a reload loop that
+                # arrives now must not turn a clean exit into death by signal
+                signal.signal(s, signal.SIG_IGN if h == signal.SIG_DFL else h)
+        return restore
+
+    # --- watchers -------------------------------------------------------------------
+    def watchers(self) -> dict[str, Callable[[], None]]:
+        """The thread bodies `run` starts, by name. Each runs until `stopping`.
+        A new event source is one entry: a body that hands triggers to
+        `self.post`, reports dropped events to `self.events_lost` and raises
+        when it cannot go on (`start_watcher` does the rest)."""
+        out: dict[str, Callable[[], None]] = {
+            "inotify": lambda: watch_config(self.config_path, self.stopping, self.post,
+                                            self.events_lost, self.log)}
+        if self.watch_netlink:
+            out["netlink"] = lambda: watch_links(self.stopping, self.post, self.events_lost)
+        if self.usage_interval and self.collect_usage:
+            out["usage"] = self._watch_usage
+        if self.translation_log:
+            out["translations"] = self._translations
+        return {**out, **self.extra_watchers}
+
+    def start_watcher(self, name: str, body: Callable[[], None]) -> threading.Thread:
+        """Run `body` in a thread that survives its errors (see `_supervise`)."""
+        th = threading.Thread(target=self._supervise, args=(name, body), name=name, daemon=True)
+        th.start()
+        return th
+
+    def _supervise(self, name: str, body: Callable[[], None]) -> None:
+        """Restart `body` after an error, with a full resync: whatever it missed
+        while down is read from the kernel again. ENOBUFS raised by a netlink
+        body is lost events, not a failure. `watcher_retries` failures in a
+        row (runs shorter than `watcher_healthy`) stop the daemon."""
+        failures = 0
         while not self.stopping.is_set():
-            events = ino.read(timeout=1000)
-            now = os.path.realpath(self.config_path) if events else target
-            if now != target:  # a symlink on the way now points elsewhere (..data swap)
-                target = now
-                watch({os.path.dirname(target): os.path.basename(target)})
-                self.queue.put(Trigger("config", reload=True))
-                continue
-            for ev in events:
-                name = wanted.get(ev.wd)
-                if ev.name == name or (name is None and ev.name.endswith((".yaml", ".yml"))):
-                    self.queue.put(Trigger("config", reload=True))
+            started = time.monotonic()
+            try:
+                body()
+                if self.stopping.is_set():
+                    return
+                raise RuntimeError("the watcher returned while the daemon runs")
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    error: Exception = e
+                else:
+                    self.events_lost(name)
+                    continue
+            except Exception as e:
+                error = e
+            if self.stopping.is_set():
+                return
+            failures = 1 if time.monotonic() - started >= self.watcher_healthy else failures + 1
+            with self.metrics.lock:
+                self.metrics.watcher_errors[name] = self.metrics.watcher_errors.get(name, 0) + 1
+            what = f"{type(error).__name__}: {error}"
+            if failures >= self.watcher_retries:
+                self.log.error("watcher cannot recover: stopping the daemon", watcher=name,
+                               failures_in_a_row=failures, error=what)
+                self.fatal = f"watcher {name}: {failures} failures in a row, last {what}"
+                self.stop()
+                return
+            delay = min(self.watcher_backoff[0] * 2 ** (failures - 1), self.watcher_backoff[1])
+            self.log.error("watcher failed; restarting it, then a full resync", watcher=name,
+                           error=what, failures_in_a_row=failures, restart_in_s=delay)
+            if self.stopping.wait(delay):
+                return
+            # queued before the restart: the body is listening again long
+            # before the loop's debounce window ends and the sync reads the kernel
+            self.post(Trigger("watcher", full=True, reload=True, force=True))
 
-    def _watch_netlink(self) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
-        with IPRoute() as ipr:
-            ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
-            while not self.stopping.is_set():
-                for msg in ipr.get():
-                    # a link that comes back has lost its routes: a link event
-                    # always syncs (which re-reads our routes); an address
-                    # event only when it changes which egress IPs are usable.
-                    self.queue.put(Trigger("netlink", force=msg["event"] == "RTM_NEWLINK"))
+    def events_lost(self, watcher: str) -> None:
+        """The kernel dropped events for `watcher` (ENOBUFS, IN_Q_OVERFLOW):
+        a full resync reads the truth again."""
+        with self.metrics.lock:
+            self.metrics.events_lost[watcher] = self.metrics.events_lost.get(watcher, 0) + 1
+        self.log.warning("events lost; resyncing from a fresh dump", watcher=watcher)
+        self.post(Trigger("watcher", full=True, reload=True, force=True))
 
     def _translations(self) -> None:
         from .translog import TranslationLog, workload_lookup
-        wait_until = time.monotonic() + 30
-        while self.rec is None and time.monotonic() < wait_until and not self.stopping.is_set():
-            time.sleep(0.1)
-        if self.rec is None:
-            return
+        while self.rec is None:  # the store is known once a config was loaded
+            if self.stopping.wait(0.1):
+                return
         rec = self.rec
         # what the kernel holds (memory), not the disk, which may be behind or corrupt
         log = TranslationLog(self.translation_log,
                              workload_lookup(lambda: rec.alloc or rec.store.load()))
         self.log.info("translation log", path=self.translation_log)
-        try:
-            log.run(self.stopping, lambda msg, n: self.log.warning(msg, overruns=n))
-        except Exception as e:
-            self.log.error("translation log stopped", error=f"{type(e).__name__}: {e}")
+        log.run(self.stopping, lambda msg, n: self.log.warning(msg, overruns=n))
 
     # --- usage and metrics ---------------------------------------------------------
     def _record_usable(self, before, after) -> None:
@@ -351,7 +452,7 @@ class Daemon:
             # (after its own conntrack read; this dump may predate a release)
             alloc = self.rec.alloc if self.rec else None
             if alloc and any(not l.in_use(snap.live) for l in alloc.lingering.values()):
-                self.queue.put(Trigger("drained"))
+                self.post(Trigger("drained"))
 
     def _warn(self, snap) -> None:
         """One warning when a ratio crosses warn_at, one note when it falls back below."""

@@ -50,6 +50,8 @@ class State:
         self.store_write_failures = 0
         self.snapshot = None
         self.usable: dict[str, bool] = {}
+        self.watcher_errors: dict[str, int] = {}  # by watcher thread name
+        self.events_lost: dict[str, int] = {}     # ENOBUFS, IN_Q_OVERFLOW: a full resync each
 
     def record_sync(self, trigger: str, ok: bool, seconds: float) -> None:
         with self.lock:
@@ -89,6 +91,15 @@ class Collector:
             for ip, ok in sorted(s.usable.items()):
                 g.add_metric([ip], 1 if ok else 0)
             yield g
+            for name, help_, counts in (
+                    ("egress_agent_watcher_errors", "Errors of a watcher thread (each followed "
+                     "by a restart and a full resync)", s.watcher_errors),
+                    ("egress_agent_watcher_events_lost", "Times the kernel dropped events for a "
+                     "watcher (each followed by a full resync)", s.events_lost)):
+                c = CounterMetricFamily(name, help_, labels=["watcher"])
+                for watcher, n in sorted(counts.items()):
+                    c.add_metric([watcher], n)
+                yield c
             snap = s.snapshot
         if snap is None:
             return
