@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shutil
 
 import pytest
@@ -349,8 +350,6 @@ def test_read_only_commands_report_a_corrupt_store_in_one_line(cfg, tmp_path, ca
 
 
 def test_the_daemon_retries_a_failed_store_write_with_a_full_sync(cfg, tmp_path):
-    import queue
-
     from egress_agent.daemon import Daemon, Trigger
     from egress_agent.sdnotify import Notifier
     nft, host = FakeNft(), Host()
@@ -363,17 +362,27 @@ def test_the_daemon_retries_a_failed_store_write_with_a_full_sync(cfg, tmp_path)
         host.state = ONLY_A2
         d._sync(Trigger("netlink", force=True))
     assert d.last_result.store_error and d.metrics.store_write_failures == 1
-    t = d.queue.get(timeout=5)  # the retry, after the first backoff
+    t = next_trigger(d, 5)  # the retry, after the first backoff
     assert (t.kind, t.full) == ("store-retry", True)
     with capture_logs():
         d._sync(t)  # still unwritable: the next retry waits longer
     assert d.store_retry_delay == 2 * 0.5 and d.metrics.store_write_failures == 2
     unblock(cfg.state_dir)
-    d._sync(d.queue.get(timeout=5))
+    d._sync(next_trigger(d, 5))
     assert d.last_result.store_error is None and d.store_retry_delay == 0
     assert Store(cfg.state_dir).load() == d.rec.alloc
-    with pytest.raises(queue.Empty):
-        d.queue.get(timeout=1.5)  # nothing more to retry
+    assert next_trigger(d, 1.5) is None  # nothing more to retry
+
+
+def next_trigger(d, timeout: float):
+    """The first trigger posted to the daemon's inbox within `timeout`, or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d.inbox.wait(deadline - time.monotonic())
+        got = d.inbox.take()
+        if got:
+            return got[0]
+    return None
 
 
 def test_a_corrupt_store_in_an_unwritable_dir_is_still_adopted(cfg, monkeypatch):
