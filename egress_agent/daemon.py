@@ -5,7 +5,10 @@ One loop, one sync at a time. Triggers arrive on a queue:
   the file are seen; debounced), or SIGHUP: reload, then sync;
 - netlink: an address or link changed; if that changes which egress IPs are
   usable, sync at once (failover is a netlink event, not a poll);
-- the periodic full resync, which re-reads the kernel and repairs drift;
+- nftwatch: a foreign nftables commit that touched our table, or an ip rule or
+  route changed in our reserved ranges: a full sync at once ("drift"), which
+  reads the kernel, logs what it found and repairs it in one batch;
+- the periodic full resync, which re-reads the kernel and repairs drift too;
 - SIGTERM/SIGINT: stop, leaving the kernel state in place.
 An invalid config is logged with file, line and reason; the last good state
 stays applied and the daemon waits for the next version.
@@ -35,7 +38,7 @@ NETLINK_DEBOUNCE = 0.005
 
 @dataclass(frozen=True)
 class Trigger:
-    kind: str  # config | sighup | netlink | resync | stop | start
+    kind: str  # config | sighup | netlink | drift | resync | stop | start
     full: bool = False    # re-read the kernel instead of trusting memory
     reload: bool = False  # re-read the config file
     force: bool = False   # sync even if no egress IP changed usability
@@ -104,6 +107,7 @@ class Daemon:
         threading.Thread(target=self._watch_config, name="inotify", daemon=True).start()
         if self.watch_netlink:
             threading.Thread(target=self._watch_netlink, name="netlink", daemon=True).start()
+            threading.Thread(target=self._watch_drift, name="nftwatch", daemon=True).start()
         if self.usage_interval and self.collect_usage:
             threading.Thread(target=self._watch_usage, name="usage", daemon=True).start()
         if self.translation_log:
@@ -170,7 +174,8 @@ class Daemon:
                 return t
             kinds.append(t.kind)
             full, reload, force = full or t.full, reload or t.reload, force or t.force
-        kind = next((k for k in ("start", "sighup", "config", "resync", "netlink") if k in kinds), first.kind)
+        kind = next((k for k in ("start", "sighup", "config", "drift", "resync", "netlink")
+                     if k in kinds), first.kind)
         return Trigger(kind, full, reload, force)
 
     def _usable_changed(self) -> bool:
@@ -207,6 +212,10 @@ class Daemon:
         # the sync runs still counts as a change when its netlink event is handled
         self.last_usable = r.usable
         self._record_usable(before, self.last_usable)
+        if r.drift:
+            self.log.warning("drift repaired", trigger=r.trigger,
+                             found=[str(f) for f in r.drift])
+            self.metrics.record_drift(f.kind for f in r.drift)
         count, cmax = conntrack_numbers()
         self.log.info("sync", trigger=r.trigger, mode=r.mode, changed=r.changed,
                       elements_added=r.added, elements_removed=r.removed,
@@ -279,6 +288,11 @@ class Daemon:
                     # always syncs (which re-reads our routes); an address
                     # event only when it changes which egress IPs are usable.
                     self.queue.put(Trigger("netlink", force=msg["event"] == "RTM_NEWLINK"))
+
+    def _watch_drift(self) -> None:
+        from .nftwatch import Watch
+        Watch(lambda why: self.queue.put(Trigger("drift", full=True, force=True)),
+              lambda msg: self.log.error(msg)).run(self.stopping)
 
     def _translations(self) -> None:
         from .translog import TranslationLog, workload_lookup

@@ -34,6 +34,7 @@ class State:
         self.failovers = 0
         self.snapshot = None
         self.usable: dict[str, bool] = {}
+        self.drift: dict[str, int] = {}  # drift repairs by kind (drift.py)
 
     def record_sync(self, trigger: str, ok: bool, seconds: float) -> None:
         with self.lock:
@@ -41,6 +42,13 @@ class State:
             self.syncs[key] = self.syncs.get(key, 0) + 1
             self.sync_seconds[trigger] = self.sync_seconds.get(trigger, 0.0) + seconds
             self.last_sync_duration = seconds
+
+
+    def record_drift(self, kinds) -> None:
+        """One repair counts once per kind of what it found."""
+        with self.lock:
+            for kind in set(kinds):
+                self.drift[kind] = self.drift.get(kind, 0) + 1
 
 
 class Collector:
@@ -62,6 +70,12 @@ class Collector:
             yield c
             yield GaugeMetricFamily("egress_agent_last_sync_duration_seconds",
                                     "Duration of the last sync", value=s.last_sync_duration)
+            c = CounterMetricFamily("egress_agent_drift_repairs", "Syncs that found and repaired "
+                                    "foreign changes to the agent's table, ip rules or routes",
+                                    labels=["kind"])
+            for kind, n in sorted(s.drift.items()):
+                c.add_metric([kind], n)
+            yield c
             yield CounterMetricFamily("egress_agent_failovers", "Egress IPs that became unusable",
                                       value=s.failovers)
             g = GaugeMetricFamily("egress_agent_egress_ip_usable", "1 if the egress IP can take "

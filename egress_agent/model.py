@@ -9,7 +9,10 @@ paths), int (marks; stale cgroup elements, which the kernel shows by id) and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
+
+if TYPE_CHECKING:
+    from .shape import Shape
 
 Atom = Union[str, int, tuple[int, int]]
 Key = Union[Atom, tuple[Atom, ...]]
@@ -74,3 +77,6 @@ class Observed:
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # chain -> rule comments
     routes: frozenset[Route] = frozenset()
     rules: frozenset[Rule] = frozenset()
+    # the skeleton's chains, rules and set declarations as the kernel lists them
+    # (shape.py); None: not read (memory of what was applied, or no table)
+    shape: Optional["Shape"] = None

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from . import alloc as alloc_mod
+from . import shape as shape_mod
 from .adopt import adopt
 from .config import Config
+from .drift import Finding, findings
 from .hoststate import HostState
 from .model import Desired, Observed
 from .nft import NftPort
 from .plan import HostFacts, Plan, build
-from .render import observed_from_json, transaction
+from .render import observed_from_json, skeleton_shape, transaction
 from .routing import RoutingPort, diff_routes, split_ops
 from .store import Store
 
@@ -41,6 +43,7 @@ class SyncResult:
     notes: list[str] = field(default_factory=list)
     batch: str = ""
     usable: alloc_mod.Usable = field(default_factory=alloc_mod.Usable)  # what the plan used
+    drift: list[Finding] = field(default_factory=list)  # what the kernel lost or gained
 
     @property
     def changed(self) -> bool:
@@ -52,7 +55,8 @@ class SyncResult:
                 "elements_added": self.added, "elements_removed": self.removed,
                 "route_ops": self.route_ops, "policies_changed": self.policies_changed,
                 "skeleton_replaced": self.skeleton_replaced, "adopted": self.adopted,
-                "duration_ms": round(self.duration_ms, 2), "notes": self.notes}
+                "duration_ms": round(self.duration_ms, 2), "notes": self.notes,
+                "drift": [str(f) for f in self.drift]}
 
 
 def usable_from(cfg: Config, host: HostState) -> alloc_mod.Usable:
@@ -86,6 +90,12 @@ class Reconciler:
         self.applied: Optional[Observed] = None  # what the kernel accepted last
         self.alloc: Optional[alloc_mod.Allocations] = None  # stored with it
         self.full_next = True
+        # The skeleton's shape as this kernel lists it; None: as shape.py reads the
+        # source. Set once, after this process first wrote the skeleton, if the
+        # kernel's listing differs (another nft version): comparing with the
+        # pure shape then would see drift after every repair, forever.
+        self.expected_shape: Optional[shape_mod.Shape] = None
+        self.shape_checked = False
 
     def facts(self, cfg: Config) -> HostFacts:
         return HostFacts(usable_from(cfg, self.read_host()),
@@ -119,12 +129,17 @@ class Reconciler:
         try:
             plan, events, adopted = self.plan(cfg, observed)
             d = plan.desired
+            drift = (findings(self.applied, d, observed, self.expected_shape,
+                              lambda dev: self.read_host().link_up(dev))
+                     if mode == "full" and self.applied is not None else [])
             ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
-            tx = transaction(d, observed)
+            tx = transaction(d, observed, self.expected_shape)
             before, after = split_ops(ops)
             self.routing.apply(before)
             self.nft.run(tx.text)
             self.routing.apply(after)
+            if tx.full and not self.shape_checked:
+                self._learn_shape(plan.notes)
         except Exception:
             self.full_next = True
             raise
@@ -135,7 +150,19 @@ class Reconciler:
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
                           tx.policies_changed and not tx.full, tx.full and observed.table,
                           adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text,
-                          plan.usable)
+                          plan.usable, drift)
+
+    def _learn_shape(self, notes: list[str]) -> None:
+        """Right after this process first wrote the skeleton: does the kernel list
+        it as shape.py expects? If not, compare with the kernel's listing from now on."""
+        self.shape_checked = True
+        got = shape_mod.from_json(self.nft.list_table(terse=True))
+        want = skeleton_shape()
+        if got != want:
+            self.expected_shape = got
+            notes.append("the kernel lists the skeleton otherwise than expected ("
+                         + "; ".join(shape_mod.differences(want, got)[:3])
+                         + "); drift is compared with the kernel's own listing from now on")
 
     def teardown(self) -> SyncResult:
         t0 = time.perf_counter()

@@ -1,0 +1,226 @@
+"""Hear foreign changes to what the agent owns, as the kernel announces them.
+
+Two netlink sockets, read by one thread:
+- NETLINK_NETFILTER, group NFNLGRP_NFTABLES: every nftables commit is announced
+  object by object (NEWTABLE, DELRULE, NEWSETELEM, ...; each names its table in
+  attribute 1) and closed by one NFT_MSG_NEWGEN carrying NFTA_GEN_PROC_PID, the
+  thread that committed it. A generation that touched `table inet
+  egress_agent` and was committed by another process is drift: `nft flush
+  ruleset`, `nft delete table`, a flushed chain or map, a deleted rule.
+- NETLINK_ROUTE, the IPv4/IPv6 rule and route groups: an ip rule or a route in
+  the agent's reserved priorities or tables (names.py) was added or deleted.
+  rtnetlink does not say who did it; the agent's own changes cause one extra
+  check, which finds nothing and writes nothing.
+Each finding calls `on_drift(reason)`; the daemon then runs a full sync,
+which reads the kernel, names what differs and repairs it in one batch.
+
+A full receive buffer loses events (ENOBUFS): that is reported as drift too
+("events lost"), so the full sync reads everything afresh; the thread goes on.
+
+The parsing is pure (bytes in, facts out) and tested on captured messages;
+raw sockets instead of pyroute2's NFTSocket, which (0.9.x) parses every set
+element of every commit into objects, the agent's own large batches included.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+from . import names
+
+NETLINK_ROUTE = 0
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFPROTO_INET = 1
+NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
+
+# NFT_MSG_* (linux/netfilter/nf_tables.h)
+NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE = 0, 2
+NFT_MSG_NEWGEN = 15
+NFTA_TABLE_NAME = 1  # and NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST,OBJ,FLOWTABLE}_TABLE: all 1
+NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
+
+# rtnetlink
+RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
+RTA_TABLE = FRA_TABLE = 15
+FRA_PRIORITY = 6
+RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
+RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 0x80, 0x40000
+
+RCVBUF = 8 << 20  # one full replace of a large table announces ~100k elements
+
+_NLMSGHDR = struct.Struct("=IHHII")
+
+
+def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(nlmsg_type, payload) of each netlink message in one datagram."""
+    off = 0
+    while off + _NLMSGHDR.size <= len(data):
+        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
+        if length < _NLMSGHDR.size or off + length > len(data):
+            return  # truncated: the caller treats a short datagram as lost events
+        yield mtype, data[off + _NLMSGHDR.size:off + length]
+        off += (length + 3) & ~3
+
+
+def attrs(payload: bytes, start: int) -> dict[int, bytes]:
+    """Netlink attributes from `start` on, by type (the nested flag cleared)."""
+    out: dict[int, bytes] = {}
+    off = start
+    while off + 4 <= len(payload):
+        length, atype = struct.unpack_from("=HH", payload, off)
+        if length < 4:
+            break
+        out.setdefault(atype & 0x3FFF, payload[off + 4:off + length])
+        off += (length + 3) & ~3
+    return out
+
+
+def _cstr(b: Optional[bytes]) -> Optional[str]:
+    return None if b is None else b.split(b"\0", 1)[0].decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One nftables commit: who committed it and whether it touched our table."""
+
+    gen_id: int
+    pid: int
+    proc: str
+    ours_touched: bool
+    what: tuple[str, ...]  # e.g. ("DELTABLE",) or ("DELRULE",) for the log
+
+
+_MSG_NAMES = {0: "NEWTABLE", 2: "DELTABLE", 3: "NEWCHAIN", 5: "DELCHAIN", 6: "NEWRULE",
+              8: "DELRULE", 9: "NEWSET", 11: "DELSET", 12: "NEWSETELEM", 14: "DELSETELEM",
+              18: "NEWOBJ", 20: "DELOBJ", 22: "NEWFLOWTABLE", 24: "DELFLOWTABLE",
+              26: "DESTROYTABLE", 27: "DESTROYCHAIN", 28: "DESTROYRULE", 29: "DESTROYSET",
+              30: "DESTROYSETELEM", 31: "DESTROYOBJ", 32: "DESTROYFLOWTABLE"}
+
+
+class NftEvents:
+    """Folds the messages of NFNLGRP_NFTABLES into generations."""
+
+    def __init__(self) -> None:
+        self._touched: set[str] = set()
+
+    def feed(self, mtype: int, payload: bytes) -> Optional[Generation]:
+        """A Generation when `mtype` closes one (NEWGEN), else None."""
+        if mtype >> 8 != NFNL_SUBSYS_NFTABLES or len(payload) < 4:
+            return None
+        msg = mtype & 0xFF
+        family = payload[0]
+        a = attrs(payload, 4)  # after struct nfgenmsg
+        if msg == NFT_MSG_NEWGEN:
+            pid = struct.unpack(">I", a[NFTA_GEN_PROC_PID])[0] if NFTA_GEN_PROC_PID in a else 0
+            gid = struct.unpack(">I", a[NFTA_GEN_ID])[0] if NFTA_GEN_ID in a else 0
+            g = Generation(gid, pid, _cstr(a.get(NFTA_GEN_PROC_NAME)) or "",
+                           bool(self._touched), tuple(sorted(self._touched)))
+            self._touched = set()
+            return g
+        if family == NFPROTO_INET and _cstr(a.get(NFTA_TABLE_NAME)) == names.TABLE_NAME:
+            self._touched.add(_MSG_NAMES.get(msg, str(msg)))
+        return None
+
+
+def route_event_ours(mtype: int, payload: bytes) -> Optional[str]:
+    """What an rtnetlink rule/route message changed in our reserved ranges, or None."""
+    if mtype not in (RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE) or len(payload) < 12:
+        return None
+    family = {socket.AF_INET: 4, socket.AF_INET6: 6}.get(payload[0], 0)
+    a = attrs(payload, 12)  # after struct rtmsg / struct fib_rule_hdr (both 12 bytes)
+    table = struct.unpack("=I", a[RTA_TABLE])[0] if RTA_TABLE in a else payload[4]
+    verb = "added" if mtype in (RTM_NEWROUTE, RTM_NEWRULE) else "deleted"
+    if mtype in (RTM_NEWRULE, RTM_DELRULE):
+        prio = struct.unpack("=I", a[FRA_PRIORITY])[0] if FRA_PRIORITY in a else 0
+        if names.is_our_priority(prio) or names.is_our_table(table):
+            return f"rule -{family} priority {prio} {verb}"
+        return None
+    if names.is_our_table(table):
+        return f"route -{family} table {table} {verb}"
+    return None
+
+
+def is_own(pid: int, self_pid: Optional[int] = None) -> bool:
+    """Committed by a thread of this process. NFTA_GEN_PROC_PID is the committing
+    thread's id (task_pid_nr), not the process id: look it up among our tasks."""
+    if pid == (self_pid or os.getpid()):
+        return True
+    return self_pid is None and pid > 0 and os.path.exists(f"/proc/self/task/{pid}")
+
+
+class Watch:
+    """The thread body: `run(stopping)` until `stopping` is set."""
+
+    def __init__(self, on_drift: Callable[[str], None],
+                 on_error: Callable[[str], None] = lambda msg: None) -> None:
+        self.on_drift = on_drift
+        self.on_error = on_error
+
+    @staticmethod
+    def _socket(proto: int) -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE: past rmem_max
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        return s
+
+    def open(self) -> tuple[socket.socket, socket.socket]:
+        nft = self._socket(NETLINK_NETFILTER)
+        nft.bind((0, 0))
+        nft.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        rt = self._socket(NETLINK_ROUTE)
+        rt.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE))
+        return nft, rt
+
+    def run(self, stopping: threading.Event) -> None:
+        nft, rt = self.open()
+        events = NftEvents()
+        sel = selectors.DefaultSelector()
+        sel.register(nft, selectors.EVENT_READ, "nft")
+        sel.register(rt, selectors.EVENT_READ, "rt")
+        try:
+            while not stopping.is_set():
+                for key, _ in sel.select(timeout=1.0):
+                    try:
+                        data = key.fileobj.recv(1 << 20)  # type: ignore[union-attr]
+                    except OSError as e:
+                        if e.errno == errno.ENOBUFS:
+                            events = NftEvents()  # a generation's messages may be lost
+                            self.on_drift(f"{key.data} events lost (ENOBUFS)")
+                            continue
+                        raise
+                    try:
+                        self._handle(key.data, data, events)
+                    except (struct.error, KeyError, ValueError) as e:  # a message we misread
+                        self.on_error(f"{key.data} event unreadable: {type(e).__name__}: {e}")
+                        self.on_drift(f"{key.data} event unreadable")
+        finally:
+            sel.close()
+            nft.close()
+            rt.close()
+
+    def _handle(self, source: str, data: bytes, events: NftEvents) -> None:
+        for mtype, payload in messages(data):
+            if mtype == NLMSG_OVERRUN:
+                self.on_drift(f"{source} events lost (overrun)")
+            elif source == "nft":
+                g = events.feed(mtype, payload)
+                if g is not None and g.ours_touched and not is_own(g.pid):
+                    self.on_drift(f"nft generation {g.gen_id} by pid {g.pid} ({g.proc}): "
+                                  f"{', '.join(g.what)} in table {names.TABLE}")
+            else:
+                what = route_event_ours(mtype, payload)
+                if what:
+                    self.on_drift(what)

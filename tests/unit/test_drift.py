@@ -1,0 +1,302 @@
+"""Drift: the skeleton's shape (shape.py), what a full sync finds (drift.py) and
+repairs (Reconciler on fakes), and the netlink events that trigger it
+(nftwatch.py, parsed from messages captured on Linux 6.x / nft 1.0.6)."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import socket
+import threading
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from egress_agent import nftwatch, shape
+from egress_agent.config import parse
+from egress_agent.hoststate import HostState
+from egress_agent.model import Route, Rule
+from egress_agent.nft.fake import FakeNft
+from egress_agent.reconcile import Reconciler
+from egress_agent.render import observed_from_json, skeleton_shape, transaction
+from egress_agent.routing.fake import FakeRouting
+from egress_agent.store import Store
+
+FIXTURES = Path(__file__).parent / "fixtures"
+T = "inet egress_agent"
+
+
+def kernel_listing() -> dict:
+    """`nft -j -t list table inet egress_agent` of fixtures/skeleton-nft-1.0.6.nft."""
+    return json.loads((FIXTURES / "skeleton-nft-1.0.6.json").read_text())
+
+
+def without_rules(doc: dict, chain: str, keep=lambda i, rule: False) -> dict:
+    doc = copy.deepcopy(doc)
+    rules = [i for i, x in enumerate(doc["nftables"]) if x.get("rule", {}).get("chain") == chain]
+    doc["nftables"] = [x for i, x in enumerate(doc["nftables"])
+                       if i not in rules or keep(rules.index(i), x["rule"])]
+    return doc
+
+
+# --- shape ------------------------------------------------------------------------------
+
+def test_source_and_kernel_listing_have_one_shape():
+    src = (FIXTURES / "skeleton-nft-1.0.6.nft").read_text()
+    assert shape.from_source(src) == shape.from_json(kernel_listing())
+    assert shape.differences(shape.from_source(src), shape.from_json(kernel_listing())) == []
+
+
+def test_flushed_chain_deleted_rule_and_missing_set_are_named():
+    want = shape.from_json(kernel_listing())
+    n = len(want.chain("postrouting")[1])
+    flushed = shape.from_json(without_rules(kernel_listing(), "postrouting"))
+    assert shape.differences(want, flushed) == [f"chain postrouting: 0 of {n} skeleton rules"]
+    one_gone = shape.from_json(without_rules(kernel_listing(), "postrouting",
+                                             keep=lambda i, r: i != 0))
+    assert shape.differences(want, one_gone) == [f"chain postrouting: {n - 1} of {n} skeleton rules"]
+    doc = kernel_listing()
+    doc["nftables"] = [x for x in doc["nftables"] if x.get("map", {}).get("name") != "snat4"]
+    assert shape.differences(want, shape.from_json(doc)) == ["map snat4 missing"]
+
+
+def test_a_foreign_rule_and_a_changed_hook_are_named():
+    want = shape.from_json(kernel_listing())
+    doc = kernel_listing()
+    doc["nftables"].append({"rule": {"family": "inet", "table": "egress_agent",
+                                     "chain": "postrouting", "expr": [{"accept": None}]}})
+    for x in doc["nftables"]:
+        if x.get("chain", {}).get("name") == "prerouting":
+            x["chain"]["prio"] = 0
+    diffs = shape.differences(want, shape.from_json(doc))
+    n = len(want.chain("postrouting")[1])
+    assert diffs[0] == f"chain postrouting: {n} of {n} skeleton rules, 1 foreign"
+    assert diffs[1].startswith("chain prerouting: hook ('filter', 'prerouting', 0, 'accept')")
+
+
+def test_rule_tokens_survive_nfts_rewriting():
+    # nft lists `meta mark & 0x80000000 == 0x80000000` as a prefix match: the
+    # shape keeps only what survives (statements, verdicts, sets, comment)
+    body = 'meta mark & 0x80000000 == 0x80000000 counter drop comment "egress unavailable: drop"'
+    assert shape.rule_from_text(body) == ("egress unavailable: drop", ("counter", "drop"))
+    assert shape.rule_from_text("meta mark set ip saddr map @source4 goto decide") == \
+        (None, ("@source4", "goto decide"))
+
+
+# --- what a full sync finds and repairs -------------------------------------------------
+
+def lab_config(tmp_path):
+    text = resources.files("egress_agent").joinpath("lab/demo.yaml").read_text()
+    cfg = parse(text.replace("@PREFIX@", "t"), "demo.yaml").config
+    return cfg.model_copy(update={"state_dir": str(tmp_path)})
+
+
+HOST = HostState(addresses=frozenset({"203.0.113.10", "203.0.113.11", "203.0.113.20",
+                                      "203.0.113.140", "2001:db8:10::1"}),
+                 links_up=frozenset({"up0", "up1"}))
+
+
+@pytest.fixture
+def synced(tmp_path):
+    cfg = lab_config(tmp_path)
+    nft, routing = FakeNft(), FakeRouting()
+    rec = Reconciler(nft, routing, Store(tmp_path), lambda: HOST, cgroup_root=str(tmp_path))
+    first = rec.sync(cfg, "start", full=True)
+    assert first.drift == [] and rec.sync(cfg, "resync", full=True).changed is False
+    return cfg, nft, routing, rec
+
+
+def repaired(cfg, nft, rec, trigger="drift"):
+    """A full sync after damage; then the kernel is whole: the next one finds nothing."""
+    r = rec.sync(cfg, trigger, full=True)
+    again = rec.sync(cfg, "resync", full=True)
+    assert not again.changed and again.drift == [], again
+    assert observed_from_json(nft.list_table()).shape == skeleton_shape()
+    return r
+
+
+def test_flushed_skeleton_chain_replaces_the_table_and_plan_sees_it(synced):
+    cfg, nft, _, rec = synced
+    n = len(skeleton_shape().chain("postrouting")[1])
+    nft.run(f"flush chain {T} postrouting")
+    # `plan --against-running` diffs the same observation: not "no change"
+    p, _, _ = rec.plan(cfg, rec.observe())
+    assert transaction(p.desired, rec.observe()).full
+    r = repaired(cfg, nft, rec)
+    assert [str(f) for f in r.drift] == [f"chain postrouting: 0 of {n} skeleton rules"]
+    assert r.skeleton_replaced and {f.kind for f in r.drift} == {"skeleton"}
+
+
+def test_deleted_table_is_named_and_rewritten_whole(synced):
+    cfg, nft, _, rec = synced
+    elements = {k: v for k, v in nft.table["sets"].items()}
+    nft.run(f"delete table {T}")
+    r = repaired(cfg, nft, rec)
+    assert [str(f) for f in r.drift] == [f"table {T} missing"]
+    assert nft.table["sets"] == elements
+
+
+def test_flushed_map_is_refilled_without_replacing_the_table(synced):
+    cfg, nft, _, rec = synced
+    n = len(nft.table["sets"]["snat4"])
+    assert n
+    nft.run(f"flush map {T} snat4")
+    r = repaired(cfg, nft, rec)
+    assert [str(f).split(" (")[0] for f in r.drift] == [f"map snat4: {n} elements missing, 0 foreign"]
+    assert not r.skeleton_replaced and r.added == n
+
+
+def test_foreign_element_and_deleted_ip_rule_are_named(synced):
+    cfg, nft, routing, rec = synced
+    nft.table["sets"]["snat6"][0x12345] = "2001:db8:10::99"
+    rule = next(iter(routing.rules))
+    routing.rules.discard(rule)
+    r = repaired(cfg, nft, rec)
+    found = [str(f) for f in r.drift]
+    assert found[0].startswith("map snat6: 0 elements missing, 1 foreign"), found
+    assert found[1] == f"{rule.describe()} missing"
+
+
+def test_a_config_change_is_not_drift(synced, tmp_path):
+    cfg, nft, _, rec = synced
+    fewer = cfg.model_copy(update={"workloads": cfg.workloads[:1]})
+    r = rec.sync(fewer, "config", full=True)
+    assert r.changed and r.drift == []
+
+
+def test_a_route_the_kernel_dropped_with_its_link_is_not_drift_when_unwanted(synced):
+    cfg, nft, routing, rec = synced
+    route = next(iter(routing.routes))
+    routing.remove_link(route.dev)
+    rec.read_host = lambda: HostState(HOST.addresses, HOST.links_up - {route.dev})
+    r = rec.sync(cfg, "resync", full=True)
+    assert r.drift == [], r.drift
+
+
+class OtherNft(FakeNft):
+    """A kernel whose nft lists one skeleton rule otherwise (another nft version)."""
+
+    def list_table(self, terse: bool = False) -> dict:
+        doc = super().list_table(terse)
+        for x in doc["nftables"]:
+            if x.get("rule", {}).get("chain") == "refuse":
+                x["rule"]["expr"].append({"counter": None})
+        return doc
+
+
+def test_a_kernel_that_lists_the_skeleton_otherwise_is_learnt_once_not_repaired_forever(tmp_path):
+    cfg = lab_config(tmp_path)
+    nft = OtherNft()
+    rec = Reconciler(nft, FakeRouting(), Store(tmp_path), lambda: HOST, cgroup_root=str(tmp_path))
+    first = rec.sync(cfg, "start", full=True)
+    assert any("otherwise than expected" in n for n in first.notes), first.notes
+    assert rec.expected_shape is not None
+    again = rec.sync(cfg, "resync", full=True)
+    assert not again.changed and again.drift == []
+    nft.run(f"flush chain {T} postrouting")  # real drift is still seen
+    r = rec.sync(cfg, "drift", full=True)
+    assert r.skeleton_replaced and r.drift
+
+
+# --- netlink events ---------------------------------------------------------------------
+
+CAPTURED = json.loads((FIXTURES / "netlink_events.json").read_text())
+
+
+def replay(case: str) -> list:
+    """What the captured datagrams of `case` yield: Generations and route findings."""
+    events, out = nftwatch.NftEvents(), []
+    for source, hexdata in CAPTURED[case]:
+        for mtype, payload in nftwatch.messages(bytes.fromhex(hexdata)):
+            if source == "nft":
+                g = events.feed(mtype, payload)
+                if g is not None:
+                    out.append(g)
+            elif (what := nftwatch.route_event_ours(mtype, payload)):
+                out.append(what)
+    return out
+
+
+@pytest.mark.parametrize("case,what", [
+    ("flush_ruleset", {"DELTABLE", "DELCHAIN", "DELRULE", "DELSET"}),
+    ("flush_chain_postrouting", {"DELRULE"}),
+    ("delete_rule", {"DELRULE"}),
+    ("flush_map_snat4", {"DELSETELEM"}),
+])
+def test_foreign_commits_touching_our_table_are_seen(case, what):
+    gens = replay(case)
+    assert len(gens) == 1 and gens[0].ours_touched and what <= set(gens[0].what), gens
+    assert gens[0].proc == "nft" and gens[0].pid > 0
+
+
+def test_commits_to_other_tables_are_not_ours():
+    gens = replay("other_table")
+    assert gens and not any(g.ours_touched for g in gens)
+
+
+def test_rules_and_routes_in_our_ranges_only():
+    assert replay("ip_rule_ours") == ["rule -4 priority 7101 added", "rule -4 priority 7101 deleted"]
+    assert replay("route_ours") == ["route -4 table 7102 added", "route -4 table 7102 deleted"]
+    assert replay("ip_rule_foreign") == [] and replay("route_foreign") == []
+
+
+def test_truncated_datagram_yields_no_message():
+    data = bytes.fromhex(CAPTURED["delete_rule"][0][1])
+    assert list(nftwatch.messages(data[:10])) == []
+    assert len(list(nftwatch.messages(data[:-1]))) < len(list(nftwatch.messages(data)))
+
+
+def test_own_commits_are_recognised_by_thread_id():
+    # NFTA_GEN_PROC_PID is the committing thread's id: a sync in any thread is ours
+    assert nftwatch.is_own(os.getpid())
+    seen = {}
+    t = threading.Thread(target=lambda: seen.setdefault("own", nftwatch.is_own(threading.get_native_id())))
+    t.start()
+    t.join()
+    assert seen["own"] is True
+    assert not nftwatch.is_own(1)  # pid 1 is never a thread of the test process
+
+
+class LossyWatch(nftwatch.Watch):
+    """A Watch on socket pairs: the first read fails with ENOBUFS, then the
+    captured `flush_ruleset` datagrams arrive."""
+
+    def open(self):
+        self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+        nft, rt = self.pairs[0][0], self.pairs[1][0]
+        lossy = Lossy(nft.fileno())
+        for _, hexdata in CAPTURED["flush_ruleset"]:
+            self.pairs[0][1].send(bytes.fromhex(hexdata))
+        return lossy, rt
+
+
+class Lossy(socket.socket):
+    def __init__(self, fd):
+        super().__init__(fileno=os.dup(fd))
+        self.failed = False
+
+    def recv(self, n):
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return super().recv(n)
+
+
+def test_enobufs_is_drift_and_the_watch_goes_on():
+    reasons: list[str] = []
+    stop = threading.Event()
+
+    def on_drift(why):
+        reasons.append(why)
+        if len(reasons) >= 2:
+            stop.set()
+    w = LossyWatch(on_drift)
+    t = threading.Thread(target=w.run, args=(stop,), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert reasons[0] == "nft events lost (ENOBUFS)"
+    assert "DELTABLE" in reasons[1] and "table inet egress_agent" in reasons[1], reasons
