@@ -35,17 +35,23 @@ class Route:
 
 @dataclass(frozen=True, order=True)
 class Rule:
-    """`ip rule add fwmark MARK/MASK lookup TABLE priority PRIO`."""
+    """`ip rule add fwmark MARK/MASK lookup TABLE priority PRIO`, or with action
+    "prohibit" (the guard, names.py): `ip rule add from SRC fwmark MARK/MASK
+    prohibit priority PRIO` (table 0)."""
 
     family: int
     priority: int
     fwmark: int
     mask: int
     table: int
+    src: str = ""  # a prefix; "" = from all
+    action: str = "lookup"  # | "prohibit"
 
     def describe(self) -> str:
-        return (f"rule -{self.family} priority {self.priority} fwmark "
-                f"{self.fwmark:#x}/{self.mask:#x} lookup {self.table}")
+        frm = f" from {self.src}" if self.src else ""
+        then = "prohibit" if self.action == "prohibit" else f"lookup {self.table}"
+        return (f"rule -{self.family} priority {self.priority}{frm} fwmark "
+                f"{self.fwmark:#x}/{self.mask:#x} {then}")
 
 
 @dataclass(frozen=True)

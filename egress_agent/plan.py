@@ -290,7 +290,10 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
         rules_text += policy_rules(p, set_name, {f: _choice_mark_or(alloc, c) for f, c in choices.items()})
 
     routes: set[Route] = set()
-    rules: set[Rule] = set()
+    rules: set[Rule] = {Rule(net.version, names.GUARD_PRIORITY, 0, names.SEEN_FLAG, 0,
+                             net.with_prefixlen, "prohibit")
+                        for net in (ipaddress.ip_network(str(n), strict=False)
+                                    for n in cfg.managed_sources)}
     for ip in cfg.ips_here():
         if ip.via is None:
             continue

@@ -168,9 +168,11 @@ class Reconciler:
         t0 = time.perf_counter()
         observed = self.observe()
         ops = diff_routes(frozenset(), frozenset(), observed.routes, observed.rules)
+        before, after = split_ops(ops)  # the guard rules go before the table
+        self.routing.apply(before)
         if observed.table:
             self.nft.run("delete table inet egress_agent\n")
-        self.routing.apply(ops)
+        self.routing.apply(after)
         removed = sum(len(v) for v in observed.elements.values())
         self.applied, self.alloc, self.full_next = None, None, True
         return SyncResult("teardown", "full", 0, removed, [op.describe() for op in ops],

@@ -300,3 +300,52 @@ def test_enobufs_is_drift_and_the_watch_goes_on():
     assert not t.is_alive()
     assert reasons[0] == "nft events lost (ENOBUFS)"
     assert "DELTABLE" in reasons[1] and "table inet egress_agent" in reasons[1], reasons
+
+
+# --- the guard ip rules (names.GUARD_PRIORITY) --------------------------------------------
+
+def guard(src="10.0.1.0/24", family=4):
+    from egress_agent import names
+    return Rule(family, names.GUARD_PRIORITY, 0, names.SEEN_FLAG, 0, src, "prohibit")
+
+
+def test_plan_guards_every_managed_source_prefix(tmp_path):
+    from egress_agent.alloc import Allocations, Usable, allocate
+    from egress_agent.plan import HostFacts, build
+    cfg = lab_config(tmp_path)
+    a, _ = allocate(cfg, Allocations(), Usable())
+    rules = build(cfg, a, HostFacts(usable=Usable())).desired.rules
+    assert {r for r in rules if r.action == "prohibit"} == {guard(), guard("fd00:1::/64", 6)}
+    assert guard().describe() == "rule -4 priority 7100 from 10.0.1.0/24 fwmark 0x0/0x20000000 prohibit"
+
+
+def test_guard_is_added_after_the_batch_and_deleted_before_it():
+    """It prohibits what the table did not mark: it must never exist without the
+    table's marking chain (first start, teardown)."""
+    from egress_agent.model import RouteOp
+    from egress_agent.routing.diff import diff_routes, split_ops
+    lookup = Rule(4, 7101, 0x100000, 0xff00000, 7101)
+    before, after = split_ops(diff_routes(set(), {guard(), lookup}, set(), set()))
+    assert before == [RouteOp("add", lookup)] and after == [RouteOp("add", guard())]
+    before, after = split_ops(diff_routes(set(), set(), set(), {guard(), lookup}))
+    assert before == [RouteOp("delete", guard())] and after == [RouteOp("delete", lookup)]
+
+
+def test_a_prohibit_rule_outside_the_guard_priority_is_refused():
+    from egress_agent.routing.diff import check_reserved
+    check_reserved(guard())
+    with pytest.raises(ValueError, match="the guard, priority 7100 only"):
+        check_reserved(Rule(4, 7101, 0, 0x20000000, 0, "10.0.1.0/24", "prohibit"))
+
+
+def test_teardown_removes_the_guard_before_the_table(synced):
+    cfg, nft, routing, rec = synced
+    assert guard() in routing.rules
+    order = []
+    real_run, real_apply = nft.run, routing.apply
+    nft.run = lambda batch: (order.append("nft"), real_run(batch))[1]
+    routing.apply = lambda ops: (order.extend(str(o.obj.action) for o in ops
+                                              if isinstance(o.obj, Rule)), real_apply(ops))[1]
+    rec.teardown()
+    assert order.index("prohibit") < order.index("nft"), order
+    assert not routing.rules and nft.table is None
