@@ -38,7 +38,7 @@ NETLINK_DEBOUNCE = 0.005
 
 @dataclass(frozen=True)
 class Trigger:
-    kind: str  # config | sighup | netlink | drift | resync | stop | start
+    kind: str  # config | sighup | netlink | drift | drift-routes | resync | stop | start
     full: bool = False    # re-read the kernel instead of trusting memory
     reload: bool = False  # re-read the config file
     force: bool = False   # sync even if no egress IP changed usability
@@ -174,8 +174,11 @@ class Daemon:
                 return t
             kinds.append(t.kind)
             full, reload, force = full or t.full, reload or t.reload, force or t.force
-        kind = next((k for k in ("start", "sighup", "config", "drift", "resync", "netlink")
-                     if k in kinds), first.kind)
+        kind = next((k for k in ("start", "sighup", "config", "resync", "netlink", "drift",
+                                 "drift-routes") if k in kinds), first.kind)
+        # a drift check reads only what its event was about: merged with
+        # anything else, read everything
+        full = full or (len(set(kinds)) > 1 and bool({"drift", "drift-routes"} & set(kinds)))
         return Trigger(kind, full, reload, force)
 
     def _usable_changed(self) -> bool:
@@ -291,7 +294,9 @@ class Daemon:
 
     def _watch_drift(self) -> None:
         from .nftwatch import Watch
-        Watch(lambda why: self.queue.put(Trigger("drift", full=True, force=True)),
+        kinds = {"nft": Trigger("drift", force=True), "routes": Trigger("drift-routes", force=True),
+                 "lost": Trigger("drift", full=True, force=True)}
+        Watch(lambda kind, why: self.queue.put(kinds[kind]),
               lambda msg: self.log.error(msg)).run(self.stopping)
 
     def _translations(self) -> None:

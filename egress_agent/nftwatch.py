@@ -11,11 +11,12 @@ Two netlink sockets, read by one thread:
   the agent's reserved priorities or tables (names.py) was added or deleted.
   rtnetlink does not say who did it; the agent's own changes cause one extra
   check, which finds nothing and writes nothing.
-Each finding calls `on_drift(reason)`; the daemon then runs a full sync,
-which reads the kernel, names what differs and repairs it in one batch.
+Each finding calls `on_drift(kind, reason)`, kind "nft" or "routes"; the
+daemon then syncs, reading that part of the kernel, naming what differs and
+repairing it in one batch.
 
-A full receive buffer loses events (ENOBUFS): that is reported as drift too
-("events lost"), so the full sync reads everything afresh; the thread goes on.
+A full receive buffer loses events (ENOBUFS): that is kind "lost", and the
+daemon runs a full sync that reads everything afresh; the thread goes on.
 
 The parsing is pure (bytes in, facts out) and tested on captured messages;
 raw sockets instead of pyroute2's NFTSocket, which (0.9.x) parses every set
@@ -162,7 +163,7 @@ def is_own(pid: int, self_pid: Optional[int] = None) -> bool:
 class Watch:
     """The thread body: `run(stopping)` until `stopping` is set."""
 
-    def __init__(self, on_drift: Callable[[str], None],
+    def __init__(self, on_drift: Callable[[str, str], None],
                  on_error: Callable[[str], None] = lambda msg: None) -> None:
         self.on_drift = on_drift
         self.on_error = on_error
@@ -198,14 +199,14 @@ class Watch:
                     except OSError as e:
                         if e.errno == errno.ENOBUFS:
                             events = NftEvents()  # a generation's messages may be lost
-                            self.on_drift(f"{key.data} events lost (ENOBUFS)")
+                            self.on_drift("lost", f"{key.data} events lost (ENOBUFS)")
                             continue
                         raise
                     try:
                         self._handle(key.data, data, events)
                     except (struct.error, KeyError, ValueError) as e:  # a message we misread
                         self.on_error(f"{key.data} event unreadable: {type(e).__name__}: {e}")
-                        self.on_drift(f"{key.data} event unreadable")
+                        self.on_drift("lost", f"{key.data} event unreadable")
         finally:
             sel.close()
             nft.close()
@@ -214,13 +215,13 @@ class Watch:
     def _handle(self, source: str, data: bytes, events: NftEvents) -> None:
         for mtype, payload in messages(data):
             if mtype == NLMSG_OVERRUN:
-                self.on_drift(f"{source} events lost (overrun)")
+                self.on_drift("lost", f"{source} events lost (overrun)")
             elif source == "nft":
                 g = events.feed(mtype, payload)
                 if g is not None and g.ours_touched and not is_own(g.pid):
-                    self.on_drift(f"nft generation {g.gen_id} by pid {g.pid} ({g.proc}): "
+                    self.on_drift("nft", f"nft generation {g.gen_id} by pid {g.pid} ({g.proc}): "
                                   f"{', '.join(g.what)} in table {names.TABLE}")
             else:
                 what = route_event_ours(mtype, payload)
                 if what:
-                    self.on_drift(what)
+                    self.on_drift("routes", what)

@@ -79,6 +79,13 @@ def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str
                      if w.cgroup and os.path.isdir(os.path.join(root, w.cgroup)))
 
 
+# Triggers of a drift check (nftwatch.py), each reading only what it is about:
+# a foreign nft commit on our table reads the table, a rule or route event in
+# our ranges reads the routes; the host facts of the last sync are kept (the
+# addresses and links have their own events). A full sync reads everything.
+DRIFT_NFT, DRIFT_ROUTES = "drift", "drift-routes"
+
+
 class Reconciler:
     def __init__(self, nft: NftPort, routing: RoutingPort, store: Store,
                  read_host: Callable[[], HostState], cgroup_root: str = "/sys/fs/cgroup"):
@@ -96,30 +103,40 @@ class Reconciler:
         # pure shape then would see drift after every repair, forever.
         self.expected_shape: Optional[shape_mod.Shape] = None
         self.shape_checked = False
+        self.host: Optional[HostState] = None  # read by the last plan
 
-    def facts(self, cfg: Config) -> HostFacts:
-        return HostFacts(usable_from(cfg, self.read_host()),
-                         existing_cgroups(cfg, self.cgroup_root))
+    def facts(self, cfg: Config, reuse: bool = False) -> HostFacts:
+        if not reuse or self.host is None:
+            self.host = self.read_host()
+        return HostFacts(usable_from(cfg, self.host), existing_cgroups(cfg, self.cgroup_root))
 
     def observe(self) -> Observed:
         routes, rules = self.routing.dump()
         return observed_from_json(self.nft.list_table(), routes, rules)
 
-    def plan(self, cfg: Config, observed: Observed) -> tuple[Plan, list[alloc_mod.Event], bool]:
+    def plan(self, cfg: Config, observed: Observed,
+             reuse_facts: bool = False) -> tuple[Plan, list[alloc_mod.Event], bool]:
         # the allocations committed with the last sync; the store after a failure or at start
         prev = self.alloc if self.alloc is not None and not self.full_next else self.store.load()
         adopted = False
         if not self.store.exists() and observed.table:
             prev, adopted = adopt(cfg, observed), True
-        facts = self.facts(cfg)
+        facts = self.facts(cfg, reuse_facts)
         new_alloc, events = alloc_mod.allocate(cfg, prev, facts.usable)
         return build(cfg, new_alloc, facts), events, adopted
 
     def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
         t0 = time.perf_counter()
         mode = "full" if (full or self.full_next or self.applied is None) else "incremental"
+        drift_check = mode == "incremental" and trigger in (DRIFT_NFT, DRIFT_ROUTES)
         if mode == "full":
             observed = self.observe()
+        elif trigger == DRIFT_NFT:
+            # a foreign commit touched our table: read it (the routes have their own events)
+            assert self.applied is not None
+            mode = "drift"
+            observed = replace(observed_from_json(self.nft.list_table()),
+                               routes=self.applied.routes, rules=self.applied.rules)
         else:
             # nft state from memory (the kernel said yes to it); routes are read
             # every time: the kernel drops them when a link goes down.
@@ -127,11 +144,12 @@ class Reconciler:
             routes, rules = self.routing.dump()
             observed = replace(self.applied, routes=routes, rules=rules)
         try:
-            plan, events, adopted = self.plan(cfg, observed)
+            plan, events, adopted = self.plan(cfg, observed, reuse_facts=drift_check)
             d = plan.desired
+            host = self.host
             drift = (findings(self.applied, d, observed, self.expected_shape,
-                              lambda dev: self.read_host().link_up(dev))
-                     if mode == "full" and self.applied is not None else [])
+                              lambda dev: host is None or host.link_up(dev))
+                     if self.applied is not None else [])
             ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
             tx = transaction(d, observed, self.expected_shape)
             before, after = split_ops(ops)

@@ -201,6 +201,25 @@ def test_a_kernel_that_lists_the_skeleton_otherwise_is_learnt_once_not_repaired_
     assert r.skeleton_replaced and r.drift
 
 
+def test_drift_triggers_read_only_what_their_event_is_about(synced):
+    """An nft event reads the table, a rule/route event the routes; neither reads
+    the host again (addresses and links have their own events)."""
+    cfg, nft, routing, rec = synced
+    reads = []
+    rec.read_host = lambda: (reads.append(1), HOST)[1]
+    n = len(skeleton_shape().chain("postrouting")[1])
+    nft.run(f"flush chain {T} postrouting")
+    r = rec.sync(cfg, "drift")
+    assert r.mode == "drift" and r.skeleton_replaced
+    assert [str(f) for f in r.drift] == [f"chain postrouting: 0 of {n} skeleton rules"]
+    rule = next(r for r in routing.rules if r.action == "lookup")
+    routing.rules.discard(rule)
+    r = rec.sync(cfg, "drift-routes")
+    assert r.mode == "incremental" and [str(f) for f in r.drift] == [f"{rule.describe()} missing"]
+    assert rule in routing.rules and reads == []
+    assert not rec.sync(cfg, "resync", full=True).changed and reads == [1]
+
+
 # --- netlink events ---------------------------------------------------------------------
 
 CAPTURED = json.loads((FIXTURES / "netlink_events.json").read_text())
@@ -289,8 +308,8 @@ def test_enobufs_is_drift_and_the_watch_goes_on():
     reasons: list[str] = []
     stop = threading.Event()
 
-    def on_drift(why):
-        reasons.append(why)
+    def on_drift(kind, why):
+        reasons.append(f"{kind}: {why}")
         if len(reasons) >= 2:
             stop.set()
     w = LossyWatch(on_drift)
@@ -298,7 +317,8 @@ def test_enobufs_is_drift_and_the_watch_goes_on():
     t.start()
     t.join(timeout=10)
     assert not t.is_alive()
-    assert reasons[0] == "nft events lost (ENOBUFS)"
+    assert reasons[0] == "lost: nft events lost (ENOBUFS)"
+    assert reasons[1].startswith("nft: nft generation")
     assert "DELTABLE" in reasons[1] and "table inet egress_agent" in reasons[1], reasons
 
 
