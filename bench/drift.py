@@ -205,6 +205,9 @@ def main() -> int:
             ag.check_alive()
             warnings = len(ag.records("drift repaired"))
             errors = ag.errors()
+        with open("/proc/loadavg") as f:
+            load = " ".join(f.read().split()[:3])
+        print(f"load average after the runs: {load}")
         print(f"drift repair, {args.runs} runs per fault (ms from the foreign command's "
               f"return to the agent's repair in the kernel)")
         print(f"{'fault':48} {'median':>8} {'p99':>8} {'min':>8}")
