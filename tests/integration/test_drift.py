@@ -29,6 +29,7 @@ from egress_agent.lab.netns import ns_exec
 from egress_agent import shape
 from egress_agent.render import observed_from_json, skeleton_shape
 
+from agent_helpers import agent_json, apply
 from daemon_helpers import (Agent, Prober, host, ip_rule_priorities, lease, status, wait_until)
 
 ECHO = "192.0.2.10"
@@ -91,12 +92,22 @@ def assert_repaired(lab: Lab, ag: Agent, held, prober: Prober, m43: dict, before
 
 def test_nft_faults_are_repaired_at_once(lab: Lab) -> None:
     cfg = write_demo_config(lab)
+    # without the daemon: `plan --against-running` sees a flushed skeleton chain
+    # (it used to say "no change"), and a starting daemon repairs it
+    apply(lab, cfg)
+    host(lab, "nft", "flush", "chain", *T, "output")
+    plan = agent_json(lab, "plan", "-c", cfg, "--against-running")
+    n = len(skeleton_shape().chain("output")[1])
+    assert plan["changed"] and plan["skeleton_damage"] == [f"chain output: 0 of {n} skeleton rules"]
+    assert plan["nft"].startswith("add table inet egress_agent\ndelete table"), plan["nft"][:200]
     ag = started(lab, cfg)
     try:
         st = status(lab, cfg)
         m42, m43 = lease(st, "m42"), lease(st, "m43")
         before = table_state(lab)
         assert before is not None and before.table
+        assert ag.syncs(trigger="start")[0]["changed"]  # the flushed chain, put back
+        assert agent_json(lab, "plan", "-c", cfg, "--against-running")["changed"] is False
         # the kernel lists the skeleton as shape.py reads it from the source (if
         # not, every repair would be followed by another: the daemon would learn
         # the kernel's listing, but this nft version should not need that)
