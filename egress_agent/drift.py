@@ -72,7 +72,8 @@ def findings(applied: Observed, desired: Desired, observed: Observed,
 
 
 def _example(name: str, missing, foreign) -> str:
-    e = next(iter(sorted(missing, key=repr)), None) or next(iter(sorted(foreign, key=repr)), None)
+    """One element, for the log line (any one: sorting 100k would cost a repair's time)."""
+    e = next(iter(missing), None) or next(iter(foreign), None)
     try:
         return f" (e.g. {element_text(name, e)})" if e is not None else ""
     except (KeyError, TypeError, ValueError):
