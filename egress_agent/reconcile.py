@@ -166,7 +166,8 @@ class Reconciler:
         self.applied = _as_observed(d)
         self.full_next = False
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
-                          tx.policies_changed and not tx.full, tx.full and observed.table,
+                          tx.policies_changed and not tx.full,
+                          bool((tx.full and observed.table) or tx.repaired),
                           adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text,
                           plan.usable, drift)
 

@@ -247,6 +247,7 @@ class Transaction:
     removed: int = 0
     full: bool = False
     policies_changed: bool = False
+    repaired: list[str] = field(default_factory=list)  # skeleton chains rewritten in place
 
     @property
     def text(self) -> str:
@@ -273,6 +274,16 @@ def skeleton_whole(observed: Observed, expected: Optional[shape.Shape] = None) -
             and (observed.shape is None or observed.shape == (expected or skeleton_shape())))
 
 
+def _damaged_chains(observed: Observed, expected: Optional[shape.Shape]):
+    """Skeleton chains to rewrite in place, or None (whole, or only a table replace helps)."""
+    if not observed.table or observed.skeleton != skeleton_digest() or observed.shape is None:
+        return None
+    want = expected or skeleton_shape()
+    if observed.shape == want:
+        return None
+    return shape.damaged_chains(want, observed.shape) or None
+
+
 def transaction(desired: Desired, observed: Observed,
                 expected: Optional[shape.Shape] = None) -> Transaction:
     """The batch that turns `observed` into `desired` (empty when equal).
@@ -280,7 +291,19 @@ def transaction(desired: Desired, observed: Observed,
     `expected`: the skeleton's shape as this kernel lists it, when that differs
     from what shape.py reads from the source (another nft version)."""
     tx = Transaction()
-    if not skeleton_whole(observed, expected):
+    damaged = _damaged_chains(observed, expected)
+    if damaged:
+        # Only skeleton chains lost rules (flushed, a rule deleted): rewrite them
+        # in place in this batch, and keep the table and its elements (a full
+        # replace rewrites every element: seconds for 100k workloads).
+        src = skeleton_text()
+        blocks = shape.chain_blocks(src)
+        tx.repaired = [name for name, _ in damaged]
+        tx.lines += [f"flush chain {T} {name}" for name, exists in damaged if exists]
+        tx.lines += [f"table {T} {{"] + [blocks[name] for name, _ in damaged] + ["}"]
+        observed = Observed(True, observed.skeleton, observed.elements, observed.chains,
+                            observed.routes, observed.rules, None)
+    elif not skeleton_whole(observed, expected):
         # A new, outdated or damaged skeleton: replace the table in one batch.
         # NAT bindings and marks live in conntrack, so open connections survive.
         tx.full = True

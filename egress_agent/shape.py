@@ -169,6 +169,40 @@ def from_json(doc: dict) -> Shape:
     return _shape(chains, sets)
 
 
+def chain_blocks(src: str) -> dict[str, str]:
+    """Each chain's block of the skeleton source (`chain X { ... }`), by name."""
+    out: dict[str, str] = {}
+    lines = src.splitlines()
+    for i, raw in enumerate(lines):
+        m = re.match(r"\s*chain (\w+) \{", raw)
+        if not m:
+            continue
+        depth, j = 0, i
+        while True:
+            depth += lines[j].count("{") - lines[j].count("}")
+            if depth == 0:
+                break
+            j += 1
+        out[m.group(1)] = "\n".join(lines[i:j + 1])
+    return out
+
+
+def damaged_chains(want: Shape, have: Shape) -> Optional[list[tuple[str, bool]]]:
+    """The skeleton chains to rewrite in place, (name, exists), when that repairs
+    `have`; None when only replacing the table does: a set declaration differs,
+    a chain hangs on another hook, or a foreign chain sits in our table."""
+    if want.sets != have.sets or {n for n, _, _ in have.chains} - {n for n, _, _ in want.chains}:
+        return None
+    out = []
+    for name, hook, rules in want.chains:
+        got = have.chain(name)
+        if got is not None and got[0] != hook:
+            return None
+        if got is None or got[1] != rules:
+            out.append((name, got is not None))
+    return out
+
+
 # --- what differs ---------------------------------------------------------------------
 
 def differences(want: Shape, have: Shape) -> list[str]:

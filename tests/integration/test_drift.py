@@ -99,7 +99,9 @@ def test_nft_faults_are_repaired_at_once(lab: Lab) -> None:
     plan = agent_json(lab, "plan", "-c", cfg, "--against-running")
     n = len(skeleton_shape().chain("output")[1])
     assert plan["changed"] and plan["skeleton_damage"] == [f"chain output: 0 of {n} skeleton rules"]
-    assert plan["nft"].startswith("add table inet egress_agent\ndelete table"), plan["nft"][:200]
+    # only the damaged chain is rewritten: the elements stay
+    assert plan["nft"].startswith("flush chain inet egress_agent output\n"), plan["nft"][:200]
+    assert plan["elements_added"] == 0, plan
     ag = started(lab, cfg)
     try:
         st = status(lab, cfg)
