@@ -296,8 +296,12 @@ class Daemon:
         from .nftwatch import Watch
         kinds = {"nft": Trigger("drift", force=True), "routes": Trigger("drift-routes", force=True),
                  "lost": Trigger("drift", full=True, force=True)}
-        Watch(lambda kind, why: self.queue.put(kinds[kind]),
-              lambda msg: self.log.error(msg)).run(self.stopping)
+        try:
+            Watch(lambda kind, why: self.queue.put(kinds[kind]),
+                  lambda msg: self.log.error(msg)).run(self.stopping)
+        except OSError as e:
+            self.log.error("drift watch stopped: drift waits for the periodic resync",
+                           error=f"{type(e).__name__}: {e}")
 
     def _translations(self) -> None:
         from .translog import TranslationLog, workload_lookup

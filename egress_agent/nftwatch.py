@@ -185,7 +185,26 @@ class Watch:
         rt.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE))
         return nft, rt
 
-    def run(self, stopping: threading.Event) -> None:
+    def run(self, stopping: threading.Event, retries: int = 5) -> None:
+        """Until `stopping` is set. A socket error other than ENOBUFS reopens both
+        sockets and asks for a full check (events may be lost meanwhile); after
+        `retries` such errors in a row, each a second apart, it is raised: the
+        daemon cannot hear drift any more and must say so."""
+        failures = 0
+        while not stopping.is_set():
+            try:
+                self._listen(stopping)
+                return
+            except OSError as e:
+                failures += 1
+                self.on_error(f"drift watch: {type(e).__name__}: {e}; reopening "
+                              f"({failures} of {retries})")
+                if failures >= retries:
+                    raise
+                self.on_drift("lost", f"drift watch reopened after {e}")
+                stopping.wait(1.0)
+
+    def _listen(self, stopping: threading.Event) -> None:
         nft, rt = self.open()
         events = NftEvents()
         sel = selectors.DefaultSelector()

@@ -80,9 +80,10 @@ def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str
 
 
 # Triggers of a drift check (nftwatch.py), each reading only what it is about:
-# a foreign nft commit on our table reads the table, a rule or route event in
-# our ranges reads the routes; the host facts of the last sync are kept (the
-# addresses and links have their own events). A full sync reads everything.
+# a foreign nft commit on our table reads the table and keeps the host facts of
+# the last sync (addresses and links have their own events); a rule or route
+# event in our ranges reads the routes and the host (a link that went down
+# takes its routes with it: that is not drift). A full sync reads everything.
 DRIFT_NFT, DRIFT_ROUTES = "drift", "drift-routes"
 
 
@@ -128,7 +129,7 @@ class Reconciler:
     def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
         t0 = time.perf_counter()
         mode = "full" if (full or self.full_next or self.applied is None) else "incremental"
-        drift_check = mode == "incremental" and trigger in (DRIFT_NFT, DRIFT_ROUTES)
+        drift_check = mode == "incremental" and trigger == DRIFT_NFT
         if mode == "full":
             observed = self.observe()
         elif trigger == DRIFT_NFT:
@@ -144,7 +145,8 @@ class Reconciler:
             routes, rules = self.routing.dump()
             observed = replace(self.applied, routes=routes, rules=rules)
         try:
-            plan, events, adopted = self.plan(cfg, observed, reuse_facts=drift_check)
+            plan, events, adopted = self.plan(cfg, observed,
+                                              reuse_facts=drift_check and trigger == DRIFT_NFT)
             d = plan.desired
             host = self.host
             drift = (findings(self.applied, d, observed, self.expected_shape,

@@ -192,12 +192,13 @@ def test_a_config_change_is_not_drift(synced, tmp_path):
     assert r.changed and r.drift == []
 
 
-def test_a_route_the_kernel_dropped_with_its_link_is_not_drift_when_unwanted(synced):
+@pytest.mark.parametrize("trigger,full", [("resync", True), ("drift-routes", False)])
+def test_a_route_the_kernel_dropped_with_its_link_is_not_drift(synced, trigger, full):
     cfg, nft, routing, rec = synced
     route = next(iter(routing.routes))
     routing.remove_link(route.dev)
     rec.read_host = lambda: HostState(HOST.addresses, HOST.links_up - {route.dev})
-    r = rec.sync(cfg, "resync", full=True)
+    r = rec.sync(cfg, trigger, full=full)
     assert r.drift == [], r.drift
 
 
@@ -227,8 +228,8 @@ def test_a_kernel_that_lists_the_skeleton_otherwise_is_learnt_once_not_repaired_
 
 
 def test_drift_triggers_read_only_what_their_event_is_about(synced):
-    """An nft event reads the table, a rule/route event the routes; neither reads
-    the host again (addresses and links have their own events)."""
+    """An nft event reads the table and not the host (addresses and links have
+    their own events); a rule/route event reads the routes and the host."""
     cfg, nft, routing, rec = synced
     reads = []
     rec.read_host = lambda: (reads.append(1), HOST)[1]
@@ -241,8 +242,22 @@ def test_drift_triggers_read_only_what_their_event_is_about(synced):
     routing.rules.discard(rule)
     r = rec.sync(cfg, "drift-routes")
     assert r.mode == "incremental" and [str(f) for f in r.drift] == [f"{rule.describe()} missing"]
-    assert rule in routing.rules and reads == []
-    assert not rec.sync(cfg, "resync", full=True).changed and reads == [1]
+    assert rule in routing.rules and reads == [1]
+    assert not rec.sync(cfg, "resync", full=True).changed and reads == [1, 1]
+
+
+def test_drift_repairs_are_counted_by_kind_in_the_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from egress_agent import metrics
+    state = metrics.State()
+    state.record_drift(["skeleton", "skeleton", "elements"])
+    state.record_drift(["table"])
+    reg = CollectorRegistry()
+    reg.register(metrics.Collector(state))
+    text = generate_latest(reg).decode()
+    assert 'egress_agent_drift_repairs_total{kind="skeleton"} 1.0' in text
+    assert 'egress_agent_drift_repairs_total{kind="elements"} 1.0' in text
+    assert 'egress_agent_drift_repairs_total{kind="table"} 1.0' in text
 
 
 # --- netlink events ---------------------------------------------------------------------
@@ -394,3 +409,57 @@ def test_teardown_removes_the_guard_before_the_table(synced):
     rec.teardown()
     assert order.index("prohibit") < order.index("nft"), order
     assert not routing.rules and nft.table is None
+
+
+class BrokenOnceWatch(nftwatch.Watch):
+    """The first pair of sockets fails with EIO on the first read; the second works."""
+
+    opened = 0
+
+    def open(self):
+        self.opened += 1
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.keep = (b, d)
+        b.send(b"x")
+        if self.opened == 1:
+            return Failing(a.fileno()), c
+        for _, hexdata in CAPTURED["flush_chain_postrouting"]:
+            b.send(bytes.fromhex(hexdata))
+        return a, c
+
+
+class Failing(socket.socket):
+    def __init__(self, fd):
+        super().__init__(fileno=os.dup(fd))
+
+    def recv(self, n):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_socket_error_reopens_the_watch_and_asks_for_a_full_check():
+    reasons, errors = [], []
+    stop = threading.Event()
+
+    def on_drift(kind, why):
+        reasons.append(kind)
+        if kind == "nft":
+            stop.set()
+    w = BrokenOnceWatch(on_drift, errors.append)
+    t = threading.Thread(target=w.run, args=(stop,), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive() and w.opened == 2
+    assert reasons[0] == "lost" and "nft" in reasons, reasons
+    assert "reopening (1 of 5)" in errors[0]
+
+
+def test_a_watch_that_keeps_failing_gives_up_loudly():
+    class AlwaysBroken(BrokenOnceWatch):
+        def open(self):
+            self.opened = 0  # every pair fails
+            return super().open()
+    errors = []
+    with pytest.raises(OSError):
+        AlwaysBroken(lambda k, w: None, errors.append).run(threading.Event(), retries=2)
+    assert len(errors) == 2
