@@ -129,7 +129,6 @@ class Reconciler:
     def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
         t0 = time.perf_counter()
         mode = "full" if (full or self.full_next or self.applied is None) else "incremental"
-        drift_check = mode == "incremental" and trigger == DRIFT_NFT
         if mode == "full":
             observed = self.observe()
         elif trigger == DRIFT_NFT:
@@ -145,8 +144,7 @@ class Reconciler:
             routes, rules = self.routing.dump()
             observed = replace(self.applied, routes=routes, rules=rules)
         try:
-            plan, events, adopted = self.plan(cfg, observed,
-                                              reuse_facts=drift_check and trigger == DRIFT_NFT)
+            plan, events, adopted = self.plan(cfg, observed, reuse_facts=mode == "drift")
             d = plan.desired
             host = self.host
             drift = (findings(self.applied, d, observed, self.expected_shape,
@@ -158,7 +156,7 @@ class Reconciler:
             self.routing.apply(before)
             self.nft.run(tx.text)
             self.routing.apply(after)
-            if tx.full and not self.shape_checked:
+            if (tx.full or tx.repaired) and not self.shape_checked:
                 self._learn_shape(plan.notes)
         except Exception:
             self.full_next = True
@@ -174,7 +172,7 @@ class Reconciler:
                           plan.usable, drift)
 
     def _learn_shape(self, notes: list[str]) -> None:
-        """Right after this process first wrote the skeleton: does the kernel list
+        """Right after this process first wrote (some of) the skeleton: does the kernel list
         it as shape.py expects? If not, compare with the kernel's listing from now on."""
         self.shape_checked = True
         got = shape_mod.from_json(self.nft.list_table(terse=True))

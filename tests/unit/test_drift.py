@@ -225,6 +225,12 @@ def test_a_kernel_that_lists_the_skeleton_otherwise_is_learnt_once_not_repaired_
     nft.run(f"flush chain {T} postrouting")  # real drift is still seen
     r = rec.sync(cfg, "drift", full=True)
     assert r.skeleton_replaced and r.drift
+    # a new process on a table this kernel already holds: the first repair in
+    # place teaches it too
+    rec2 = Reconciler(nft, FakeRouting(), Store(tmp_path), lambda: HOST, cgroup_root=str(tmp_path))
+    first = rec2.sync(cfg, "start", full=True)
+    assert any("otherwise than expected" in n for n in first.notes), first.notes
+    assert not rec2.sync(cfg, "resync", full=True).changed
 
 
 def test_drift_triggers_read_only_what_their_event_is_about(synced):
