@@ -16,6 +16,7 @@ stays applied and the daemon waits for the next version.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import queue
 import signal
@@ -297,8 +298,9 @@ class Daemon:
         kinds = {"nft": Trigger("drift", force=True), "routes": Trigger("drift-routes", force=True),
                  "lost": Trigger("drift", full=True, force=True)}
         try:
-            Watch(lambda kind, why: self.queue.put(kinds[kind]),
-                  lambda msg: self.log.error(msg)).run(self.stopping)
+            Watch(lambda kind, why: self.queue.put(kinds[kind]), lambda msg: self.log.error(msg),
+                  lambda: [ipaddress.ip_network(str(n), strict=False)
+                           for n in (self.cfg.managed_sources if self.cfg else [])]).run(self.stopping)
         except OSError as e:
             self.log.error("drift watch stopped: drift waits for the periodic resync",
                            error=f"{type(e).__name__}: {e}")

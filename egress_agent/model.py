@@ -35,9 +35,9 @@ class Route:
 
 @dataclass(frozen=True, order=True)
 class Rule:
-    """`ip rule add fwmark MARK/MASK lookup TABLE priority PRIO`, or with action
-    "prohibit" (the guard, names.py): `ip rule add from SRC fwmark MARK/MASK
-    prohibit priority PRIO` (table 0)."""
+    """`ip rule add fwmark MARK/MASK lookup TABLE priority PRIO`, or one of the
+    guard's (names.py, table 0): action "prohibit" (`from SRC fwmark MARK/MASK
+    prohibit`), "goto" (`from SRC goto TARGET`), "nop"."""
 
     family: int
     priority: int
@@ -45,13 +45,15 @@ class Rule:
     mask: int
     table: int
     src: str = ""  # a prefix; "" = from all
-    action: str = "lookup"  # | "prohibit"
+    action: str = "lookup"  # | "prohibit" | "goto" | "nop"
+    target: int = 0  # the priority a "goto" continues at
 
     def describe(self) -> str:
         frm = f" from {self.src}" if self.src else ""
-        then = "prohibit" if self.action == "prohibit" else f"lookup {self.table}"
-        return (f"rule -{self.family} priority {self.priority}{frm} fwmark "
-                f"{self.fwmark:#x}/{self.mask:#x} {then}")
+        mark = f" fwmark {self.fwmark:#x}/{self.mask:#x}" if self.fwmark or self.mask else ""
+        then = {"prohibit": "prohibit", "goto": f"goto {self.target}", "nop": "nop"}.get(
+            self.action, f"lookup {self.table}")
+        return f"rule -{self.family} priority {self.priority}{frm}{mark} {then}"
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,13 @@ RULE_PRIORITY_BASE = 7100
 # table is gone (`nft flush ruleset`, `nft delete table`) until the agent has
 # put it back, a workload's packets are refused, never sent with the host's
 # address or their inside source.
+# The host's own packets are routed before any hook can mark them, so the
+# host's addresses inside managed prefixes (a gateway address on the
+# workloads' link) skip the guard: `from ADDR goto ANCHOR`, where ANCHOR is a
+# `nop` rule of ours right after the guard (a goto needs a rule at its target).
+EXEMPT_PRIORITY = RULE_PRIORITY_BASE - 1
 GUARD_PRIORITY = RULE_PRIORITY_BASE
+ANCHOR_PRIORITY = RULE_PRIORITY_BASE + 1
 
 
 def route_table(eid: int) -> int:
@@ -80,8 +86,8 @@ def is_our_table(table_id: int) -> bool:
 
 
 def is_our_priority(priority: int) -> bool:
-    """The guard's priority and the lookup rules' priorities."""
-    return GUARD_PRIORITY <= priority <= RULE_PRIORITY_BASE + EID_MAX
+    """The guard's priorities and the lookup rules' priorities."""
+    return EXEMPT_PRIORITY <= priority <= RULE_PRIORITY_BASE + EID_MAX
 
 
 # --- nftables object names -----------------------------------------------------

@@ -10,7 +10,9 @@ Two netlink sockets, read by one thread:
 - NETLINK_ROUTE, the IPv4/IPv6 rule and route groups: an ip rule or a route in
   the agent's reserved priorities or tables (names.py) was added or deleted.
   rtnetlink does not say who did it; the agent's own changes cause one extra
-  check, which finds nothing and writes nothing.
+  check, which finds nothing and writes nothing. And the address groups: a
+  host address added or deleted inside a managed_sources prefix changes the
+  guard's exemptions (names.py), so it is checked like a rule.
 Each finding calls `on_drift(kind, reason)`, kind "nft" or "routes"; the
 daemon then syncs, reading that part of the kernel, naming what differs and
 repairing it in one batch.
@@ -26,6 +28,7 @@ element of every commit into objects, the agent's own large batches included.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import selectors
 import socket
@@ -52,7 +55,10 @@ NFTA_TABLE_NAME = 1  # and NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST,OBJ,FLOWTABLE}_TAB
 NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
 
 # rtnetlink
+RTM_NEWADDR, RTM_DELADDR = 20, 21
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
 RTA_TABLE = FRA_TABLE = 15
 FRA_PRIORITY = 6
 RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
@@ -152,6 +158,18 @@ def route_event_ours(mtype: int, payload: bytes) -> Optional[str]:
     return None
 
 
+def address_event(mtype: int, payload: bytes) -> Optional[tuple[str, str]]:
+    """("added"|"deleted", address) of an RTM_NEWADDR/RTM_DELADDR, else None."""
+    if mtype not in (RTM_NEWADDR, RTM_DELADDR) or len(payload) < 8:
+        return None
+    family = payload[0]
+    a = attrs(payload, 8)  # after struct ifaddrmsg
+    raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+    if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return ("added" if mtype == RTM_NEWADDR else "deleted"), socket.inet_ntop(family, raw)
+
+
 def is_own(pid: int, self_pid: Optional[int] = None) -> bool:
     """Committed by a thread of this process. NFTA_GEN_PROC_PID is the committing
     thread's id (task_pid_nr), not the process id: look it up among our tasks."""
@@ -164,9 +182,12 @@ class Watch:
     """The thread body: `run(stopping)` until `stopping` is set."""
 
     def __init__(self, on_drift: Callable[[str, str], None],
-                 on_error: Callable[[str], None] = lambda msg: None) -> None:
+                 on_error: Callable[[str], None] = lambda msg: None,
+                 guarded: Callable[[], list] = lambda: []) -> None:
+        """`guarded()`: the managed_sources prefixes (ipaddress networks) now."""
         self.on_drift = on_drift
         self.on_error = on_error
+        self.guarded = guarded
 
     @staticmethod
     def _socket(proto: int) -> socket.socket:
@@ -182,7 +203,8 @@ class Watch:
         nft.bind((0, 0))
         nft.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
         rt = self._socket(NETLINK_ROUTE)
-        rt.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE))
+        rt.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
+                    | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
         return nft, rt
 
     def run(self, stopping: threading.Event, retries: int = 5) -> None:
@@ -240,6 +262,10 @@ class Watch:
                 if g is not None and g.ours_touched and not is_own(g.pid):
                     self.on_drift("nft", f"nft generation {g.gen_id} by pid {g.pid} ({g.proc}): "
                                   f"{', '.join(g.what)} in table {names.TABLE}")
+            elif (addr := address_event(mtype, payload)) is not None:
+                ip = ipaddress.ip_address(addr[1])
+                if any(ip.version == n.version and ip in n for n in self.guarded()):
+                    self.on_drift("routes", f"host address {addr[1]} {addr[0]} in managed_sources")
             else:
                 what = route_event_ours(mtype, payload)
                 if what:

@@ -109,7 +109,8 @@ class Reconciler:
     def facts(self, cfg: Config, reuse: bool = False) -> HostFacts:
         if not reuse or self.host is None:
             self.host = self.read_host()
-        return HostFacts(usable_from(cfg, self.host), existing_cgroups(cfg, self.cgroup_root))
+        return HostFacts(usable_from(cfg, self.host), existing_cgroups(cfg, self.cgroup_root),
+                         self.host.addresses)
 
     def observe(self) -> Observed:
         routes, rules = self.routing.dump()

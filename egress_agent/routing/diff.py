@@ -34,10 +34,13 @@ def check_reserved(obj: Union[Route, Rule]) -> None:
     """
     if obj.family not in (4, 6):
         raise ValueError(f"{obj.describe()}: family must be 4 or 6")
-    if isinstance(obj, Rule) and obj.action == "prohibit":
-        if obj.priority != names.GUARD_PRIORITY:
-            raise ValueError(f"{obj.describe()}: a prohibit rule is the guard, priority "
-                             f"{names.GUARD_PRIORITY} only")
+    if isinstance(obj, Rule) and obj.action != "lookup":
+        where = {"prohibit": (names.GUARD_PRIORITY, 0), "nop": (names.ANCHOR_PRIORITY, 0),
+                 "goto": (names.EXEMPT_PRIORITY, names.ANCHOR_PRIORITY)}.get(obj.action)
+        if where != (obj.priority, obj.target):
+            raise ValueError(f"{obj.describe()}: not one of the guard's rules (prohibit at "
+                             f"{names.GUARD_PRIORITY}, goto {names.ANCHOR_PRIORITY} at "
+                             f"{names.EXEMPT_PRIORITY}, nop at {names.ANCHOR_PRIORITY})")
         return
     if not names.is_our_table(obj.table):
         raise ValueError(f"{obj.describe()}: table {obj.table} is outside the "

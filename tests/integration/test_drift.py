@@ -153,6 +153,19 @@ def test_rule_and_route_faults_are_repaired_at_once(lab: Lab) -> None:
         before = table_state(lab)
         routes = host(lab, "ip", "route", "show", "table", str(PARTNER_TABLE)).stdout
         assert routes.strip() and PARTNER_RULE in ip_rule_priorities(lab)
+        # the host's own packets from its gateway address inside managed_sources
+        # are routed before any hook marks them: the guard lets them pass
+        rules = host(lab, "ip", "rule").stdout
+        assert "7099:\tfrom 10.0.1.1 goto 7101" in rules and "7101:\tfrom all nop" in rules, rules
+        assert host(lab, "ping", "-c1", "-W2", "-I", "10.0.1.1", "10.0.1.2", check=False).returncode == 0
+        # a new host address inside managed_sources gets its exemption at once
+        host(lab, "ip", "addr", "add", "10.0.1.200/32", "dev", "vm-m42")
+        wait_until(lambda: "7099:\tfrom 10.0.1.200 goto 7101" in host(lab, "ip", "rule").stdout, 5,
+                   what="the exemption of 10.0.1.200")
+        assert host(lab, "ping", "-c1", "-W2", "-I", "10.0.1.200", "10.0.1.2", check=False).returncode == 0
+        host(lab, "ip", "addr", "del", "10.0.1.200/32", "dev", "vm-m42")
+        wait_until(lambda: "10.0.1.200" not in host(lab, "ip", "rule").stdout, 5,
+                   what="the exemption of 10.0.1.200 gone")
         with lab.hold("m42", ECHO, 8080) as held, \
                 Prober(lab, "m43", ECHO, 8080, proto="tcp", interval=0.003) as prober:
             prober.wait_first(lambda a: in_block(a, m43), what="a first answer from m43")

@@ -380,9 +380,17 @@ def test_plan_guards_every_managed_source_prefix(tmp_path):
     from egress_agent.plan import HostFacts, build
     cfg = lab_config(tmp_path)
     a, _ = allocate(cfg, Allocations(), Usable())
-    rules = build(cfg, a, HostFacts(usable=Usable())).desired.rules
-    assert {r for r in rules if r.action == "prohibit"} == {guard(), guard("fd00:1::/64", 6)}
+    rules = build(cfg, a, HostFacts(usable=Usable(), addresses=frozenset(
+        {"10.0.1.1", "fd00:1::1", "203.0.113.2"}))).desired.rules
+    assert {r for r in rules if r.action != "lookup"} == {
+        guard(), guard("fd00:1::/64", 6),
+        # the host's own addresses inside managed prefixes skip the guard
+        Rule(4, 7099, 0, 0, 0, "10.0.1.1/32", "goto", 7101),
+        Rule(6, 7099, 0, 0, 0, "fd00:1::1/128", "goto", 7101),
+        Rule(4, 7101, 0, 0, 0, "", "nop"), Rule(6, 7101, 0, 0, 0, "", "nop")}
     assert guard().describe() == "rule -4 priority 7100 from 10.0.1.0/24 fwmark 0x0/0x20000000 prohibit"
+    assert Rule(4, 7099, 0, 0, 0, "10.0.1.1/32", "goto", 7101).describe() == \
+        "rule -4 priority 7099 from 10.0.1.1/32 goto 7101"
 
 
 def test_guard_is_added_after_the_batch_and_deleted_before_it():
@@ -400,8 +408,10 @@ def test_guard_is_added_after_the_batch_and_deleted_before_it():
 def test_a_prohibit_rule_outside_the_guard_priority_is_refused():
     from egress_agent.routing.diff import check_reserved
     check_reserved(guard())
-    with pytest.raises(ValueError, match="the guard, priority 7100 only"):
+    with pytest.raises(ValueError, match="not one of the guard's rules"):
         check_reserved(Rule(4, 7101, 0, 0x20000000, 0, "10.0.1.0/24", "prohibit"))
+    with pytest.raises(ValueError, match="not one of the guard's rules"):
+        check_reserved(Rule(4, 7099, 0, 0, 0, "10.0.1.1/32", "goto", 32766))
 
 
 def test_teardown_removes_the_guard_before_the_table(synced):
@@ -469,3 +479,22 @@ def test_a_watch_that_keeps_failing_gives_up_loudly():
     with pytest.raises(OSError):
         AlwaysBroken(lambda k, w: None, errors.append).run(threading.Event(), retries=2)
     assert len(errors) == 2
+
+
+@pytest.mark.parametrize("case,address", [("address_managed", "10.0.1.254"),
+                                          ("address6_managed", "fd00:1::fe")])
+def test_a_host_address_in_managed_sources_is_checked_like_a_rule(case, address):
+    """It changes the guard's exemptions (names.EXEMPT_PRIORITY)."""
+    import ipaddress
+    heard = []
+    managed = [ipaddress.ip_network("10.0.1.0/24"), ipaddress.ip_network("fd00:1::/64")]
+    w = nftwatch.Watch(lambda kind, why: heard.append((kind, why)), guarded=lambda: managed)
+    for source, hexdata in CAPTURED[case]:
+        w._handle(source, bytes.fromhex(hexdata), nftwatch.NftEvents())
+    assert ("routes", f"host address {address} added in managed_sources") in heard
+    assert ("routes", f"host address {address} deleted in managed_sources") in heard
+    heard.clear()
+    managed = []  # not in a managed prefix: nothing to check
+    for source, hexdata in CAPTURED[case]:
+        w._handle(source, bytes.fromhex(hexdata), nftwatch.NftEvents())
+    assert heard == []
