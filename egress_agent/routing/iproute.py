@@ -207,8 +207,13 @@ def _parse_rule(msg: Any, priority: int, unmodeled: list[str]) -> Optional[Rule]
             and not (msg["flags"] or msg["tos"] or msg["dst_len"])):
         src = (ipaddress.ip_network(f"{msg.get_attr('FRA_SRC')}/{msg['src_len']}",
                                     strict=False).with_prefixlen if msg["src_len"] else "")
-        return Rule(family, priority, msg.get_attr("FRA_FWMARK") or 0,
+        rule = Rule(family, priority, msg.get_attr("FRA_FWMARK") or 0,
                     msg.get_attr("FRA_FWMASK") or 0, 0, src, guard, msg.get_attr("FRA_GOTO") or 0)
+        try:
+            check_reserved(rule)
+            return rule
+        except ValueError:
+            pass  # in our priorities, but not a rule the agent writes: left alone
     if (msg["action"] != FR_ACT_TO_TBL or msg["flags"] or msg["tos"]
             or msg["src_len"] or msg["dst_len"] or selectors
             or msg.get_attr("FRA_SUPPRESS_PREFIXLEN") not in (None, _NO_LIMIT)
@@ -221,4 +226,9 @@ def _parse_rule(msg: Any, priority: int, unmodeled: list[str]) -> Optional[Rule]
     if mask is None:
         mask = 0xFFFFFFFF if fwmark else 0
     table = msg.get_attr("FRA_TABLE") or msg["table"]
+    if not names.is_our_table(table):
+        # someone else's rule in our priorities, pointing at a table not ours:
+        # the agent may not touch it (check_reserved), so it is not modelled
+        unmodeled.append(f"rule -{family} priority {priority}: lookup {table}")
+        return None
     return Rule(family, priority, fwmark, mask, table)

@@ -189,6 +189,13 @@ def test_rule_and_route_faults_are_repaired_at_once(lab: Lab) -> None:
                             ["ip", "rule", "del", "priority", "7100"],
                             "priority 7100 from 10.0.1.0/24",
                             lambda: 7100 in ip_rule_priorities(lab))
+            # someone else's rule in our priorities pointing at a table not ours:
+            # not ours to delete; it is left alone and every sync still works
+            n = len(ag.syncs())
+            host(lab, "ip", "rule", "add", "fwmark", "0x1", "lookup", "main", "priority", "7200")
+            ag.wait_syncs(n + 1, timeout=5)
+            assert 7200 in ip_rule_priorities(lab)
+            host(lab, "ip", "rule", "del", "priority", "7200")
         assert not ag.errors(), ag.errors()
     finally:
         ag.stop()
