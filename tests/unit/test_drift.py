@@ -498,3 +498,11 @@ def test_a_host_address_in_managed_sources_is_checked_like_a_rule(case, address)
     for source, hexdata in CAPTURED[case]:
         w._handle(source, bytes.fromhex(hexdata), nftwatch.NftEvents())
     assert heard == []
+
+
+def test_a_foreign_rule_in_our_priorities_to_a_table_not_ours_is_left_alone(synced):
+    cfg, nft, routing, rec = synced
+    foreign = Rule(4, 7200, 1, 0xFFFFFFFF, 254)
+    routing.rules.add(foreign)
+    r = rec.sync(cfg, "drift-routes")
+    assert not r.changed and r.drift == [] and foreign in routing.rules
