@@ -80,10 +80,11 @@ def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str
 
 
 # Triggers of a drift check (nftwatch.py), each reading only what it is about:
-# a foreign nft commit on our table reads the table and keeps the host facts of
-# the last sync (addresses and links have their own events); a rule or route
-# event in our ranges reads the routes and the host (a link that went down
-# takes its routes with it: that is not drift). A full sync reads everything.
+# a foreign nft commit on our table reads the table, a rule or route event in
+# our ranges reads the routes. Both plan with the host facts of the last sync
+# (addresses and links have their own events); a route found missing reads the
+# host before it is called drift (a link that went down takes its routes with
+# it). A full sync reads everything.
 DRIFT_NFT, DRIFT_ROUTES = "drift", "drift-routes"
 
 
@@ -145,11 +146,11 @@ class Reconciler:
             routes, rules = self.routing.dump()
             observed = replace(self.applied, routes=routes, rules=rules)
         try:
-            plan, events, adopted = self.plan(cfg, observed, reuse_facts=mode == "drift")
+            reuse = mode == "drift" or (mode == "incremental" and trigger == DRIFT_ROUTES)
+            plan, events, adopted = self.plan(cfg, observed, reuse_facts=reuse)
             d = plan.desired
-            host = self.host
             drift = (findings(self.applied, d, observed, self.expected_shape,
-                              lambda dev: host is None or host.link_up(dev))
+                              self._link_up(fresh=reuse))
                      if self.applied is not None else [])
             ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
             tx = transaction(d, observed, self.expected_shape)
@@ -171,6 +172,18 @@ class Reconciler:
                           bool((tx.full and observed.table) or tx.repaired),
                           adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text,
                           plan.usable, drift)
+
+    def _link_up(self, fresh: bool) -> Callable[[str], bool]:
+        """Whether a link is up, for the routes found missing; `fresh`: the host
+        facts the plan used may be old, read the host (once) if it comes to that."""
+        host = None if fresh else self.host
+
+        def up(dev: str) -> bool:
+            nonlocal host
+            if host is None:
+                host = self.read_host()
+            return host.link_up(dev)
+        return up
 
     def _learn_shape(self, notes: list[str]) -> None:
         """Right after this process first wrote (some of) the skeleton: does the kernel list

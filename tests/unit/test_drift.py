@@ -234,8 +234,9 @@ def test_a_kernel_that_lists_the_skeleton_otherwise_is_learnt_once_not_repaired_
 
 
 def test_drift_triggers_read_only_what_their_event_is_about(synced):
-    """An nft event reads the table and not the host (addresses and links have
-    their own events); a rule/route event reads the routes and the host."""
+    """An nft event reads the table, a rule/route event the routes; neither reads
+    the host (addresses and links have their own events), except to tell whether
+    a missing route's link is up."""
     cfg, nft, routing, rec = synced
     reads = []
     rec.read_host = lambda: (reads.append(1), HOST)[1]
@@ -248,7 +249,11 @@ def test_drift_triggers_read_only_what_their_event_is_about(synced):
     routing.rules.discard(rule)
     r = rec.sync(cfg, "drift-routes")
     assert r.mode == "incremental" and [str(f) for f in r.drift] == [f"{rule.describe()} missing"]
-    assert rule in routing.rules and reads == [1]
+    assert rule in routing.rules and reads == []
+    route = next(iter(routing.routes))
+    routing.routes.discard(route)
+    r = rec.sync(cfg, "drift-routes")
+    assert [str(f) for f in r.drift] == [f"{route.describe()} missing"] and reads == [1]
     assert not rec.sync(cfg, "resync", full=True).changed and reads == [1, 1]
 
 
