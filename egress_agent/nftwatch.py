@@ -9,8 +9,9 @@ Two netlink sockets, read by one thread:
   ruleset`, `nft delete table`, a flushed chain or map, a deleted rule.
 - NETLINK_ROUTE, the IPv4/IPv6 rule and route groups: an ip rule or a route in
   the agent's reserved priorities or tables (names.py) was added or deleted.
-  rtnetlink does not say who did it; the agent's own changes cause one extra
-  check, which finds nothing and writes nothing. And the address groups: a
+  A notification carries the port id of the socket that asked for the change:
+  the agent's own sockets (found in /proc/self/net/netlink by the inodes of
+  its file descriptors) are ignored. And the address groups: a
   host address added or deleted inside a managed_sources prefix changes the
   guard's exemptions (names.py), so it is checked like a rule.
 Each finding calls `on_drift(kind, reason)`, kind "nft" or "routes"; the
@@ -71,13 +72,42 @@ _NLMSGHDR = struct.Struct("=IHHII")
 
 def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
     """(nlmsg_type, payload) of each netlink message in one datagram."""
+    for mtype, payload, _ in messages_from(data):
+        yield mtype, payload
+
+
+def messages_from(data: bytes) -> Iterator[tuple[int, bytes, int]]:
+    """(nlmsg_type, payload, nlmsg_pid): the pid is the port id of the socket
+    whose request caused a notification (0: the kernel's own doing)."""
     off = 0
     while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
+        length, mtype, _flags, _seq, pid = _NLMSGHDR.unpack_from(data, off)
         if length < _NLMSGHDR.size or off + length > len(data):
             return  # truncated: the caller treats a short datagram as lost events
-        yield mtype, data[off + _NLMSGHDR.size:off + length]
+        yield mtype, data[off + _NLMSGHDR.size:off + length], pid
         off += (length + 3) & ~3
+
+
+def own_route_ports() -> set[int]:
+    """Port ids of this process's NETLINK_ROUTE sockets: /proc/self/net/netlink
+    lists every netlink socket of the namespace; ours are those whose inode one
+    of our file descriptors points at."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    out = set()
+    with open("/proc/self/net/netlink") as f:
+        next(f, None)
+        for line in f:
+            cols = line.split()
+            if len(cols) >= 10 and cols[1] == str(NETLINK_ROUTE) and int(cols[9]) in inodes:
+                out.add(int(cols[2]))
+    return out
 
 
 def attrs(payload: bytes, start: int) -> dict[int, bytes]:
@@ -188,6 +218,20 @@ class Watch:
         self.on_drift = on_drift
         self.on_error = on_error
         self.guarded = guarded
+        self.own_ports: set[int] = set()
+        self.foreign_ports: set[int] = {0}  # 0: the kernel (a link down drops its routes)
+
+    def is_own_port(self, port: int) -> bool:
+        if port in self.foreign_ports:
+            return False
+        if port not in self.own_ports:
+            self.own_ports = own_route_ports()
+            if port not in self.own_ports:
+                if len(self.foreign_ports) > 4096:  # each `ip` command has its own port
+                    self.foreign_ports = {0}
+                self.foreign_ports.add(port)
+                return False
+        return True
 
     @staticmethod
     def _socket(proto: int) -> socket.socket:
@@ -254,7 +298,7 @@ class Watch:
             rt.close()
 
     def _handle(self, source: str, data: bytes, events: NftEvents) -> None:
-        for mtype, payload in messages(data):
+        for mtype, payload, port in messages_from(data):
             if mtype == NLMSG_OVERRUN:
                 self.on_drift("lost", f"{source} events lost (overrun)")
             elif source == "nft":
@@ -268,5 +312,5 @@ class Watch:
                     self.on_drift("routes", f"host address {addr[1]} {addr[0]} in managed_sources")
             else:
                 what = route_event_ours(mtype, payload)
-                if what:
+                if what and not self.is_own_port(port):
                     self.on_drift("routes", what)

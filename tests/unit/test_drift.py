@@ -511,3 +511,23 @@ def test_a_foreign_rule_in_our_priorities_to_a_table_not_ours_is_left_alone(sync
     routing.rules.add(foreign)
     r = rec.sync(cfg, "drift-routes")
     assert not r.changed and r.drift == [] and foreign in routing.rules
+
+
+def test_route_events_caused_by_our_own_sockets_are_ignored():
+    """The agent's own rule/route changes come back as notifications carrying
+    the port id of its socket: no check for them."""
+    import struct as st
+    heard = []
+    w = nftwatch.Watch(lambda kind, why: heard.append(why))
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nftwatch.NETLINK_ROUTE)
+    s.bind((0, 0))
+    ours = s.getsockname()[0]
+    try:
+        for source, hexdata in CAPTURED["ip_rule_ours"]:
+            data = bytearray(bytes.fromhex(hexdata))
+            w._handle(source, bytes(data), nftwatch.NftEvents())  # as captured: `ip rule`
+            st.pack_into("=I", data, 12, ours)  # nlmsg_pid: as if we had asked
+            w._handle(source, bytes(data), nftwatch.NftEvents())
+    finally:
+        s.close()
+    assert heard == ["rule -4 priority 7101 added", "rule -4 priority 7101 deleted"]
