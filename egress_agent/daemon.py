@@ -5,9 +5,10 @@ One loop, one sync at a time. Triggers arrive on a queue:
   the file are seen; debounced), or SIGHUP: reload, then sync;
 - netlink: an address or link changed; if that changes which egress IPs are
   usable, sync at once (failover is a netlink event, not a poll);
-- nftwatch: a foreign nftables commit that touched our table, or an ip rule or
-  route changed in our reserved ranges: a full sync at once ("drift"), which
-  reads the kernel, logs what it found and repairs it in one batch;
+- nftwatch: a foreign nftables commit that touched our table ("drift"), or an
+  ip rule or route changed in our reserved ranges ("drift-routes"): a sync at
+  once that reads that part of the kernel, logs a warning naming what it found
+  and repairs it in one batch (merged with any other trigger: a full sync);
 - the periodic full resync, which re-reads the kernel and repairs drift too;
 - SIGTERM/SIGINT: stop, leaving the kernel state in place.
 An invalid config is logged with file, line and reason; the last good state
