@@ -154,7 +154,7 @@ def test_drift_repaired_by_resync(lab: Lab) -> None:
         assert correct()
 
         # someone deletes our whole table (repaired at once by the drift trigger,
-        # tests/integration/test_drift.py; the resync is the net under it)
+        # tests/integration/test_drift_kernel.py; the resync is the net under it)
         n = len(ag.syncs(changed=True))
         t0 = time.monotonic()
         host(lab, "nft", "delete", "table", "inet", "egress_agent")
