@@ -98,8 +98,9 @@ def cmd_plan(args) -> int:
     tx = transaction(p.desired, observed)
     ops = diff_routes(p.desired.routes, p.desired.rules, observed.routes, observed.rules)
     changed = not tx.empty or bool(ops)
+    damage = _skeleton_damage(observed) if args.against_running else []
     if args.json:
-        print(json.dumps({"changed": changed, "nft": tx.text,
+        print(json.dumps({"changed": changed, "nft": tx.text, "skeleton_damage": damage,
                           "route_ops": [o.describe() for o in ops],
                           "elements_added": tx.added, "elements_removed": tx.removed,
                           "notes": p.notes, "allocations": p.alloc.to_json()}, indent=2))
@@ -107,6 +108,8 @@ def cmd_plan(args) -> int:
     if args.against_running and not changed:
         print("no change: the running host already has this config")
         return Exit.OK
+    for d in damage:
+        print(f"# skeleton damaged: {d}")
     print("# route ops, applied before the nft batch")
     for o in ops:
         print(f"ip {o.describe()}")
@@ -115,6 +118,18 @@ def cmd_plan(args) -> int:
     for n in p.notes:
         print(f"# note: {n}")
     return Exit.OK
+
+
+def _skeleton_damage(observed) -> list[str]:
+    """What the running table lacks of the skeleton (the daemon's drift check says the same)."""
+    from . import names
+    from .render import skeleton_digest, skeleton_shape
+    from .shape import differences
+    if not observed.table:
+        return [f"table {names.TABLE} missing"]
+    if observed.skeleton != skeleton_digest():
+        return [f"skeleton version {observed.skeleton!r} instead of {skeleton_digest()!r}"]
+    return differences(skeleton_shape(), observed.shape) if observed.shape else []
 
 
 def cmd_explain(args) -> int:

@@ -6,6 +6,10 @@ One loop, one sync at a time. Triggers arrive in an inbox (inbox.py):
 - netlink: an address or link changed; if that changes which egress IPs are
   usable, sync at once (failover is a netlink event, not a poll);
 - the periodic full resync, which re-reads the kernel and repairs drift;
+- nftwatch: a foreign nftables commit that touched our table ("drift"), or an
+  ip rule or route changed in our reserved ranges ("drift-routes"): a sync at
+  once that reads that part of the kernel, logs a warning naming what it found
+  and repairs it in one batch (merged with any other trigger: a full sync);
 - a watcher that lost events or failed: a full resync (and a reload);
 - SIGTERM/SIGINT: stop, leaving the kernel state in place.
 An invalid config is logged with file, line and reason; the last good state
@@ -24,6 +28,7 @@ so that systemd (Restart=on-failure) starts a fresh one.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import signal
 import threading
@@ -235,7 +240,11 @@ class Daemon:
             or ("resync" if "resync" in kinds else "netlink")
         # only address events alone may be skipped when usability did not change
         force = any(t.force or t.kind != "netlink" for t in got)
-        return Trigger(kind, any(t.full for t in got), any(t.reload for t in got), force)
+        # a drift check reads only what its event was about: merged with
+        # anything else, read everything
+        full = any(t.full for t in got) or (len(set(kinds)) > 1
+                                             and bool({"drift", "drift-routes"} & set(kinds)))
+        return Trigger(kind, full, any(t.reload for t in got), force)
 
     def _usable_changed(self) -> bool:
         if self.cfg is None or self.rec is None:
@@ -277,6 +286,10 @@ class Daemon:
         # the sync runs still counts as a change when its netlink event is handled
         self.last_usable = r.usable
         self._record_usable(before, self.last_usable)
+        if r.drift:
+            self.log.warning("drift repaired", trigger=r.trigger,
+                             found=[str(f) for f in r.drift])
+            self.metrics.record_drift(f.kind for f in r.drift)
         count, cmax = conntrack_numbers()
         self.log.info("sync", trigger=r.trigger, mode=r.mode, changed=r.changed,
                       elements_added=r.added, elements_removed=r.removed,
@@ -347,6 +360,7 @@ class Daemon:
                                             self.events_lost, self.log)}
         if self.watch_netlink:
             out["netlink"] = lambda: watch_links(self.stopping, self.post, self.events_lost)
+            out["nftwatch"] = self._watch_drift
         if self.usage_interval and self.collect_usage:
             out["usage"] = self._watch_usage
         if self.translation_log:
@@ -408,6 +422,14 @@ class Daemon:
             self.metrics.events_lost[watcher] = self.metrics.events_lost.get(watcher, 0) + 1
         self.log.warning("events lost; resyncing from a fresh dump", watcher=watcher)
         self.post(Trigger("watcher", full=True, reload=True, force=True))
+
+    def _watch_drift(self) -> None:
+        from .nftwatch import Watch
+        kinds = {"nft": Trigger("drift", force=True), "routes": Trigger("drift-routes", force=True),
+                 "lost": Trigger("drift", full=True, force=True)}
+        Watch(lambda kind, why: self.post(kinds[kind]), lambda msg: self.log.error(msg),
+              lambda: [ipaddress.ip_network(str(n), strict=False)
+                       for n in (self.cfg.managed_sources if self.cfg else [])]).run(self.stopping)
 
     def _translations(self) -> None:
         from .translog import TranslationLog, workload_lookup

@@ -52,6 +52,7 @@ class State:
         self.usable: dict[str, bool] = {}
         self.watcher_errors: dict[str, int] = {}  # by watcher thread name
         self.events_lost: dict[str, int] = {}     # ENOBUFS, IN_Q_OVERFLOW: a full resync each
+        self.drift: dict[str, int] = {}  # drift repairs by kind (drift.py)
 
     def record_sync(self, trigger: str, ok: bool, seconds: float) -> None:
         with self.lock:
@@ -59,6 +60,13 @@ class State:
             self.syncs[key] = self.syncs.get(key, 0) + 1
             self.sync_seconds[trigger] = self.sync_seconds.get(trigger, 0.0) + seconds
             self.last_sync_duration = seconds
+
+
+    def record_drift(self, kinds) -> None:
+        """One repair counts once per kind of what it found."""
+        with self.lock:
+            for kind in set(kinds):
+                self.drift[kind] = self.drift.get(kind, 0) + 1
 
 
 class Collector:
@@ -80,6 +88,12 @@ class Collector:
             yield c
             yield GaugeMetricFamily("egress_agent_last_sync_duration_seconds",
                                     "Duration of the last sync", value=s.last_sync_duration)
+            c = CounterMetricFamily("egress_agent_drift_repairs", "Syncs that found and repaired "
+                                    "foreign changes to the agent's table, ip rules or routes",
+                                    labels=["kind"])
+            for kind, n in sorted(s.drift.items()):
+                c.add_metric([kind], n)
+            yield c
             yield CounterMetricFamily("egress_agent_failovers", "Egress IPs that became unusable",
                                       value=s.failovers)
             yield CounterMetricFamily("egress_agent_store_write_failures",

@@ -9,7 +9,10 @@ paths), int (marks; stale cgroup elements, which the kernel shows by id) and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
+
+if TYPE_CHECKING:
+    from .shape import Shape
 
 Atom = Union[str, int, tuple[int, int]]
 Key = Union[Atom, tuple[Atom, ...]]
@@ -32,17 +35,25 @@ class Route:
 
 @dataclass(frozen=True, order=True)
 class Rule:
-    """`ip rule add fwmark MARK/MASK lookup TABLE priority PRIO`."""
+    """`ip rule add fwmark MARK/MASK lookup TABLE priority PRIO`, or one of the
+    guard's (names.py, table 0): action "prohibit" (`from SRC fwmark MARK/MASK
+    prohibit`), "goto" (`from SRC goto TARGET`), "nop"."""
 
     family: int
     priority: int
     fwmark: int
     mask: int
     table: int
+    src: str = ""  # a prefix; "" = from all
+    action: str = "lookup"  # | "prohibit" | "goto" | "nop"
+    target: int = 0  # the priority a "goto" continues at
 
     def describe(self) -> str:
-        return (f"rule -{self.family} priority {self.priority} fwmark "
-                f"{self.fwmark:#x}/{self.mask:#x} lookup {self.table}")
+        frm = f" from {self.src}" if self.src else ""
+        mark = f" fwmark {self.fwmark:#x}/{self.mask:#x}" if self.fwmark or self.mask else ""
+        then = {"prohibit": "prohibit", "goto": f"goto {self.target}", "nop": "nop"}.get(
+            self.action, f"lookup {self.table}")
+        return f"rule -{self.family} priority {self.priority}{frm}{mark} {then}"
 
 
 @dataclass(frozen=True)
@@ -74,3 +85,6 @@ class Observed:
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # chain -> rule comments
     routes: frozenset[Route] = frozenset()
     rules: frozenset[Rule] = frozenset()
+    # the skeleton's chains, rules and set declarations as the kernel lists them
+    # (shape.py); None: not read (memory of what was applied, or no table)
+    shape: Optional["Shape"] = None

@@ -14,6 +14,10 @@ TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
 # --- packet / conntrack mark layout -------------------------------------------
 # bits  0-19  workload id (wid), 1..WID_MAX; 0 means "not a workload"
 # bits 20-27  egress id (eid) of the chosen egress IP, 1..EID_MAX; 0 = host default
+# bit  29     "passed the agent's prerouting": set on packets from managed sources
+#             after classification, cleared again in forward (the SNAT maps are
+#             keyed by the lease mark without it); the guard ip rule below
+#             prohibits forwarding a managed source's packet that lacks it
 # bit  30     "classified by egress-agent": set in the conntrack mark of every
 #             connection the agent decided, so a conntrack dump can be filtered
 #             by the kernel (CTA_MARK/CTA_MARK_MASK) to the agent's own flows
@@ -28,6 +32,7 @@ EID_MASK = 0xFF << EID_SHIFT  # 0x0ff00000
 EID_MAX = 0xFF
 DROP_FLAG = 0x80000000
 OURS_FLAG = 0x40000000
+SEEN_FLAG = 0x20000000
 
 
 def lease_mark(wid: int, eid: int) -> int:
@@ -49,6 +54,18 @@ def split_mark(mark: int) -> tuple[int, int]:
 # 0x100000/0xff00000 lookup 7101" for eid 1.
 ROUTE_TABLE_BASE = 7100
 RULE_PRIORITY_BASE = 7100
+# The guard: `from PREFIX fwmark 0/SEEN_FLAG prohibit`, one per managed_sources
+# prefix, before every lookup rule. nft does not flush ip rules: while our
+# table is gone (`nft flush ruleset`, `nft delete table`) until the agent has
+# put it back, a workload's packets are refused, never sent with the host's
+# address or their inside source.
+# The host's own packets are routed before any hook can mark them, so the
+# host's addresses inside managed prefixes (a gateway address on the
+# workloads' link) skip the guard: `from ADDR goto ANCHOR`, where ANCHOR is a
+# `nop` rule of ours right after the guard (a goto needs a rule at its target).
+EXEMPT_PRIORITY = RULE_PRIORITY_BASE - 1
+GUARD_PRIORITY = RULE_PRIORITY_BASE
+ANCHOR_PRIORITY = RULE_PRIORITY_BASE + 1
 
 
 def route_table(eid: int) -> int:
@@ -69,7 +86,8 @@ def is_our_table(table_id: int) -> bool:
 
 
 def is_our_priority(priority: int) -> bool:
-    return RULE_PRIORITY_BASE + 1 <= priority <= RULE_PRIORITY_BASE + EID_MAX
+    """The guard's priorities and the lookup rules' priorities."""
+    return EXEMPT_PRIORITY <= priority <= RULE_PRIORITY_BASE + EID_MAX
 
 
 # --- nftables object names -----------------------------------------------------

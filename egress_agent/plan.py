@@ -36,6 +36,8 @@ class HostFacts:
 
     usable: Usable = Usable()
     cgroups: Optional[frozenset[str]] = None  # cgroup paths that exist now
+    # the host's own addresses: the guard ip rules leave them out (names.py)
+    addresses: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -299,7 +301,7 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
         rules_text += policy_rules(p, set_name, {f: _choice_mark_or(alloc, c) for f, c in choices.items()})
 
     routes: set[Route] = set()
-    rules: set[Rule] = set()
+    rules: set[Rule] = guard_rules(cfg.managed_sources, facts.addresses)
     for ip in cfg.ips_here():
         if ip.via is None:
             continue
@@ -318,6 +320,22 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
     desired = Desired({k: frozenset(v) for k, v in el.items()}, chains,
                       frozenset(routes), frozenset(rules))
     return Plan(desired, alloc, notes, facts.usable)
+
+
+def guard_rules(managed, host_addresses) -> set[Rule]:
+    """The guard (names.py): one prohibit rule per managed_sources prefix; for each
+    host address inside one, a goto past it (the host's own packets are routed
+    before any hook can mark them); and the nop the gotos land on."""
+    nets = [ipaddress.ip_network(str(n), strict=False) for n in managed]
+    rules = {Rule(n.version, names.GUARD_PRIORITY, 0, names.SEEN_FLAG, 0, n.with_prefixlen,
+                  "prohibit") for n in nets}
+    for a in map(ipaddress.ip_address, host_addresses):
+        if any(a.version == n.version and a in n for n in nets):
+            rules.add(Rule(a.version, names.EXEMPT_PRIORITY, 0, 0, 0,
+                           ipaddress.ip_network(a).with_prefixlen, "goto", names.ANCHOR_PRIORITY))
+    for family in {n.version for n in nets}:
+        rules.add(Rule(family, names.ANCHOR_PRIORITY, 0, 0, 0, "", "nop"))
+    return rules
 
 
 def _choice_mark_or(alloc: Allocations, c: Optional[Choice]) -> Union[None, str, int]:

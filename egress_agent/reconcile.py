@@ -26,13 +26,15 @@ from typing import Callable, Optional
 
 from . import alloc as alloc_mod
 from . import log as logmod
+from . import shape as shape_mod
 from .adopt import adopt
 from .config import Config
+from .drift import Finding, findings
 from .hoststate import HostState
 from .model import Desired, Observed
 from .nft import NftPort
 from .plan import HostFacts, Plan, build
-from .render import observed_from_json, transaction
+from .render import observed_from_json, skeleton_shape, transaction
 from .routing import RoutingPort, diff_routes, split_ops
 from .store import Store, StoreCorrupt, event_record, lease_key, now_iso, open_assigns
 
@@ -53,6 +55,7 @@ class SyncResult:
     usable: alloc_mod.Usable = field(default_factory=alloc_mod.Usable)  # what the plan used
     quarantined: Optional[str] = None  # where a corrupt allocations.json was moved
     store_error: Optional[str] = None  # the kernel took the change, the store write failed
+    drift: list[Finding] = field(default_factory=list)  # what the kernel lost or gained
 
     @property
     def changed(self) -> bool:
@@ -65,7 +68,8 @@ class SyncResult:
                 "route_ops": self.route_ops, "policies_changed": self.policies_changed,
                 "skeleton_replaced": self.skeleton_replaced, "adopted": self.adopted,
                 "quarantined": self.quarantined, "store_error": self.store_error,
-                "duration_ms": round(self.duration_ms, 2), "notes": self.notes}
+                "duration_ms": round(self.duration_ms, 2), "notes": self.notes,
+                "drift": [str(f) for f in self.drift]}
 
 
 def usable_from(cfg: Config, host: HostState) -> alloc_mod.Usable:
@@ -86,6 +90,15 @@ def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str
     """The configured cgroup paths that exist now (libnftables resolves them there)."""
     return frozenset(w.cgroup for w in cfg.workloads
                      if w.cgroup and os.path.isdir(os.path.join(root, w.cgroup)))
+
+
+# Triggers of a drift check (nftwatch.py), each reading only what it is about:
+# a foreign nft commit on our table reads the table, a rule or route event in
+# our ranges reads the routes. Both plan with the host facts of the last sync
+# (addresses and links have their own events); a route found missing reads the
+# host before it is called drift (a link that went down takes its routes with
+# it). A full sync reads everything.
+DRIFT_NFT, DRIFT_ROUTES = "drift", "drift-routes"
 
 
 class Reconciler:
@@ -110,18 +123,28 @@ class Reconciler:
         self.store_write_failures = 0
         self.log = logmod.get()
         self._quarantined: Optional[str] = None
+        # The skeleton's shape as this kernel lists it; None: as shape.py reads the
+        # source. Set once, after this process first wrote the skeleton, if the
+        # kernel's listing differs (another nft version): comparing with the
+        # pure shape then would see drift after every repair, forever.
+        self.expected_shape: Optional[shape_mod.Shape] = None
+        self.shape_checked = False
+        self.host: Optional[HostState] = None  # read by the last plan
 
-    def facts(self, cfg: Config) -> HostFacts:
-        return HostFacts(usable_from(cfg, self.read_host()),
-                         existing_cgroups(cfg, self.cgroup_root))
+    def facts(self, cfg: Config, reuse: bool = False) -> HostFacts:
+        if not reuse or self.host is None:
+            self.host = self.read_host()
+        return HostFacts(usable_from(cfg, self.host), existing_cgroups(cfg, self.cgroup_root),
+                         self.host.addresses)
 
     def observe(self) -> Observed:
         routes, rules = self.routing.dump()
         return observed_from_json(self.nft.list_table(), routes, rules)
 
-    def plan(self, cfg: Config, observed: Observed) -> tuple[Plan, list[alloc_mod.Event], bool]:
+    def plan(self, cfg: Config, observed: Observed,
+             reuse_facts: bool = False) -> tuple[Plan, list[alloc_mod.Event], bool]:
         prev, adopted_events, adopted = self.previous(cfg, observed)
-        facts = self.facts(cfg)
+        facts = self.facts(cfg, reuse_facts)
         new_alloc, events = alloc_mod.allocate(cfg, prev, facts.usable)
         return build(cfg, new_alloc, facts), adopted_events + events, adopted
 
@@ -170,6 +193,12 @@ class Reconciler:
         self._quarantined = None
         if mode == "full":
             observed = self.observe()
+        elif trigger == DRIFT_NFT:
+            # a foreign commit touched our table: read it (the routes have their own events)
+            assert self.applied is not None
+            mode = "drift"
+            observed = replace(observed_from_json(self.nft.list_table()),
+                               routes=self.applied.routes, rules=self.applied.rules)
         else:
             # nft state from memory (the kernel said yes to it); routes are read
             # every time: the kernel drops them when a link goes down.
@@ -177,10 +206,14 @@ class Reconciler:
             routes, rules = self.routing.dump()
             observed = replace(self.applied, routes=routes, rules=rules)
         try:
-            plan, events, adopted = self.plan(cfg, observed)
+            reuse = mode == "drift" or (mode == "incremental" and trigger == DRIFT_ROUTES)
+            plan, events, adopted = self.plan(cfg, observed, reuse_facts=reuse)
             d = plan.desired
+            drift = (findings(self.applied, d, observed, self.expected_shape,
+                              self._link_up(fresh=reuse))
+                     if self.applied is not None else [])
             ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
-            tx = transaction(d, observed)
+            tx = transaction(d, observed, self.expected_shape)
             before, after = split_ops(ops)
             self.routing.apply(before)
             self.nft.run(tx.text)
@@ -195,6 +228,8 @@ class Reconciler:
         self.store_dirty = True
         try:
             self.routing.apply(after)
+            if (tx.full or tx.repaired) and not self.shape_checked:
+                self._learn_shape(plan.notes)
         except Exception:
             self.full_next = True
             raise
@@ -202,9 +237,10 @@ class Reconciler:
             store_error = self.persist()
         self.full_next = store_error is not None
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
-                          tx.policies_changed and not tx.full, tx.full and observed.table,
+                          tx.policies_changed and not tx.full,
+                          bool((tx.full and observed.table) or tx.repaired),
                           adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text,
-                          plan.usable, self._quarantined, store_error)
+                          plan.usable, self._quarantined, store_error, drift)
 
     def persist(self) -> Optional[str]:
         """Write what the kernel holds to the store: pending history first, then
@@ -250,13 +286,39 @@ class Reconciler:
                 for e in drained))
         return alloc
 
+    def _link_up(self, fresh: bool) -> Callable[[str], bool]:
+        """Whether a link is up, for the routes found missing; `fresh`: the host
+        facts the plan used may be old, read the host (once) if it comes to that."""
+        host = None if fresh else self.host
+
+        def up(dev: str) -> bool:
+            nonlocal host
+            if host is None:
+                host = self.read_host()
+            return host.link_up(dev)
+        return up
+
+    def _learn_shape(self, notes: list[str]) -> None:
+        """Right after this process first wrote (some of) the skeleton: does the kernel list
+        it as shape.py expects? If not, compare with the kernel's listing from now on."""
+        self.shape_checked = True
+        got = shape_mod.from_json(self.nft.list_table(terse=True))
+        want = skeleton_shape()
+        if got != want:
+            self.expected_shape = got
+            notes.append("the kernel lists the skeleton otherwise than expected ("
+                         + "; ".join(shape_mod.differences(want, got)[:3])
+                         + "); drift is compared with the kernel's own listing from now on")
+
     def teardown(self) -> SyncResult:
         t0 = time.perf_counter()
         observed = self.observe()
         ops = diff_routes(frozenset(), frozenset(), observed.routes, observed.rules)
+        before, after = split_ops(ops)  # the guard rules go before the table
+        self.routing.apply(before)
         if observed.table:
             self.nft.run("delete table inet egress_agent\n")
-        self.routing.apply(ops)
+        self.routing.apply(after)
         removed = sum(len(v) for v in observed.elements.values())
         self.applied, self.alloc, self.full_next = None, None, True
         return SyncResult("teardown", "full", 0, removed, [op.describe() for op in ops],

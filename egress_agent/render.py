@@ -7,6 +7,7 @@ and read back as JSON by the nft adapter, normalised by `normalize_element`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Optional, Union
 
-from . import names
+from . import names, shape
 from .config import Policy, port_bounds
 from .model import Desired, Element, Observed
 
@@ -36,6 +37,12 @@ def skeleton_digest(src: Optional[str] = None) -> str:
 def skeleton_text() -> str:
     src = skeleton_source()
     return src.replace("@SKELETON@", skeleton_digest(src))
+
+
+@functools.lru_cache(maxsize=1)
+def skeleton_shape() -> shape.Shape:
+    """What the kernel lists of the skeleton's chains, rules and sets (shape.py)."""
+    return shape.from_source(skeleton_source())
 
 
 # --- element kinds -------------------------------------------------------------------
@@ -155,7 +162,7 @@ def observed_from_json(doc: dict, routes=frozenset(), rules=frozenset()) -> Obse
         if "rule" in item and item["rule"]["chain"] in chains:
             chains[item["rule"]["chain"]].append(item["rule"].get("comment", ""))
     return Observed(table, skeleton, elements, {c: tuple(r) for c, r in chains.items()},
-                    frozenset(routes), frozenset(rules))
+                    frozenset(routes), frozenset(rules), shape.from_json(doc) if table else None)
 
 
 # --- policy rules ------------------------------------------------------------------
@@ -241,6 +248,7 @@ class Transaction:
     removed: int = 0
     full: bool = False
     policies_changed: bool = False
+    repaired: list[str] = field(default_factory=list)  # skeleton chains rewritten in place
 
     @property
     def text(self) -> str:
@@ -260,13 +268,45 @@ def _set_decl(name: str) -> str:
     return f"add set {T} {name} {{ type mark; }}"
 
 
-def transaction(desired: Desired, observed: Observed) -> Transaction:
-    """The batch that turns `observed` into `desired` (empty when equal)."""
+def skeleton_whole(observed: Observed, expected: Optional[shape.Shape] = None) -> bool:
+    """Our table exists, holds this skeleton version, and (when it was read from
+    the kernel) every skeleton chain, rule and set declaration of it."""
+    return (observed.table and observed.skeleton == skeleton_digest()
+            and (observed.shape is None or observed.shape == (expected or skeleton_shape())))
+
+
+def _damaged_chains(observed: Observed, expected: Optional[shape.Shape]):
+    """Skeleton chains to rewrite in place, or None (whole, or only a table replace helps)."""
+    if not observed.table or observed.skeleton != skeleton_digest() or observed.shape is None:
+        return None
+    want = expected or skeleton_shape()
+    if observed.shape == want:
+        return None
+    return shape.damaged_chains(want, observed.shape) or None
+
+
+def transaction(desired: Desired, observed: Observed,
+                expected: Optional[shape.Shape] = None) -> Transaction:
+    """The batch that turns `observed` into `desired` (empty when equal).
+
+    `expected`: the skeleton's shape as this kernel lists it, when that differs
+    from what shape.py reads from the source (another nft version)."""
     tx = Transaction()
-    full = not observed.table or observed.skeleton != skeleton_digest()
-    if full:
-        # A new or outdated skeleton: replace the table in one batch. NAT
-        # bindings and marks live in conntrack, so open connections survive.
+    damaged = _damaged_chains(observed, expected)
+    if damaged:
+        # Only skeleton chains lost rules (flushed, a rule deleted): rewrite them
+        # in place in this batch, and keep the table and its elements (a full
+        # replace rewrites every element: seconds for 100k workloads).
+        src = skeleton_text()
+        blocks = shape.chain_blocks(src)
+        tx.repaired = [name for name, _ in damaged]
+        tx.lines += [f"flush chain {T} {name}" for name, exists in damaged if exists]
+        tx.lines += [f"table {T} {{"] + [blocks[name] for name, _ in damaged] + ["}"]
+        observed = Observed(True, observed.skeleton, observed.elements, observed.chains,
+                            observed.routes, observed.rules, None)
+    elif not skeleton_whole(observed, expected):
+        # A new, outdated or damaged skeleton: replace the table in one batch.
+        # NAT bindings and marks live in conntrack, so open connections survive.
         tx.full = True
         tx.lines += [f"add table {T}", f"delete table {T}", skeleton_text().rstrip()]
         observed = Observed(table=True, skeleton=skeleton_digest())

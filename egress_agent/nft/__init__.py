@@ -37,5 +37,6 @@ class NftPort(Protocol):
     def run(self, batch: str) -> None:
         """Apply `batch` atomically or raise NftError."""
 
-    def list_table(self) -> dict:
-        """`nft -j list table inet egress_agent` as a dict; {"nftables": []} if absent."""
+    def list_table(self, terse: bool = False) -> dict:
+        """`nft -j list table inet egress_agent` as a dict; {"nftables": []} if absent.
+        `terse`: without set elements."""

@@ -16,8 +16,8 @@ import json
 import re
 from typing import Any, Optional
 
-from .. import names
-from ..render import kinds_of
+from .. import names, shape
+from ..render import KINDS, kinds_of
 from . import NftError
 
 T = names.TABLE
@@ -25,7 +25,8 @@ T = names.TABLE
 
 class FakeNft:
     def __init__(self, cgroups: Optional[set[str]] = None):
-        # {"comment", "sets": {name: {key: value}}, "rules": {chain: [rule, ...]}}
+        # {"comment", "sets": {name: {key: value}}, "rules": {chain: [rule, ...]},
+        #  "decl": {set: (set|map, key types)}, "chains": {chain: [hook, [rule, ...]]}}
         self.table: Optional[dict] = None
         self.cgroups = cgroups  # None: every path exists
         self.batches: list[str] = []
@@ -55,30 +56,37 @@ class FakeNft:
         self.table = state
         self.batches.append(batch)
 
-    def list_table(self) -> dict:
+    def list_table(self, terse: bool = False) -> dict:
+        """`terse`: without elements (`nft -t`)."""
         doc: list[dict] = [{"metainfo": {"json_schema_version": 1}}]
         if self.table is None:
             return {"nftables": []}
+        t = {"family": "inet", "table": names.TABLE_NAME}
         doc.append({"table": {"family": "inet", "name": names.TABLE_NAME}})
         if self.table["comment"]:
-            doc.append({"set": {"family": "inet", "name": "skeleton", "table": names.TABLE_NAME,
+            doc.append({"set": {**t, "name": "skeleton", "type": "mark",
                                 "comment": self.table["comment"]}})
         for name, elems in self.table["sets"].items():
-            if name in (names.FLOWS4_SET, names.REFUSED_SET):
-                continue  # dynamic sets the data path fills; the agent never writes them
-            kk, vk = kinds_of(name)
+            # the dynamic sets (flows4, refused_ports) are filled by the data path only
+            kk, vk = kinds_of(name) if name in KINDS or name.startswith("policy_") else ((), None)
+            kind, types = self.table["decl"].get(name, ("set", ("mark",)))
+            item: dict[str, Any] = {**t, "name": name,
+                                    "type": types[0] if len(types) == 1 else list(types)}
             raw = []
             for k, v in elems.items():
                 jk = _to_json(kk, k)
                 raw.append(jk if vk is None else [jk, _to_json(vk, v)])
-            item: dict[str, Any] = {"family": "inet", "name": name, "table": names.TABLE_NAME}
-            if raw:
+            if raw and not terse:
                 item["elem"] = raw
-            doc.append({"map" if vk else "set": item})
-        for chain, bodies in self.table["rules"].items():
-            for body in bodies:
-                comment = body.rsplit(" comment ", 1)[1].strip('"') if " comment " in body else None
-                doc.append({"rule": {"family": "inet", "table": names.TABLE_NAME, "chain": chain,
+            doc.append({kind: item})
+        for name, (hook, bodies) in self.table["chains"].items():
+            c: dict[str, Any] = {**t, "name": name}
+            if hook:
+                c.update(zip(("type", "hook", "prio", "policy"), hook))
+            doc.append({"chain": c})
+            for body in bodies + self.table["rules"].get(name, []):
+                comment, tokens = shape.rule_from_text(body)
+                doc.append({"rule": {**t, "chain": name, "expr": [_expr(x) for x in tokens],
                                      **({"comment": comment} if comment else {})}})
         return json.loads(json.dumps({"nftables": doc}))
 
@@ -86,15 +94,30 @@ class FakeNft:
     def _declare(self, state: Optional[dict], block: list[str]) -> dict:
         if state is None:
             state = _empty()
+        chain = None
         for raw in block:
             s = raw.strip()
+            if not s or s.startswith("#"):
+                continue
             m = re.match(r'set skeleton \{.*comment "(.*)"; \}$', s)
             if m:
                 state["comment"] = m.group(1)
                 continue
-            m = re.match(r"(set|map) (\S+) \{", s)
-            if m:
+            m = re.match(r"(set|map) (\S+) \{\s*type ([^;:]+)", s)
+            if m and chain is None:
                 state["sets"].setdefault(m.group(2), {})
+                state["decl"][m.group(2)] = (m.group(1), tuple(x.strip() for x in m.group(3).split(" . ")))
+                continue
+            m = re.match(r"chain (\w+) \{", s)
+            if m:
+                chain = m.group(1)
+                state["chains"][chain] = [None, []]
+            elif s == "}":
+                chain = None
+            elif chain and (m := re.match(r"type (\w+) hook (\w+) priority ([^;]+); policy (\w+);", s)):
+                state["chains"][chain][0] = (m.group(1), m.group(2), shape._priority(m.group(3)), m.group(4))
+            elif chain and chain not in names.GENERATED_CHAINS:
+                state["chains"][chain][1].append(s)
         return state
 
     def _statement(self, state: Optional[dict], line: str) -> Optional[dict]:
@@ -107,6 +130,9 @@ class FakeNft:
         m = re.match(rf"flush chain {T} (\S+)$", line)
         if m and m.group(1) in names.GENERATED_CHAINS:
             st["rules"][m.group(1)] = []
+            return st
+        if m and m.group(1) in st["chains"]:  # drift in unit tests: a skeleton chain flushed
+            st["chains"][m.group(1)][1] = []
             return st
         m = re.match(rf"flush map {T} (\S+)$", line)
         if m:
@@ -212,4 +238,15 @@ def _to_json(kinds: tuple[str, ...], v: Any) -> Any:
 
 
 def _empty() -> dict:
-    return {"comment": None, "sets": {}, "rules": {c: [] for c in names.GENERATED_CHAINS}}
+    return {"comment": None, "sets": {}, "rules": {c: [] for c in names.GENERATED_CHAINS},
+            "decl": {}, "chains": {}}
+
+
+def _expr(token: str) -> dict:
+    """A JSON statement carrying `token` as the kernel's listing would (shape.py)."""
+    if token.startswith("@"):
+        return {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": token}}
+    if " " in token:
+        verdict, target = token.split(" ", 1)
+        return {verdict: {"target": target}}
+    return {token: None}

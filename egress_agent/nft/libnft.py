@@ -35,8 +35,15 @@ class Libnft:
         finally:
             self._nft.set_dry_run(False)
 
-    def list_table(self) -> dict:
-        return self._list(f"list table {names.TABLE}")
+    def list_table(self, terse: bool = False) -> dict:
+        """`terse`: without set elements (`nft -t`), to read the skeleton cheaply."""
+        if not terse:
+            return self._list(f"list table {names.TABLE}")
+        self._nft.set_terse_output(True)
+        try:
+            return self._list(f"list table {names.TABLE}")
+        finally:
+            self._nft.set_terse_output(False)
 
     def list_set(self, name: str) -> dict:
         return self._list(f"list set {names.TABLE} {name}")

@@ -34,6 +34,14 @@ def check_reserved(obj: Union[Route, Rule]) -> None:
     """
     if obj.family not in (4, 6):
         raise ValueError(f"{obj.describe()}: family must be 4 or 6")
+    if isinstance(obj, Rule) and obj.action != "lookup":
+        where = {"prohibit": (names.GUARD_PRIORITY, 0), "nop": (names.ANCHOR_PRIORITY, 0),
+                 "goto": (names.EXEMPT_PRIORITY, names.ANCHOR_PRIORITY)}.get(obj.action)
+        if where != (obj.priority, obj.target):
+            raise ValueError(f"{obj.describe()}: not one of the guard's rules (prohibit at "
+                             f"{names.GUARD_PRIORITY}, goto {names.ANCHOR_PRIORITY} at "
+                             f"{names.EXEMPT_PRIORITY}, nop at {names.ANCHOR_PRIORITY})")
+        return
     if not names.is_our_table(obj.table):
         raise ValueError(f"{obj.describe()}: table {obj.table} is outside the "
                          f"reserved range {names.ROUTE_TABLE_BASE + 1}.."
@@ -96,9 +104,20 @@ def diff_routes(desired_routes: Iterable[Route], desired_rules: Iterable[Rule],
     return ops
 
 
+def _guard(op: RouteOp) -> bool:
+    return isinstance(op.obj, Rule) and op.obj.action == "prohibit"
+
+
 def split_ops(ops: Sequence[RouteOp]) -> tuple[list[RouteOp], list[RouteOp]]:
     """(before, after) the nft batch: everything up to the last add, then the
     pure removals. Works on the output of `diff_routes`, whose adds all come
-    before its pure removals."""
-    last_add = max((i for i, op in enumerate(ops) if op.op == "add"), default=-1)
-    return list(ops[:last_add + 1]), list(ops[last_add + 1:])
+    before its pure removals.
+
+    The guard rules go the other way: they prohibit what the table has not
+    marked as seen, so a guard is added after the batch that creates the
+    marking chain and deleted before a batch that could remove it."""
+    rest = [op for op in ops if not _guard(op)]
+    last_add = max((i for i, op in enumerate(rest) if op.op == "add"), default=-1)
+    guard_deletes = [op for op in ops if _guard(op) and op.op == "delete"]
+    guard_adds = [op for op in ops if _guard(op) and op.op == "add"]
+    return guard_deletes + rest[:last_add + 1], rest[last_add + 1:] + guard_adds

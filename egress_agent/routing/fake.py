@@ -37,7 +37,8 @@ class FakeRouting:
     def dump(self) -> tuple[frozenset[Route], frozenset[Rule]]:
         self._check_open()
         return (frozenset(r for r in self.routes if names.is_our_table(r.table)),
-                frozenset(r for r in self.rules if names.is_our_priority(r.priority)))
+                frozenset(r for r in self.rules if names.is_our_priority(r.priority)
+                          and (r.action != "lookup" or names.is_our_table(r.table))))
 
     def apply(self, ops: Sequence[RouteOp]) -> None:
         self._check_open()

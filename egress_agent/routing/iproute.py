@@ -25,6 +25,7 @@ Verified with pyroute2 0.9.7 on Linux 6.x:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -45,6 +46,9 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RT_SCOPE_NOWHERE = 255
 FR_ACT_TO_TBL = 1
+FR_ACT_GOTO = 2
+FR_ACT_NOP = 3
+FR_ACT_PROHIBIT = 8
 _NO_LIMIT = 0xFFFFFFFF  # FRA_SUPPRESS_PREFIXLEN / _IFGROUP when unset
 # Rule selectors the model has no words for; a rule carrying one is not ours
 # to compare (it would look identical to our plain fwmark rule).
@@ -128,6 +132,18 @@ class IPRouteRouting:
 
     def _apply_one(self, op: RouteOp, ifindex: dict[str, int]) -> None:
         obj = op.obj
+        if isinstance(obj, Rule) and obj.action != "lookup":  # the guard's (names.py)
+            spec: dict[str, Any] = dict(family=_FAMILY[obj.family], priority=obj.priority,
+                                        action=f"FR_ACT_{obj.action.upper()}")
+            if obj.src:
+                net = ipaddress.ip_network(obj.src)
+                spec.update(src=str(net.network_address), src_len=net.prefixlen)
+            if obj.mask:
+                spec.update(fwmark=obj.fwmark, fwmask=obj.mask)
+            if obj.action == "goto":
+                spec["goto"] = obj.target
+            self.ipr.rule("add" if op.op == "add" else "del", **spec)
+            return
         if isinstance(obj, Rule):
             self.ipr.rule("add" if op.op == "add" else "del",
                           family=_FAMILY[obj.family], priority=obj.priority,
@@ -184,6 +200,20 @@ def _parse_route(msg: Any, table: int, ifnames: dict[int, str],
 def _parse_rule(msg: Any, priority: int, unmodeled: list[str]) -> Optional[Rule]:
     family = _VERSION[msg["family"]]
     selectors = [a for a in _RULE_SELECTORS if msg.get_attr(a) is not None]
+    guard = {(FR_ACT_PROHIBIT, names.GUARD_PRIORITY): "prohibit",
+             (FR_ACT_GOTO, names.EXEMPT_PRIORITY): "goto",
+             (FR_ACT_NOP, names.ANCHOR_PRIORITY): "nop"}.get((msg["action"], priority))
+    if (guard and set(selectors) <= {"FRA_SRC", "FRA_GOTO"}
+            and not (msg["flags"] or msg["tos"] or msg["dst_len"])):
+        src = (ipaddress.ip_network(f"{msg.get_attr('FRA_SRC')}/{msg['src_len']}",
+                                    strict=False).with_prefixlen if msg["src_len"] else "")
+        rule = Rule(family, priority, msg.get_attr("FRA_FWMARK") or 0,
+                    msg.get_attr("FRA_FWMASK") or 0, 0, src, guard, msg.get_attr("FRA_GOTO") or 0)
+        try:
+            check_reserved(rule)
+            return rule
+        except ValueError:
+            pass  # in our priorities, but not a rule the agent writes: left alone
     if (msg["action"] != FR_ACT_TO_TBL or msg["flags"] or msg["tos"]
             or msg["src_len"] or msg["dst_len"] or selectors
             or msg.get_attr("FRA_SUPPRESS_PREFIXLEN") not in (None, _NO_LIMIT)
@@ -196,4 +226,9 @@ def _parse_rule(msg: Any, priority: int, unmodeled: list[str]) -> Optional[Rule]
     if mask is None:
         mask = 0xFFFFFFFF if fwmark else 0
     table = msg.get_attr("FRA_TABLE") or msg["table"]
+    if not names.is_our_table(table):
+        # someone else's rule in our priorities, pointing at a table not ours:
+        # the agent may not touch it (check_reserved), so it is not modelled
+        unmodeled.append(f"rule -{family} priority {priority}: lookup {table}")
+        return None
     return Rule(family, priority, fwmark, mask, table)

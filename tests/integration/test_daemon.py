@@ -27,6 +27,7 @@ from egress_agent.lab.cli import write_demo_config
 from egress_agent.lab.netns import ns_exec
 from egress_agent.lab.topology import Lab
 
+from agent_helpers import apply
 from daemon_helpers import (
     PARTNER_EGRESS, Agent, Notify, OriginCounters, Prober, demo_text, drop_counters,
     flush_conntrack, host, in_block, ip_rule_priorities, lease, line_of, our_table, status,
@@ -154,23 +155,24 @@ def test_drift_repaired_by_resync(lab: Lab) -> None:
 
         assert correct()
 
-        # someone deletes our whole table
-        n = len(ag.syncs(trigger="resync", changed=True))
+        # someone deletes our whole table (repaired at once by the drift trigger,
+        # tests/integration/test_drift_kernel.py; the resync is the net under it)
+        n = len(ag.syncs(changed=True))
         t0 = time.monotonic()
         host(lab, "nft", "delete", "table", "inet", "egress_agent")
         wait_until(lambda: our_table(lab) is not None and correct(), timeout=10,
                    interval=0.1, what="table recreated and probes correct")
-        repaired = ag.wait_syncs(n + 1, trigger="resync", changed=True)
+        repaired = ag.wait_syncs(n + 1, changed=True)
         print(f"table deleted -> repaired in {time.monotonic() - t0:.2f}s: {repaired}")
 
         # someone deletes our ip rule: partner traffic would leave through up0,
         # where the origin's strict rp_filter drops it
-        n = len(ag.syncs(trigger="resync", changed=True))
+        n = len(ag.syncs(changed=True))
         t0 = time.monotonic()
         host(lab, "ip", "rule", "del", "priority", str(PARTNER_RULE))
         wait_until(lambda: PARTNER_RULE in ip_rule_priorities(lab) and correct(), timeout=10,
                    interval=0.1, what="ip rule recreated and probes correct")
-        repaired = ag.wait_syncs(n + 1, trigger="resync", changed=True)
+        repaired = ag.wait_syncs(n + 1, changed=True)
         assert repaired["route_ops"] >= 1, repaired
         print(f"ip rule deleted -> repaired in {time.monotonic() - t0:.2f}s: {repaired}")
         assert not ag.errors(), ag.errors()
@@ -560,19 +562,20 @@ def test_lease_mark_without_snat_element_is_not_masqueraded(lab: Lab) -> None:
     cfg = write_demo_config(lab)
     counters = OriginCounters(lab, host_default=f"ip saddr {HOST_DEFAULT4}")
     try:
-        with started(lab, cfg, resync=30.0):
-            m42 = lease(status(lab, cfg), "m42")
-            assert in_block(lab.probe("m42", ECHO, 8081, "udp"), m42)
-            # the in-between state, held still: m42 is still assigned its lease
-            # (assign4), but the lease's SNAT elements are gone
-            mark = snat_mark(lab, m42["ipv4"], m42["ports"])
-            for m in ("snat4", "snat4_addr"):
-                host(lab, "nft", "delete", "element", "inet", "egress_agent", m, f"{{ {mark} }}")
-            seen = [lab.probe("m42", ECHO, 8081, "udp", timeout=1.0),
-                    lab.probe("m42", ECHO, 8080, "tcp", timeout=1.0)]
-            c = counters.read()
-            assert c["host_default"] == 0 and seen == [None, None], (
-                f"m42's new connections left with the host's address: {seen}, {c}")
+        # one apply, no daemon: a daemon would repair the deleted elements at once
+        apply(lab, cfg)
+        m42 = lease(status(lab, cfg), "m42")
+        assert in_block(lab.probe("m42", ECHO, 8081, "udp"), m42)
+        # the in-between state, held still: m42 is still assigned its lease
+        # (assign4), but the lease's SNAT elements are gone
+        mark = snat_mark(lab, m42["ipv4"], m42["ports"])
+        for m in ("snat4", "snat4_addr"):
+            host(lab, "nft", "delete", "element", "inet", "egress_agent", m, f"{{ {mark} }}")
+        seen = [lab.probe("m42", ECHO, 8081, "udp", timeout=1.0),
+                lab.probe("m42", ECHO, 8080, "tcp", timeout=1.0)]
+        c = counters.read()
+        assert c["host_default"] == 0 and seen == [None, None], (
+            f"m42's new connections left with the host's address: {seen}, {c}")
     finally:
         counters.delete()
 

@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 PURE = ["egress_agent.config", "egress_agent.alloc", "egress_agent.plan", "egress_agent.render",
-        "egress_agent.adopt", "egress_agent.routing.diff", "egress_agent.hoststate"]
+        "egress_agent.adopt", "egress_agent.routing.diff", "egress_agent.hoststate",
+        "egress_agent.shape", "egress_agent.drift", "egress_agent.nftwatch"]
 
 
 def test_pure_modules_import_no_kernel_library():
