@@ -88,6 +88,17 @@ def messages_from(data: bytes) -> Iterator[tuple[int, bytes, int]]:
         off += (length + 3) & ~3
 
 
+def netlink_socket(proto: int) -> socket.socket:
+    """A raw netlink socket with a receive buffer for storms (ENOBUFS still
+    happens under one; it then costs one full resync)."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, proto)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE: past rmem_max (CAP_NET_ADMIN)
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    return s
+
+
 def own_route_ports() -> set[int]:
     """Port ids of this process's NETLINK_ROUTE sockets: /proc/self/net/netlink
     lists every netlink socket of the namespace; ours are those whose inode one
@@ -233,20 +244,11 @@ class Watch:
                 return False
         return True
 
-    @staticmethod
-    def _socket(proto: int) -> socket.socket:
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE: past rmem_max
-        except OSError:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        return s
-
     def open(self) -> tuple[socket.socket, socket.socket]:
-        nft = self._socket(NETLINK_NETFILTER)
+        nft = netlink_socket(NETLINK_NETFILTER)
         nft.bind((0, 0))
         nft.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-        rt = self._socket(NETLINK_ROUTE)
+        rt = netlink_socket(NETLINK_ROUTE)
         rt.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
                     | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
         return nft, rt

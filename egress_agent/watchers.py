@@ -13,12 +13,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import struct
 import threading
 from typing import Callable, Optional
 
 from .config import watched_paths
 from .inbox import Trigger
+from .nftwatch import messages_from, netlink_socket
 
 Post = Callable[[Trigger], None]
 Lost = Callable[[str], None]
@@ -27,37 +27,15 @@ Lost = Callable[[str], None]
 NETLINK_ROUTE = 0
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
-SO_RCVBUFFORCE = 33  # socket.SO_RCVBUFFORCE is missing from some Python builds
-# A flap of one link is ~3 messages of ~1-4 KiB of socket memory each; the
-# default 208 KiB holds ~100 flaps while the main thread holds the GIL. 8 MiB
-# is what systemd-networkd asks for its own rtnetlink socket (ENOBUFS still
-# happens under a storm; it then costs one full resync, see watch_links).
-NETLINK_RCVBUF = 8 * 1024 * 1024
-_NLMSGHDR = struct.Struct("=IHHII")
 
 
 def open_rtnetlink() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-    try:
-        # FORCE passes net.core.rmem_max; it needs CAP_NET_ADMIN, which the agent has
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, NETLINK_RCVBUF)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NETLINK_RCVBUF)
+    # a flap of one link is ~3 messages of ~1-4 KiB of socket memory each: the
+    # default 208 KiB holds ~100 flaps while the main thread holds the GIL
+    sock = netlink_socket(NETLINK_ROUTE)
     sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
     sock.settimeout(1.0)  # to see `stopping`
     return sock
-
-
-def message_types(data: bytes) -> list[int]:
-    """The nlmsg_type of each netlink message in one datagram."""
-    out, off = [], 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, kind = _NLMSGHDR.unpack_from(data, off)[:2]
-        if length < _NLMSGHDR.size:
-            break
-        out.append(kind)
-        off += (length + 3) & ~3
-    return out
 
 
 def watch_links(stopping: threading.Event, post: Post, lost: Lost,
@@ -80,7 +58,7 @@ def watch_links(stopping: threading.Event, post: Post, lost: Lost,
                     raise
                 lost("netlink")
                 continue
-            kinds = message_types(data)
+            kinds = [kind for kind, _, _ in messages_from(data)]
             if not kinds:
                 continue
             # a link that comes back has lost its routes: a link event always

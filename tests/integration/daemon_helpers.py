@@ -231,6 +231,17 @@ LEGACY_POLICY = ("  - name: legacy-udp\n"
 PARTNER_EGRESS = "    egress: {ipv4: partner-link, ipv4_fallback: drop}\n"
 
 
+def started(lab: Lab, config: str, **kw) -> Agent:
+    """A daemon that has done its first sync (stopped if it never gets there)."""
+    ag = Agent(lab, config, **kw)
+    try:
+        ag.wait_syncs(1, trigger="start")
+    except BaseException:
+        ag.stop()
+        raise
+    return ag
+
+
 def without_m43(lab: Lab) -> str:
     """The demo config without workload m43 (and the policy that names it)."""
     return demo_text(lab, (M43_WORKLOAD, ""), (LEGACY_POLICY, ""))

@@ -21,7 +21,6 @@ import time
 from datetime import datetime
 from typing import Callable
 
-import pytest
 
 from egress_agent.lab.cli import write_demo_config
 from egress_agent.lab.netns import ns_exec
@@ -29,6 +28,7 @@ from egress_agent.lab.topology import Lab
 
 from agent_helpers import apply
 from daemon_helpers import (
+    started,
     PARTNER_EGRESS, Agent, Notify, OriginCounters, Prober, demo_text, drop_counters,
     flush_conntrack, host, in_block, ip_rule_priorities, lease, line_of, our_table, status,
     wait_until, without_counters, without_m43, write_by_rename, write_in_place,
@@ -40,17 +40,6 @@ HOST_DEFAULT4 = "203.0.113.2"
 ECHO = "192.0.2.10"
 PARTNER_DST = "198.51.100.10"
 PARTNER_RULE = 7104  # partner-link is the 4th egress IP of demo.yaml: eid 4
-
-
-def started(lab: Lab, config: str, **kw) -> Agent:
-    """A daemon that has done its first sync."""
-    ag = Agent(lab, config, **kw)
-    try:
-        ag.wait_syncs(1, trigger="start")
-    except BaseException:
-        ag.stop()
-        raise
-    return ag
 
 
 def log_time(rec: dict) -> float:

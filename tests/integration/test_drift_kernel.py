@@ -30,20 +30,11 @@ from egress_agent import shape
 from egress_agent.render import observed_from_json, skeleton_shape
 
 from agent_helpers import agent_json, apply
-from daemon_helpers import (Agent, Prober, host, ip_rule_priorities, lease, status, wait_until)
+from daemon_helpers import (Agent, Prober, host, ip_rule_priorities, lease, started, status,
+                            wait_until)
 
 ECHO = "192.0.2.10"
 T = ("inet", "egress_agent")
-
-
-def started(lab: Lab, config: str) -> Agent:
-    ag = Agent(lab, config, resync=600.0)
-    try:
-        ag.wait_syncs(1, trigger="start")
-    except BaseException:
-        ag.stop()
-        raise
-    return ag
 
 
 def table_state(lab: Lab):
@@ -102,7 +93,7 @@ def test_nft_faults_are_repaired_at_once(lab: Lab) -> None:
     # only the damaged chain is rewritten: the elements stay
     assert plan["nft"].startswith("flush chain inet egress_agent output\n"), plan["nft"][:200]
     assert plan["elements_added"] == 0, plan
-    ag = started(lab, cfg)
+    ag = started(lab, cfg, resync=600.0)
     try:
         st = status(lab, cfg)
         m42, m43 = lease(st, "m42"), lease(st, "m43")
@@ -146,7 +137,7 @@ PARTNER_RULE, PARTNER_TABLE = 7104, 7104  # partner-link is demo.yaml's 4th egre
 
 def test_rule_and_route_faults_are_repaired_at_once(lab: Lab) -> None:
     cfg = write_demo_config(lab)
-    ag = started(lab, cfg)
+    ag = started(lab, cfg, resync=600.0)
     try:
         st = status(lab, cfg)
         m42, m43 = lease(st, "m42"), lease(st, "m43")

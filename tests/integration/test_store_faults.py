@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from agent_helpers import agent, app_lease, apply, demo_config, in_block, status
-from daemon_helpers import Agent, Prober, our_table, wait_until, without_m43
+from daemon_helpers import Prober, our_table, started, wait_until, without_m43
 
 from egress_agent.config import load
 from egress_agent.lab.echo import child_env
@@ -53,16 +53,6 @@ def tmpfs(path: str, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", path], check=False)
-
-
-def started(lab: Lab, config: str, **kw) -> Agent:
-    ag = Agent(lab, config, **kw)
-    try:
-        ag.wait_syncs(1, trigger="start")
-    except BaseException:
-        ag.stop()
-        raise
-    return ag
 
 
 def iso(t: float) -> str:
