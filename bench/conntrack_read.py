@@ -39,11 +39,14 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# the conntrack filler is a test helper, not part of the agent
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
 
 from egress_agent import conntrack, names  # noqa: E402
-from egress_agent.conntrack_insert import (generate, insert, raised_conntrack_max,  # noqa: E402
-                                           read_sysctl, scratch_netns)
+from conntrack_insert import (generate, insert, raised_conntrack_max,  # noqa: E402
+                              read_sysctl, scratch_netns)
 
 MARK = f"0x{names.OURS_FLAG:08x}/0x{names.OURS_FLAG:08x}"
 

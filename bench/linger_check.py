@@ -24,11 +24,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# the conntrack filler is a test helper, not part of the agent
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
 
 from egress_agent import names  # noqa: E402
 from egress_agent.conntrack import DumpStats, live_leases  # noqa: E402
-from egress_agent.conntrack_insert import generate, insert, raised_conntrack_max, scratch_netns  # noqa: E402
+from conntrack_insert import generate, insert, raised_conntrack_max, scratch_netns  # noqa: E402
 
 
 def main() -> int:

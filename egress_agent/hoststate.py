@@ -1,8 +1,8 @@
 """What the host offers the planner: usable addresses and links that are up.
 
 An egress IP is usable while its address is present on a link that is up
-(DESIGN.md). "Up" means IFF_UP is set and the operational state is not
-DOWN, LOWERLAYERDOWN or NOTPRESENT: a veth whose peer is down, or a NIC
+(docs/design.md, "Pipeline"). "Up" means IFF_UP is set and the operational
+state is not DOWN, LOWERLAYERDOWN or NOTPRESENT: a veth whose peer is down, or a NIC
 without carrier, keeps IFF_UP but carries nothing. UNKNOWN counts as up
 (loopback, tun and many virtual links never report a state).
 

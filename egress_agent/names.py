@@ -2,7 +2,7 @@
 
 One module so that what the agent touches is recognisable in `nft list`,
 `ip rule` and `ip route show table all`, and so that nothing outside these
-ranges is ever read or written (DESIGN.md, "Kernel objects").
+ranges is ever read or written (docs/design.md, "Kernel objects").
 """
 
 from __future__ import annotations

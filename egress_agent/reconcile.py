@@ -1,8 +1,9 @@
 """One sync: observe, plan, diff, apply, remember. Effects, kept thin.
 
-Apply order keeps every intermediate state harmless (DESIGN.md): routes and ip
-rules are added before the nft batch that marks traffic for them, and removed
-after the batch that stops marking. What was applied is remembered only after
+Apply order keeps every intermediate state harmless (docs/design.md, "Apply
+order"): routes and ip rules are added before the nft batch that marks traffic
+for them, and removed after the batch that stops marking; the guard rules go
+the other way round. What was applied is remembered only after
 the kernel said yes; any failure makes the next sync a full one (read the
 kernel again instead of trusting memory).
 

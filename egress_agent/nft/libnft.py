@@ -1,7 +1,7 @@
 """The real nftables adapter: one long-lived libnftables context.
 
 A long-lived `Nftables()` object adds or deletes one element in about 0.1 ms;
-spawning `nft` costs 4-18 ms (DESIGN.md).
+spawning `nft` costs 4-18 ms (docs/design.md, "Measured constraints").
 """
 
 from __future__ import annotations

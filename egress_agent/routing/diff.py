@@ -12,7 +12,7 @@ Order of the ops (every prefix of the list is a harmless state):
   4. rule deletes, then 5. route deletes: traffic stops being sent to a table
      before the table is emptied.
 Every add precedes every pure removal, so `split_ops` can cut the list where
-the reconciler runs the nft batch (DESIGN.md, "Apply order").
+the reconciler runs the nft batch (docs/design.md, "Apply order").
 """
 
 from __future__ import annotations

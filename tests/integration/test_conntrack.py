@@ -17,7 +17,8 @@ import pytest
 
 from egress_agent import conntrack as ct
 from egress_agent import names
-from egress_agent.conntrack_insert import Entry, InsertError, generate, insert, scratch_netns
+
+from conntrack_insert import Entry, InsertError, generate, insert, scratch_netns
 
 OURS = names.OURS_FLAG
 OURS_MASK = f"0x{OURS:08x}/0x{OURS:08x}"

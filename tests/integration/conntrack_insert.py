@@ -1,9 +1,14 @@
 """Create conntrack entries fast over ctnetlink: a helper for tests and benchmarks.
 
-Not used by the agent. Everything here must run inside a network namespace
-that the caller created for the purpose (`scratch_netns()` makes one and
-always deletes it); `insert()` refuses to run in the namespace it was
-imported in unless told otherwise, so a test can never fill the host's table.
+Not part of the agent, so it lives beside the kernel tests' other helpers
+(tests import it as `conntrack_insert`, bench/ puts tests/integration on
+sys.path as it does for daemon_helpers): it writes the global
+`nf_conntrack_max` (`raised_conntrack_max`), which the product must never do.
+
+Everything here must run inside a network namespace that the caller created
+for the purpose (`scratch_netns()` makes one and always deletes it);
+`insert()` refuses to run in the namespace it was imported in unless told
+otherwise, so a test can never fill the host's table.
 
 Speed: IPCTNL_MSG_CT_NEW messages are packed with one precompiled Struct per
 layout into ~200 kB buffers and sent with one sendmsg each, without
@@ -28,13 +33,13 @@ import subprocess
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-from . import names
-from .conntrack import (AF_NETLINK, CTA_MARK, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
-                        CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT, CTA_TUPLE_IP,
-                        CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, CTA_ZONE, CT_NEW,
-                        NETLINK_NETFILTER, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL,
-                        NLM_F_REQUEST, NLMSG_ERROR, SOL_NETLINK, NETLINK_EXT_ACK, in_netns,
-                        read_counts)
+from egress_agent import names
+from egress_agent.conntrack import (AF_NETLINK, CTA_MARK, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
+                                    CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT, CTA_TUPLE_IP,
+                                    CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, CTA_ZONE, CT_NEW,
+                                    NETLINK_NETFILTER, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL,
+                                    NLM_F_REQUEST, NLMSG_ERROR, SOL_NETLINK, NETLINK_EXT_ACK, in_netns,
+                                    read_counts)
 
 SYSCTL_DIR = "/proc/sys/net/netfilter"
 
