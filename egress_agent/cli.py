@@ -206,6 +206,7 @@ def cmd_apply(args) -> int:
     cfg = _load(args)
     from . import log, nslock
     from .nft import NftError
+    from .routing import RoutingError
     log.configure(json_lines=False)  # warnings (a quarantined store) on stderr
     with nslock.acquire():
         rec = _reconciler(cfg)
@@ -214,6 +215,12 @@ def cmd_apply(args) -> int:
         except NftError as e:
             print(f"{args.config}: the kernel refused the change; nothing was applied:\n"
                   f"{e.message}\n{e.excerpt()}", file=sys.stderr)
+            return Exit.KERNEL
+        except RoutingError as e:
+            # route adds run before the nft batch and removals after it (every
+            # intermediate state is harmless); the next apply completes the rest
+            print(f"{args.config}: the kernel refused a route change; apply again once "
+                  f"fixed: {e}", file=sys.stderr)
             return Exit.KERNEL
     if args.json:
         print(json.dumps(r.to_json(), indent=2))

@@ -109,3 +109,36 @@ def test_who_from_history(capsys, tmp_path):
     code, out, _ = run(capsys, "who", "[2001:db8:10::100]:443", "--at", "2026-11-23T11:30:00Z",
                        "--state-dir", tmp_path)
     assert code == 0 and out.startswith("m42:")
+
+
+def test_apply_refused_route_is_one_message_and_exit_3(capsys, design, monkeypatch):
+    """A route op the kernel refuses is the kernel refusing the change (exit 3, one
+    message naming the op), not a traceback."""
+    import contextlib
+    import errno
+
+    from egress_agent import cli, log, nslock
+    from egress_agent.hoststate import HostState
+    from egress_agent.nft.fake import FakeNft
+    from egress_agent.reconcile import Reconciler
+    from egress_agent.routing.fake import FakeRouting
+    from egress_agent.store import Store
+
+    class Refusing(FakeRouting):
+        def apply(self, ops):
+            if ops:
+                from egress_agent.routing import RoutingError
+                raise RoutingError.from_errno(ops[0], errno.ENETUNREACH)
+            return super().apply(ops)
+
+    host = HostState(frozenset({"203.0.113.10", "203.0.113.20", "2001:db8:10::1"}),
+                     frozenset({"eth1"}))
+    monkeypatch.setattr(cli, "has_net_admin", lambda: True)
+    monkeypatch.setattr(log, "configure", lambda **kw: None)  # global: keep the suite's
+    monkeypatch.setattr(nslock, "acquire", contextlib.nullcontext)
+    monkeypatch.setattr(cli, "_reconciler", lambda cfg: Reconciler(
+        FakeNft(), Refusing(), Store(cfg.state_dir), lambda: host))
+    code, out, err = run(capsys, "apply", "-c", design)
+    assert code == 3, (out, err)
+    assert "the kernel refused a route change" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "ENETUNREACH" in err, err
