@@ -624,6 +624,8 @@ def _problem(path: PathT, msg: str, lines: dict[PathT, Where], file: str,
         value = None  # only a scalar is quoted: a block is at its line
     if isinstance(value, str) and len(value) > 200:
         value = value[:197] + "..."
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        value = str(value)  # .nan and .inf are YAML floats, but not JSON
     return Problem(f, line, _dotted(path), msg, column, value, suggestion)
 
 

@@ -162,6 +162,8 @@ def test_plan_json_says_whether_anything_would_change(capsys, tmp_path, monkeypa
     rec = Reconciler(FakeNft(), FakeRouting(), Store(tmp_path / "state"), lambda: host)
     monkeypatch.setattr("egress_agent.cli._reconciler", lambda cfg: rec)
     monkeypatch.setattr("egress_agent.cli.has_net_admin", lambda: True)
+    # plan points structlog at stderr, here capsys's: later tests would log to a closed file
+    monkeypatch.setattr("egress_agent.log.configure", lambda **kw: None)
     code, out, _ = run(capsys, "plan", "-c", p, "--json", "--against-running")
     assert code == 0 and json.loads(out)["changed"] is True
     from egress_agent.config import load
