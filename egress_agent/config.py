@@ -553,7 +553,7 @@ def _plainly_bounded(text: str) -> bool:
 
 # --- YAML with line numbers ------------------------------------------------------
 
-Where = tuple[str, int, int]  # (file, line, column), 1-based
+Where = tuple[str, int, int, int]  # (file, line, column, column of its key), 1-based
 
 
 def _value(loader: yaml.SafeLoader, node: yaml.Node, file: str) -> Any:
@@ -573,7 +573,8 @@ _MERGE = "tag:yaml.org,2002:merge"
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
                lines: dict[PathT, Where], file: str) -> Any:
     """Build plain data from YAML nodes, recording the file and line of every path."""
-    lines[path] = (file, node.start_mark.line + 1, node.start_mark.column + 1)
+    lines[path] = (file, node.start_mark.line + 1, node.start_mark.column + 1,
+                   node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         merged = 0  # merge keys (<<: *defaults) put their pairs first; written keys override
@@ -596,7 +597,8 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
             # the key's line (a problem with a block is about its key); the column of a
             # scalar written beside its key, which is what a problem with it is about
             at = v if isinstance(v, yaml.ScalarNode) and v.start_mark.line == k.start_mark.line else k
-            lines[path + (key,)] = (file, k.start_mark.line + 1, at.start_mark.column + 1)
+            lines[path + (key,)] = (file, k.start_mark.line + 1, at.start_mark.column + 1,
+                                    k.start_mark.column + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(loader, v, path + (i,), lines, file) for i, v in enumerate(node.value)]
@@ -618,8 +620,11 @@ def _where(path: PathT, lines: dict[PathT, Where], default: Where) -> Where:
 
 
 def _problem(path: PathT, msg: str, lines: dict[PathT, Where], file: str,
-             value: Any = None, suggestion: Optional[str] = None) -> Problem:
-    f, line, column = _where(path, lines, (file, 1, 0))
+             value: Any = None, suggestion: Optional[str] = None, at_key: bool = False) -> Problem:
+    """A problem at the line of `path` (or of its nearest parent that is written), at
+    the column of its value, or with `at_key` of its key (an unknown field)."""
+    f, line, column, key_column = _where(path, lines, (file, 1, 0, 0))
+    column = key_column if at_key else column
     if value is not None and not isinstance(value, (str, int, float, bool)):
         value = None  # only a scalar is quoted: a block is at its line
     if isinstance(value, str) and len(value) > 200:
@@ -641,11 +646,11 @@ class Loaded:
         """Path -> (file, line), built on demand: only errors need it."""
         return _assemble(self.text, self.file, with_lines=True)[1]
 
-    def position(self, workload_id: str) -> Where:
+    def position(self, workload_id: str) -> tuple[str, int, int]:
         """(file, line, column) of a workload, for errors found after validation."""
         for i, w in enumerate(self.config.workloads):
             if w.id == workload_id:
-                return _where(("workloads", i), self.lines, (self.file, 1, 0))
+                return _where(("workloads", i), self.lines, (self.file, 1, 0, 0))[:3]
         return (self.file, 1, 0)
 
     def where(self, workload_id: str) -> str:
@@ -1007,7 +1012,8 @@ def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, Where]) -> P
         msg = f"{shown} is not allowed: {msg[0].lower()}{msg[1:]}{_did_you_mean(suggestion)}"
     if len(msg) > 300:  # a validator quoting a huge value: keep the line readable
         msg = msg[:297] + "..."
-    return _problem(tuple(loc), msg, lines, file, value, suggestion)
+    return _problem(tuple(loc), msg, lines, file, value, suggestion,
+                    at_key=err["type"] == "extra_forbidden")
 
 
 # --- checks that span fields -----------------------------------------------------

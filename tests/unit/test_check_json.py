@@ -77,7 +77,7 @@ def test_check_json_reports_every_problem_sorted_with_columns_values_and_suggest
         # cross-field among the items that validated: billing-1 is invalid, but it
         # names the app, so the typo gets its suggestion
         (*at(text, "biling"), "workloads[0].app", "biling", "billing"),
-        (*at(text, "vm-m43"), "workloads[1].interfce", "interfce", "interface"),
+        (*at(text, "interfce"), "workloads[1].interfce", "interfce", "interface"),  # the key
         (*at(text, "m44", 3), "workloads[3].id", "m44", None),
         (*at(text, "10.0.1.300"), "workloads[4].source[0]", "10.0.1.300", None),
     ]
@@ -175,3 +175,22 @@ def test_plan_json_says_whether_anything_would_change(capsys, tmp_path, monkeypa
     p.write_text(p.read_text().replace("  - {id: d2, app: db, source: [10.0.2.2]}\n", ""))
     code, out, _ = run(capsys, "plan", "-c", p, "--json", "--against-running")
     assert code == 0 and json.loads(out)["changed"] is True
+
+
+def test_problems_in_fragments_name_the_fragment_line_and_column(capsys, tmp_path):
+    """The line map of an included file keeps its columns too; problems of the main
+    file and of the fragment come sorted by file, then line."""
+    main_text = (FULL.replace("STATE", str(tmp_path / "state")).split("\nworkloads:")[0]
+                 + "\ninclude: [conf.d/*.yaml]\nmanaged_sources: [10.0.0.0/33]\n")
+    p = tmp_path / "main.yaml"
+    p.write_text(main_text)
+    frag_text = "workloads:\n  - {id: w1, app: wbe, source: [10.0.1.1]}\n"
+    frag = tmp_path / "conf.d/a.yaml"
+    frag.parent.mkdir()
+    frag.write_text(frag_text)
+    code, out, _ = run(capsys, "check", "-c", p, "--json")
+    got = [(q["file"], q["line"], q["column"], q["field"], q.get("suggestion"))
+           for q in json.loads(out)["problems"]]
+    assert code == 1 and got == [
+        (str(frag), *at(frag_text, "wbe"), "workloads[0].app", "web"),
+        (str(p), *at(main_text, "10.0.0.0/33"), "managed_sources[0]", None)]
