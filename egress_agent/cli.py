@@ -59,6 +59,9 @@ def cmd_check(args) -> int:
         problems = _capacity_problems(loaded, cfg)
     except ConfigError as e:
         problems = e.problems
+    except CapacityError as e:  # the host's limits (ids for marks), not one workload's
+        from .config import Problem
+        problems = [Problem(args.config, 1, "", f"capacity: {e}")]
     if problems:
         if not args.json:
             raise ConfigError(problems)  # main() prints one line each on stderr

@@ -194,3 +194,16 @@ def test_problems_in_fragments_name_the_fragment_line_and_column(capsys, tmp_pat
     assert code == 1 and got == [
         (str(frag), *at(frag_text, "wbe"), "workloads[0].app", "web"),
         (str(p), *at(main_text, "10.0.0.0/33"), "managed_sources[0]", None)]
+
+
+def test_a_host_limit_is_a_json_problem_too(capsys, tmp_path):
+    """More egress IPs in the region than the mark has ids for: not one workload's
+    problem, so it is at the file, and still JSON on stdout."""
+    ips = "".join(f"  - {{id: e{i}, app: web, ipv4: 203.0.113.{i}}}\n" for i in range(256))
+    p = tmp_path / "many.yaml"
+    p.write_text(f"version: 1\nhost: {{name: h1, region: ams}}\nstate_dir: {tmp_path}/state\n"
+                 f"egress_ips:\n{ips}")
+    code, out, err = run(capsys, "check", "-c", p, "--json")
+    (q,) = json.loads(out)["problems"]
+    assert code == 1 and err == "" and q["file"] == str(p)
+    assert "more than 255 egress IPs on one host" in q["message"]
