@@ -850,6 +850,8 @@ def watched_paths(file: str) -> dict[str, Optional[str]]:
 def parse(text: str, file: str = "<config>") -> Loaded:
     """Every problem at once, sorted by file and line: the field errors, and the
     cross-field checks over whatever did validate."""
+    global _suggestions_left
+    _suggestions_left = SUGGESTION_BUDGET
     data, _, included = _assemble(text, file, with_lines=False)
     try:
         cfg = Config.model_validate(data)
@@ -931,8 +933,20 @@ def _semantic_problem(s: tuple, data: Any, lines: dict[PathT, Where], file: str)
     return _problem(path, msg, lines, file, _at(data, path), suggestion[0] if suggestion else None)
 
 
+# Names compared for suggestions in one parse: difflib takes ~14 us per name, so a file
+# with thousands of unknown references among 100,000 ids would take minutes; past the
+# budget (~3 s) problems come without a suggestion.
+SUGGESTION_BUDGET = 200_000
+_suggestions_left = SUGGESTION_BUDGET
+
+
 def _closest(name: Any, names: Iterable[Any]) -> Optional[str]:
-    close = difflib.get_close_matches(str(name), sorted({str(n) for n in names if n}), n=1)
+    global _suggestions_left
+    pool = sorted({str(n) for n in names if n})
+    if len(pool) > _suggestions_left:
+        return None
+    _suggestions_left -= len(pool)
+    close = difflib.get_close_matches(str(name), pool, n=1)
     return close[0] if close else None
 
 

@@ -207,3 +207,22 @@ def test_a_host_limit_is_a_json_problem_too(capsys, tmp_path):
     (q,) = json.loads(out)["problems"]
     assert code == 1 and err == "" and q["file"] == str(p)
     assert "more than 255 egress IPs on one host" in q["message"]
+
+
+def test_suggestions_are_bounded_in_time(capsys, tmp_path):
+    """Thousands of unknown references among thousands of ids: every one is reported,
+    and the did-you-means stop at a budget rather than taking minutes."""
+    from egress_agent import config
+    wls = "".join(f"  - {{id: w{i}, app: web, source: [10.1.{i // 250}.{i % 250 + 1}]}}\n"
+                  for i in range(2000))
+    refs = ", ".join(f"x{i}" for i in range(2000))
+    p = tmp_path / "refs.yaml"
+    p.write_text(f"version: 1\nhost: {{name: h1, region: ams}}\nstate_dir: {tmp_path}/s\n"
+                 "egress_ips:\n  - {id: web-1, app: web, ipv4: 203.0.113.12}\n"
+                 f"workloads:\n{wls}policies:\n  - name: p\n    match: {{workloads: [{refs}]}}\n"
+                 "    egress: default\n")
+    code, out, _ = run(capsys, "check", "-c", p, "--json")
+    problems = json.loads(out)["problems"]
+    assert code == 1 and len(problems) == 2000
+    with_suggestion = sum("suggestion" in q for q in problems)
+    assert 0 < with_suggestion <= config.SUGGESTION_BUDGET // 2000
