@@ -390,7 +390,18 @@ def needed_ips(cfg: Config, w: Workload) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple[Allocations, list[Event]]:
+def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
+             full: Optional[list[CapacityError]] = None) -> tuple[Allocations, list[Event]]:
+    """The leases of every workload, keeping `prev` where it still fits.
+
+    A workload that does not fit raises CapacityError, or with `full` (for `check`,
+    which reports every one) is appended to it and left without that lease."""
+
+    def no_room(e: CapacityError) -> None:
+        if full is None:
+            raise e
+        full.append(e)
+
     here = {ip.id: ip for ip in cfg.ips_here()}
     workloads = {w.id: w for w in cfg.workloads}
 
@@ -488,8 +499,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
             heapq.heappush(heap, (len(rooms[ip_id].workloads), ip_id))
             break
         else:
-            raise CapacityError(w.id, ",".join(ip.id for ip in candidates),
-                                f"every egress IP of app {w.app!r} is full ({'; '.join(reasons)})")
+            no_room(CapacityError(w.id, ",".join(ip.id for ip in candidates),
+                                  f"every egress IP of app {w.app!r} is full ({'; '.join(reasons)})"))
 
     # 2b. IPv6 from another IP of the app when the app IP has no IPv6 range
     app_choice6: dict[str, str] = {}
@@ -524,14 +535,17 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable()) -> tuple
             heapq.heappush(heap, (len(rooms[ip_id].workloads), ip_id))
             break
         else:
-            raise CapacityError(w.id, ",".join(ip.id for ip in candidates),
-                                f"every IPv6 range of app {w.app!r} is full ({'; '.join(reasons)})")
+            no_room(CapacityError(w.id, ",".join(ip.id for ip in candidates),
+                                  f"every IPv6 range of app {w.app!r} is full ({'; '.join(reasons)})"))
 
     # 3. the IPs named by policies and machine-scoped IPs
     for w in cfg.workloads:
         for ip_id in need[w.id]:
             if (w.id, ip_id) not in leases and ip_id in here:
-                leases[(w.id, ip_id)] = rooms[ip_id].new_lease(w.id, False)
+                try:
+                    leases[(w.id, ip_id)] = rooms[ip_id].new_lease(w.id, False)
+                except CapacityError as e:
+                    no_room(e)
 
     # 4. failover: an app choice that cannot carry new traffic borrows a block
     #    on another usable IP of the same app; the original lease is kept, and

@@ -49,15 +49,44 @@ def _load(args):
 # --- pure commands (no root) ----------------------------------------------------
 
 def cmd_check(args) -> int:
-    cfg = _load(args)
-    from .alloc import allocate
-    allocate(cfg, _readable_store(cfg))  # capacity: a CapacityError is reported by main()
+    """Every problem in one pass: text lines on stderr, or with --json one document
+    on stdout, {"ok": bool, "problems": [{file, line, column, field, message, ...}]}."""
+    try:
+        loaded = load(args.config)
+        cfg = loaded.config
+        if args.state_dir:
+            cfg = cfg.model_copy(update={"state_dir": args.state_dir})
+        problems = _capacity_problems(loaded, cfg)
+    except ConfigError as e:
+        problems = e.problems
+    except CapacityError as e:  # the host's limits (ids for marks), not one workload's
+        from .config import Problem
+        problems = [Problem(args.config, 1, "", f"capacity: {e}")]
+    if problems:
+        if not args.json:
+            raise ConfigError(problems)  # main() prints one line each on stderr
+        print(json.dumps({"ok": False, "file": args.config,
+                          "problems": [p.to_json() for p in problems]}, indent=2))
+        return Exit.INVALID
     n_ip, n_w, n_p = len(cfg.egress_ips), len(cfg.workloads), len(cfg.policies)
-    _out(args, {"ok": True, "file": args.config, "egress_ips": n_ip, "workloads": n_w,
-                "policies": n_p},
+    _out(args, {"ok": True, "file": args.config, "problems": [], "egress_ips": n_ip,
+                "workloads": n_w, "policies": n_p},
          f"{args.config}: ok ({n_ip} egress IP{'s' * (n_ip != 1)}, {n_w} workload"
          f"{'s' * (n_w != 1)}, {n_p} polic{'ies' if n_p != 1 else 'y'})")
     return Exit.OK
+
+
+def _capacity_problems(loaded, cfg) -> list:
+    """Every workload that gets no block, at its line (not just the first)."""
+    from .alloc import allocate
+    from .config import Problem
+    full: list[CapacityError] = []
+    allocate(cfg, _readable_store(cfg), full=full)
+    out = []
+    for e in full:
+        file, line, column = loaded.position(e.workload)
+        out.append(Problem(file, line, "workloads", f"capacity: {e}", column, e.workload))
+    return sorted(out, key=lambda p: (p.file, p.line, p.column))
 
 
 def _readable_store(cfg):

@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Iterable, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field,
@@ -37,10 +37,22 @@ class Problem:
     line: int
     path: str
     message: str
+    column: int = 0  # 1-based; 0: not known (a file-level problem)
+    value: Any = None  # the bad value as written, when it is one scalar
+    suggestion: Optional[str] = None  # the closest valid name, for a likely typo
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # the column stays out: FILE:LINE is what editors and greps take
         where = f"{self.path}: " if self.path else ""
         return f"{self.file}:{self.line}: {where}{self.message}"
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"file": self.file, "line": self.line, "column": self.column or None,
+                             "field": self.path, "message": self.message}
+        if self.value is not None:
+            d["value"] = self.value
+        if self.suggestion is not None:
+            d["suggestion"] = self.suggestion
+        return d
 
 
 class ConfigError(Exception):
@@ -541,7 +553,7 @@ def _plainly_bounded(text: str) -> bool:
 
 # --- YAML with line numbers ------------------------------------------------------
 
-Where = tuple[str, int]  # (file, line)
+Where = tuple[str, int, int, int]  # (file, line, column, column of its key), 1-based
 
 
 def _value(loader: yaml.SafeLoader, node: yaml.Node, file: str) -> Any:
@@ -561,7 +573,8 @@ _MERGE = "tag:yaml.org,2002:merge"
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
                lines: dict[PathT, Where], file: str) -> Any:
     """Build plain data from YAML nodes, recording the file and line of every path."""
-    lines[path] = (file, node.start_mark.line + 1)
+    lines[path] = (file, node.start_mark.line + 1, node.start_mark.column + 1,
+                   node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         merged = 0  # merge keys (<<: *defaults) put their pairs first; written keys override
@@ -581,7 +594,11 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: PathT,
             if i >= merged:
                 written_keys.add(key)
             out[key] = _construct(loader, v, path + (key,), lines, file)
-            lines[path + (key,)] = (file, k.start_mark.line + 1)
+            # the key's line (a problem with a block is about its key); the column of a
+            # scalar written beside its key, which is what a problem with it is about
+            at = v if isinstance(v, yaml.ScalarNode) and v.start_mark.line == k.start_mark.line else k
+            lines[path + (key,)] = (file, k.start_mark.line + 1, at.start_mark.column + 1,
+                                    k.start_mark.column + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(loader, v, path + (i,), lines, file) for i, v in enumerate(node.value)]
@@ -602,9 +619,19 @@ def _where(path: PathT, lines: dict[PathT, Where], default: Where) -> Where:
     return lines.get(path, default)
 
 
-def _problem(path: PathT, msg: str, lines: dict[PathT, Where], file: str) -> Problem:
-    f, line = _where(path, lines, (file, 1))
-    return Problem(f, line, _dotted(path), msg)
+def _problem(path: PathT, msg: str, lines: dict[PathT, Where], file: str,
+             value: Any = None, suggestion: Optional[str] = None, at_key: bool = False) -> Problem:
+    """A problem at the line of `path` (or of its nearest parent that is written), at
+    the column of its value, or with `at_key` of its key (an unknown field)."""
+    f, line, column, key_column = _where(path, lines, (file, 1, 0, 0))
+    column = key_column if at_key else column
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        value = None  # only a scalar is quoted: a block is at its line
+    if isinstance(value, str) and len(value) > 200:
+        value = value[:197] + "..."
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        value = str(value)  # .nan and .inf are YAML floats, but not JSON
+    return Problem(f, line, _dotted(path), msg, column, value, suggestion)
 
 
 @dataclass(frozen=True)
@@ -619,12 +646,16 @@ class Loaded:
         """Path -> (file, line), built on demand: only errors need it."""
         return _assemble(self.text, self.file, with_lines=True)[1]
 
-    def where(self, workload_id: str) -> str:
-        """FILE:LINE of a workload, for errors found after validation."""
+    def position(self, workload_id: str) -> tuple[str, int, int]:
+        """(file, line, column) of a workload, for errors found after validation."""
         for i, w in enumerate(self.config.workloads):
             if w.id == workload_id:
-                return "%s:%d" % _where(("workloads", i), self.lines, (self.file, 1))
-        return f"{self.file}:1"
+                return _where(("workloads", i), self.lines, (self.file, 1, 0, 0))[:3]
+        return (self.file, 1, 0)
+
+    def where(self, workload_id: str) -> str:
+        """FILE:LINE of a workload."""
+        return "%s:%d" % self.position(workload_id)[:2]
 
 
 class _Duplicate(Exception):
@@ -696,7 +727,8 @@ def _assemble(text: str, file: str, with_lines: bool):
     except _IncludeProblem as e:
         if lines is None:  # the fast path has no lines: read again with them
             lines = _read_data(text, file, with_lines=True)[1]
-        raise ConfigError([_problem(("include", e.index), e.message, lines, file)]) from None
+        raise ConfigError([_problem(("include", e.index), e.message, lines, file,
+                                    _at(data, ("include", e.index)))]) from None
     return data, lines, included
 
 
@@ -816,18 +848,135 @@ def watched_paths(file: str) -> dict[str, Optional[str]]:
 
 
 def parse(text: str, file: str = "<config>") -> Loaded:
+    """Every problem at once, sorted by file and line: the field errors, and the
+    cross-field checks over whatever did validate."""
+    global _suggestions_left
+    _suggestions_left = SUGGESTION_BUDGET
     data, _, included = _assemble(text, file, with_lines=False)
     try:
         cfg = Config.model_validate(data)
-        semantic = _check_semantics(cfg)
     except ValidationError as e:
-        lines = _assemble(text, file, with_lines=True)[1]
+        data, lines, _ = _assemble(text, file, with_lines=True)
         errs = [err for err in e.errors() if not _other_union_branch(err)]
-        raise ConfigError([_problem_from_pydantic(err, file, lines) for err in errs]) from None
+        raise ConfigError(_in_order(
+            [_problem_from_pydantic(err, file, lines) for err in errs]
+            + _semantics_of_the_rest(data, errs, lines, file))) from None
+    semantic = _check_semantics(cfg)
     if semantic:
-        lines = _assemble(text, file, with_lines=True)[1]
-        raise ConfigError([_problem(p, msg, lines, file) for p, msg in semantic])
+        data, lines, _ = _assemble(text, file, with_lines=True)
+        raise ConfigError(_in_order([_semantic_problem(s, data, lines, file) for s in semantic]))
     return Loaded(cfg, file, text, (file, *included))
+
+
+def _in_order(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.file, p.line, p.column))
+
+
+def _at(data: Any, path: PathT) -> Any:
+    """The value at `path` in the data as written, or None."""
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+# Lists whose invalid items the cross-field checks can do without, and fields they never read.
+_ITEMS = ("egress_ips", "workloads", "policies", "managed_sources")
+_UNREAD = ("state_dir", "exclude", "include")
+
+
+def _semantics_of_the_rest(data: dict, errs: list[dict], lines: dict[PathT, Where],
+                           file: str) -> list[Problem]:
+    """The cross-field checks over the items that did validate, so one `check` shows
+    every mistake. An invalid item is left out, and its id and app count as known
+    (a reference to it is not also "unknown"); a problem with host, version or
+    defaults, which every check reads, leaves them out altogether."""
+    bad: dict[str, set[int]] = {k: set() for k in _ITEMS}
+    rest = dict(data)
+    for err in errs:
+        loc = err["loc"]
+        if len(loc) >= 2 and loc[0] in bad and isinstance(loc[1], int):
+            bad[loc[0]].add(loc[1])
+        elif loc and (loc[0] in _UNREAD or (len(loc) == 1 and err["type"] == "extra_forbidden")):
+            rest.pop(loc[0], None)
+        else:
+            return []
+    kept: dict[str, list[int]] = {}
+    known: dict[str, set[str]] = {"workload": set(), "app": set(), "ip": set(), "served": set()}
+    for k in _ITEMS:
+        items = data.get(k)
+        if not isinstance(items, list):
+            continue
+        kept[k] = [i for i in range(len(items)) if i not in bad[k]]
+        rest[k] = [items[i] for i in kept[k]]
+        for i in bad[k]:
+            item = items[i] if isinstance(items[i], dict) else {}
+            for field, kind in (("id", {"workloads": "workload", "egress_ips": "ip"}.get(k)),
+                                ("app", "app" if k in ("workloads", "egress_ips") else None)):
+                if kind and isinstance(item.get(field), str):
+                    known[kind].add(item[field])
+            if k == "egress_ips" and isinstance(item.get("app"), str):
+                known["served"].add(item["app"])  # it may serve the app: no "unserved" guess
+    try:
+        cfg = Config.model_validate(rest)
+    except ValidationError:
+        return []
+    number = lambda base, items: zip(kept.get(base, range(len(items))), items)  # noqa: E731
+    return [_semantic_problem(s, data, lines, file)
+            for s in _check_semantics(cfg, number, known)]
+
+
+def _semantic_problem(s: tuple, data: Any, lines: dict[PathT, Where], file: str) -> Problem:
+    path, msg, *suggestion = s
+    return _problem(path, msg, lines, file, _at(data, path), suggestion[0] if suggestion else None)
+
+
+# Names compared for suggestions in one parse: difflib takes ~14 us per name, so a file
+# with thousands of unknown references among 100,000 ids would take minutes; past the
+# budget (~3 s) problems come without a suggestion.
+SUGGESTION_BUDGET = 200_000
+_suggestions_left = SUGGESTION_BUDGET
+
+
+def _closest(name: Any, names: Iterable[Any]) -> Optional[str]:
+    global _suggestions_left
+    pool = sorted({str(n) for n in names if n})
+    if len(pool) > _suggestions_left:
+        return None
+    _suggestions_left -= len(pool)
+    close = difflib.get_close_matches(str(name), pool, n=1)
+    return close[0] if close else None
+
+
+def _did_you_mean(suggestion: Optional[str]) -> str:
+    return f"; did you mean {suggestion!r}?" if suggestion else ""
+
+
+def _fields_at(loc: PathT) -> list[str]:
+    """The field names of the model at `loc` (for a did-you-mean on an unknown field)."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_in(t: Any) -> Any:
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return t
+    for arg in get_args(t):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def load(path: Union[str, Path]) -> Loaded:
@@ -854,33 +1003,52 @@ def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, Where]) -> P
     # pydantic adds union/validator tags to loc; keep the parts that are config paths.
     loc: list[Union[str, int]] = []
     for part in err["loc"]:
+        if isinstance(part, str) and ("[" in part or "(" in part):
+            continue  # a union or validator tag, not a config key
         if (tuple(loc) + (part,)) in lines or isinstance(part, int) or err["type"] == "missing" \
                 or err["type"] == "extra_forbidden":
             loc.append(part)
     msg = err["msg"]
+    value, suggestion = err.get("input"), None
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if err["type"] == "missing":
-        msg = f"missing required field {loc[-1]!r}"
+        msg, value = f"missing required field {loc[-1]!r}", None
     elif err["type"] == "extra_forbidden":
-        msg = f"unknown field {loc[-1]!r} (see `egress-agent schema` for the fields)"
+        value, suggestion = loc[-1], _closest(loc[-1], _fields_at(tuple(loc[:-1])))
+        msg = (f"unknown field {loc[-1]!r}{_did_you_mean(suggestion)} "
+               "(see `egress-agent schema` for the fields)")
     elif err["type"] == "literal_error":
         shown = repr(err.get("input"))
         shown = shown if len(shown) <= 60 else shown[:57] + "..."  # a problem is one short line
-        msg = f"{shown} is not allowed: {msg[0].lower()}{msg[1:]}"
+        suggestion = _closest(err.get("input"), re.findall(r"'([^']*)'",
+                                                           str((err.get("ctx") or {}).get("expected"))))
+        msg = f"{shown} is not allowed: {msg[0].lower()}{msg[1:]}{_did_you_mean(suggestion)}"
     if len(msg) > 300:  # a validator quoting a huge value: keep the line readable
         msg = msg[:297] + "..."
-    return _problem(tuple(loc), msg, lines, file)
+    return _problem(tuple(loc), msg, lines, file, value, suggestion,
+                    at_key=err["type"] == "extra_forbidden")
 
 
 # --- checks that span fields -----------------------------------------------------
 
-def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
-    out: list[tuple[PathT, str]] = []
+Numbering = Callable[[str, list], Iterable[tuple[int, Any]]]
+
+
+def _as_written(base: str, items: list) -> Iterable[tuple[int, Any]]:
+    return enumerate(items)
+
+
+def _check_semantics(cfg: Config, number: Numbering = _as_written,
+                     known: Optional[dict[str, set[str]]] = None) -> list[tuple]:
+    """(path, message[, suggestion]) per problem. `number` gives each item its index
+    in the file (invalid items left out of `cfg`), `known` the ids and apps of those."""
+    out: list[tuple] = []
+    known = known or {"workload": set(), "app": set(), "ip": set(), "served": set()}
 
     def dupes(items, what: str, key, base: str):
         seen: dict[Any, int] = {}
-        for i, it in enumerate(items):
+        for i, it in number(base, items):
             for k, sub in key(it):
                 if k in seen:
                     out.append(((base, i) + sub, f"{what} {k!r} is already used by "
@@ -896,7 +1064,8 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
     dupes(cfg.workloads, "cgroup", lambda w: [(w.cgroup, ("cgroup",))] if w.cgroup else [], "workloads")
     dupes(cfg.policies, "name", lambda p: [(p.name, ("name",))], "policies")
 
-    ranges = [(i, ipaddress.ip_network(ip.ipv6)) for i, ip in enumerate(cfg.egress_ips) if ip.ipv6]
+    ranges = [(i, ipaddress.ip_network(ip.ipv6)) for i, ip in number("egress_ips", cfg.egress_ips)
+              if ip.ipv6]
     for a, (i, na) in enumerate(ranges):
         for j, nb in ranges[:a]:
             if na.overlaps(nb):
@@ -905,18 +1074,21 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
 
     workload_ids = {w.id for w in cfg.workloads}
     apps = {w.app for w in cfg.workloads if w.app} | {ip.app for ip in cfg.egress_ips if ip.app}
-    out += _unserved_apps(cfg)
-    out += _egress_addresses_of_workloads(cfg, ranges)
+    out += _unserved_apps(cfg, number, known["served"])
+    out += _egress_addresses_of_workloads(cfg, ranges, number)
     ips = {ip.id: ip for ip in cfg.egress_ips}
     lo, hi = port_bounds(cfg.defaults.port_range)
     if cfg.defaults.ports_per_workload > hi - lo + 1:
         out.append((("defaults", "ports_per_workload"),
                     f"a block of {cfg.defaults.ports_per_workload} ports does not fit "
                     f"port_range {cfg.defaults.port_range} ({hi - lo + 1} ports)"))
-    for i, ip in enumerate(cfg.egress_ips):
-        if ip.workload and ip.workload not in workload_ids:
+    for i, ip in number("egress_ips", cfg.egress_ips):
+        if ip.workload and ip.workload not in workload_ids | known["workload"]:
+            close = _closest(ip.workload, workload_ids | known["workload"])
             out.append((("egress_ips", i, "workload"),
-                        f"unknown workload {ip.workload!r}; define it under workloads:"))
+                        f"unknown workload {ip.workload!r}" + (_did_you_mean(close) if close
+                                                               else "; define it under workloads:"),
+                        close))
         if ip.ports:
             plo, phi = port_bounds(ip.ports)
             if cfg.defaults.ports_per_workload > phi - plo + 1:
@@ -925,14 +1097,18 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
                             f"(defaults.ports_per_workload) does not fit {ip.ports}"))
         if ip.via and ip.via.gateway6 and not ip.ipv6:
             out.append((("egress_ips", i, "via", "gateway6"), "gateway6 needs an ipv6 range on this IP"))
-    for i, p in enumerate(cfg.policies):
+    for i, p in number("policies", cfg.policies):
         for j, wid in enumerate(p.match.workloads):
-            if wid not in workload_ids:
-                out.append((("policies", i, "match", "workloads", j), f"unknown workload {wid!r}"))
+            if wid not in workload_ids | known["workload"]:
+                close = _closest(wid, workload_ids | known["workload"])
+                out.append((("policies", i, "match", "workloads", j),
+                            f"unknown workload {wid!r}{_did_you_mean(close)}", close))
         for j, app in enumerate(p.match.apps):
-            if app not in apps:
+            if app not in apps | known["app"]:
+                close = _closest(app, apps | known["app"])
                 out.append((("policies", i, "match", "apps", j),
-                            f"unknown app {app!r}: no workload or egress IP has it"))
+                            f"unknown app {app!r}: no workload or egress IP has it"
+                            + _did_you_mean(close), close))
         if p.match.ports and p.match.protocols and not set(p.match.protocols) & {"tcp", "udp"}:
             out.append((("policies", i, "match", "ports"), "ports only apply to tcp or udp"))
         if isinstance(p.egress, PolicyEgress):
@@ -941,18 +1117,24 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
                 ref = getattr(e, field)
                 if ref is None:
                     continue
+                if ref in known["ip"]:
+                    continue
                 if ref not in ips:
+                    close = _closest(ref, ips.keys() | known["ip"])
                     out.append((("policies", i, "egress", field),
-                                f"unknown egress IP {ref!r}; ids are: {', '.join(sorted(ips)) or 'none'}"))
+                                f"unknown egress IP {ref!r}" + (_did_you_mean(close) if close else
+                                f"; ids are: {', '.join(sorted(ips)) or 'none'}"), close))
                 elif fam == 4 and not ips[ref].ipv4:
                     out.append((("policies", i, "egress", field), f"egress IP {ref!r} has no ipv4"))
                 elif fam == 6 and not ips[ref].ipv6:
                     out.append((("policies", i, "egress", field), f"egress IP {ref!r} has no ipv6 range"))
             fb = e.ipv4_fallback
-            if fb is not None and fb not in ("default", "drop"):
+            if fb is not None and fb not in ("default", "drop") and fb not in known["ip"]:
                 if fb not in ips:
+                    close = _closest(fb, [*ips, *known["ip"], "default", "drop"])
                     out.append((("policies", i, "egress", "ipv4_fallback"),
-                                f"{fb!r} is neither default, drop nor an egress IP id"))
+                                f"{fb!r} is neither default, drop nor an egress IP id"
+                                + _did_you_mean(close), close))
                 elif not ips[fb].ipv4:
                     out.append((("policies", i, "egress", "ipv4_fallback"), f"egress IP {fb!r} has no ipv4"))
                 elif fb == e.ipv4:
@@ -963,34 +1145,34 @@ def _check_semantics(cfg: Config) -> list[tuple[PathT, str]]:
     return out
 
 
-def _unserved_apps(cfg: Config) -> list[tuple[PathT, str]]:
+def _unserved_apps(cfg: Config, number: Numbering, known_apps: set[str]) -> list[tuple]:
     """A workload's app that no egress IP here serves: a typo would leave with the
     host's shared address, so it is an error (a machine-scoped IP serves it anyway)."""
     here = {ip.app for ip in cfg.ips_here() if ip.app}
     owned = {ip.workload for ip in cfg.ips_here() if ip.workload}
-    out: list[tuple[PathT, str]] = []
-    said: dict[str, str] = {}
-    for i, w in enumerate(cfg.workloads):
-        if not w.app or w.app in here or w.id in owned:
+    out: list[tuple] = []
+    said: dict[str, tuple[str, Optional[str]]] = {}
+    for i, w in number("workloads", cfg.workloads):
+        if not w.app or w.app in here or w.id in owned or w.app in known_apps:
             continue
         if w.app not in said:
             elsewhere = sorted({ip.region or cfg.host.region for ip in cfg.egress_ips
                                 if ip.app == w.app})
-            close = difflib.get_close_matches(w.app, sorted(here), n=1)
+            close = _closest(w.app, here | known_apps)
             said[w.app] = (f"no egress IP serves app {w.app!r} in region {cfg.host.region!r}"
                            + (f" (it has egress IPs in {', '.join(elsewhere)})" if elsewhere else "")
-                           + (f"; did you mean {close[0]!r}?" if close else
-                              "; add an egress IP with this app, or fix the name"))
-        out.append((("workloads", i, "app"), said[w.app]))
+                           + (_did_you_mean(close) if close else
+                              "; add an egress IP with this app, or fix the name"), close)
+        out.append((("workloads", i, "app"), *said[w.app]))
     return out
 
 
-def _egress_addresses_of_workloads(cfg: Config, ranges) -> list[tuple[PathT, str]]:
+def _egress_addresses_of_workloads(cfg: Config, ranges, number: Numbering) -> list[tuple]:
     """An egress address that is a workload's own source, or inside managed_sources,
     would be classified as a workload's traffic (or dropped as an unknown one)."""
-    out: list[tuple[PathT, str]] = []
-    v4 = {ip.ipv4: i for i, ip in enumerate(cfg.egress_ips) if ip.ipv4}
-    for i, w in enumerate(cfg.workloads):
+    out: list[tuple] = []
+    v4 = {ip.ipv4: i for i, ip in number("egress_ips", cfg.egress_ips) if ip.ipv4}
+    for i, w in number("workloads", cfg.workloads):
         for j, s in enumerate(w.source):
             if s in v4:
                 out.append((("egress_ips", v4[s], "ipv4"),
@@ -1003,8 +1185,8 @@ def _egress_addresses_of_workloads(cfg: Config, ranges) -> list[tuple[PathT, str
                         out.append((("egress_ips", k, "ipv6"),
                                     f"range {net} holds {s}, the source of workload {w.id!r} "
                                     f"(workloads[{i}].source[{j}]); use a range of its own"))
-    managed = [(k, ipaddress.ip_network(m)) for k, m in enumerate(cfg.managed_sources)]
-    for i, ip in enumerate(cfg.egress_ips):
+    managed = [(k, ipaddress.ip_network(m)) for k, m in number("managed_sources", cfg.managed_sources)]
+    for i, ip in number("egress_ips", cfg.egress_ips):
         for k, m in managed:
             if ip.ipv4 and m.version == 4 and ipaddress.IPv4Address(ip.ipv4) in m:
                 out.append((("egress_ips", i, "ipv4"),

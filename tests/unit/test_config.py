@@ -193,8 +193,9 @@ def test_errors_in_an_included_file_name_that_file_and_line(tmp_path):
     from egress_agent.config import load
     with pytest.raises(ConfigError) as e:
         load(main)
-    (p,) = e.value.problems
-    assert (p.file, p.line, p.path) == (str(frag), 5, "workloads[3].source[0]")
+    # both at once, in line order: the field error, and the duplicate found among the rest
+    assert [(p.file, p.line, p.path) for p in e.value.problems] == [
+        (str(frag), 4, "workloads[2].id"), (str(frag), 5, "workloads[3].source[0]")]
     frag.write_text("workloads:\n  - {id: web1, source: [10.0.0.2]}\n  - {id: api1, source: [10.0.0.3]}\n")
     with pytest.raises(ConfigError) as e:
         load(main)
