@@ -20,7 +20,7 @@ import bisect
 import heapq
 import ipaddress
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from . import names
 from .config import Config, EgressIP, Policy, PolicyEgress, Workload
@@ -487,17 +487,11 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
             active = [ip for ip in candidates if ip.state == "active"] or candidates
             heap = heaps[w.app] = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
             heapq.heapify(heap)
-        reasons = []
-        while heap:
-            _, ip_id = heapq.heappop(heap)
-            try:
-                leases[(w.id, ip_id)] = leases.get((w.id, ip_id)) or rooms[ip_id].new_lease(w.id, False)
-            except CapacityError as e:
-                reasons.append(f"{ip_id}: {e.reason}")  # full: leaves the heap
-                continue
+        def take(ip_id: str) -> None:
+            leases[(w.id, ip_id)] = leases.get((w.id, ip_id)) or rooms[ip_id].new_lease(w.id, False)
+        ip_id, reasons = _least_loaded(heap, rooms, take)
+        if ip_id is not None:
             app_choice[w.id] = ip_id
-            heapq.heappush(heap, (len(rooms[ip_id].workloads), ip_id))
-            break
         else:
             no_room(CapacityError(w.id, ",".join(ip.id for ip in candidates),
                                   f"every egress IP of app {w.app!r} is full ({'; '.join(reasons)})"))
@@ -522,18 +516,12 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
             active = [ip for ip in candidates if ip.state == "active"] or candidates
             heap = heaps6[w.app] = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
             heapq.heapify(heap)
-        reasons = []
-        while heap:
-            _, ip_id = heapq.heappop(heap)
-            try:
-                leases[(w.id, ip_id)] = (leases.get((w.id, ip_id))
-                                         or rooms[ip_id].new_lease(w.id, False, (6,)))
-            except CapacityError as e:
-                reasons.append(f"{ip_id}: {e.reason}")
-                continue
+        def take6(ip_id: str) -> None:
+            leases[(w.id, ip_id)] = (leases.get((w.id, ip_id))
+                                     or rooms[ip_id].new_lease(w.id, False, (6,)))
+        ip_id, reasons = _least_loaded(heap, rooms, take6)
+        if ip_id is not None:
             app_choice6[w.id] = ip_id
-            heapq.heappush(heap, (len(rooms[ip_id].workloads), ip_id))
-            break
         else:
             no_room(CapacityError(w.id, ",".join(ip.id for ip in candidates),
                                   f"every IPv6 range of app {w.app!r} is full ({'; '.join(reasons)})"))
@@ -603,6 +591,24 @@ def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
         return a, []
     left = {k: l for k, l in a.lingering.items() if k in busy}
     return replace(a, lingering=left), [Event("drained", a.lingering[k].lease) for k in gone]
+
+
+def _least_loaded(heap: list[tuple[int, str]], rooms: dict, take: Callable[[str], None]
+                  ) -> tuple[Optional[str], list[str]]:
+    """Pop IPs of an app, least loaded first, until `take(ip_id)` succeeds; that IP
+    goes back on the heap with its new load. A full IP (CapacityError) leaves the
+    heap, and its reason is returned with None when every IP was full."""
+    reasons = []
+    while heap:
+        _, ip_id = heapq.heappop(heap)
+        try:
+            take(ip_id)
+        except CapacityError as e:
+            reasons.append(f"{ip_id}: {e.reason}")
+            continue
+        heapq.heappush(heap, (len(rooms[ip_id].workloads), ip_id))
+        return ip_id, reasons
+    return None, reasons
 
 
 def _family_wanted(ip: EgressIP, fam: int) -> bool:
