@@ -20,7 +20,7 @@ import bisect
 import heapq
 import ipaddress
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from . import names
 from .config import Config, EgressIP, Policy, PolicyEgress, Workload
@@ -484,12 +484,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
         heap = heaps.get(w.app)
         if heap is None:
             candidates = _first_family_ips(candidates)
-            active = [ip for ip in candidates if ip.state == "active"] or candidates
-            heap = heaps[w.app] = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
-            heapq.heapify(heap)
-        def take(ip_id: str) -> None:
-            leases[(w.id, ip_id)] = leases.get((w.id, ip_id)) or rooms[ip_id].new_lease(w.id, False)
-        ip_id, reasons = _least_loaded(heap, rooms, take)
+            heap = heaps[w.app] = _app_heap(candidates, rooms)
+        ip_id, reasons = _least_loaded(heap, rooms, leases, w.id, (4, 6))
         if ip_id is not None:
             app_choice[w.id] = ip_id
         else:
@@ -513,13 +509,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
             continue
         heap = heaps6.get(w.app)
         if heap is None:
-            active = [ip for ip in candidates if ip.state == "active"] or candidates
-            heap = heaps6[w.app] = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
-            heapq.heapify(heap)
-        def take6(ip_id: str) -> None:
-            leases[(w.id, ip_id)] = (leases.get((w.id, ip_id))
-                                     or rooms[ip_id].new_lease(w.id, False, (6,)))
-        ip_id, reasons = _least_loaded(heap, rooms, take6)
+            heap = heaps6[w.app] = _app_heap(candidates, rooms)
+        ip_id, reasons = _least_loaded(heap, rooms, leases, w.id, (6,))
         if ip_id is not None:
             app_choice6[w.id] = ip_id
         else:
@@ -593,16 +584,25 @@ def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
     return replace(a, lingering=left), [Event("drained", a.lingering[k].lease) for k in gone]
 
 
-def _least_loaded(heap: list[tuple[int, str]], rooms: dict, take: Callable[[str], None]
-                  ) -> tuple[Optional[str], list[str]]:
-    """Pop IPs of an app, least loaded first, until `take(ip_id)` succeeds; that IP
-    goes back on the heap with its new load. A full IP (CapacityError) leaves the
-    heap, and its reason is returned with None when every IP was full."""
+def _app_heap(ips: list[EgressIP], rooms: dict) -> list[tuple[int, str]]:
+    """The app's active IPs (all of them when none is active) by workload count."""
+    active = [ip for ip in ips if ip.state == "active"] or ips
+    heap = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
+    heapq.heapify(heap)
+    return heap
+
+
+def _least_loaded(heap: list[tuple[int, str]], rooms: dict, leases: dict, workload: str,
+                  families: tuple[int, ...]) -> tuple[Optional[str], list[str]]:
+    """Pop IPs of an app, least loaded first, until one has (or gives) `workload` a
+    lease for `families`; that IP goes back on the heap with its new load. A full IP
+    (CapacityError) leaves the heap; with every IP full: None and their reasons."""
     reasons = []
     while heap:
         _, ip_id = heapq.heappop(heap)
         try:
-            take(ip_id)
+            leases[(workload, ip_id)] = (leases.get((workload, ip_id))
+                                         or rooms[ip_id].new_lease(workload, False, families))
         except CapacityError as e:
             reasons.append(f"{ip_id}: {e.reason}")
             continue
