@@ -129,6 +129,9 @@ class Reconciler:
         self.quarantine = True  # move a corrupt store aside (False: plan only, touch nothing)
         self.unsaved: list[dict] = []  # history records the kernel took and the disk has not
         self.store_dirty = False  # allocations.json is older than self.alloc
+        # the workloads whose allocations changed since the last write (journaled);
+        # None: write allocations.json whole
+        self.pending: Optional[set[str]] = None
         self.store_write_failures = 0
         self.log = logmod.get()
         self._quarantined: Optional[str] = None
@@ -260,7 +263,8 @@ class Reconciler:
         self.alloc = self._drain(change.alloc, change.events, change.notes)
         self.index = replace(change, alloc=self.alloc).applied(self.index)
         return self._after(trigger, "incremental", ops, tx, change.notes, change.facts.usable,
-                           change.events, False, False, drift, t0, len(change.workloads))
+                           change.events, False, False, drift, t0, len(change.workloads),
+                           change.workloads)
 
     def _commit(self, ops, tx) -> None:
         """Routes and rules the batch will mark for, the batch, then (after) the rest."""
@@ -269,12 +273,17 @@ class Reconciler:
         self.nft.run(tx.text)
 
     def _after(self, trigger, mode, ops, tx, notes, usable, events, adopted, replaced, drift,
-               t0, replanned) -> SyncResult:
+               t0, replanned, changed: Optional[set[str]] = None) -> SyncResult:
         """Once the kernel took the batch: the routes that go after it, the history
         and the store, the generation that says nothing changed since."""
         at = now_iso()
         self.unsaved += [event_record(at, e, isinstance(e, _Adopted)) for e in events]
-        self.store_dirty = True
+        if changed is None:
+            self.pending, self.store_dirty = None, True
+        elif changed or events:
+            if self.pending is not None:
+                self.pending |= changed
+            self.store_dirty = True
         try:
             self.routing.apply(self._after_ops)
             if (tx.full or tx.repaired) and not self.shape_checked:
@@ -317,8 +326,11 @@ class Reconciler:
         try:
             self.store.append_history(self.unsaved)
             self.unsaved = []
-            self.store.write_allocations(self.alloc)
-            self.store_dirty = False
+            if not self.store_dirty:
+                pass
+            elif self.pending is None or not self.store.append_allocations(self.alloc, self.pending):
+                self.store.write_allocations(self.alloc)
+            self.store_dirty, self.pending = False, set()
             return None
         except OSError as e:
             self.store_write_failures += 1

@@ -28,16 +28,21 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from . import names
-from .alloc import Allocations, Event, Lease
+from .alloc import Allocations, Event, Lease, lingering_order
 from .config import _ID
 
 ALLOCATIONS = "allocations.json"
+JOURNAL = "allocations.journal"
 HISTORY = "history.jsonl"
+# journal records before the next write is a whole allocations.json again
+COMPACT_AFTER = 1000
 # 100k workloads with two leases each are ~25 MB of JSON
 MAX_ALLOCATIONS_BYTES = 256 << 20
 LEASE_KEYS = frozenset({"workload", "ip", "ipv4", "ports", "ipv6", "temporary"})
 TOP_KEYS = frozenset({"version", "wids", "eids", "app_choice", "leases"})
-OPTIONAL_KEYS = frozenset({"app_choice6", "lingering"})  # absent when empty
+OPTIONAL_KEYS = frozenset({"app_choice6", "lingering", "token"})  # absent when empty
+RECORD_KEYS = frozenset({"base", "workloads", "lingering"})
+RECORD_WORKLOAD_KEYS = frozenset({"wid", "app_choice", "app_choice6", "leases"})
 
 
 class StoreCorrupt(ValueError):
@@ -103,6 +108,7 @@ def validate(d: Any, where: str | Path) -> Allocations:
 
     if not isinstance(d, dict):
         bad(f"expected a JSON object, got {type(d).__name__}")
+    d = {k: v for k, v in d.items() if k != "token"} if isinstance(d, dict) else d
     if not TOP_KEYS <= set(d) <= TOP_KEYS | OPTIONAL_KEYS:
         bad(f"keys {sorted(d)[:10]}; expected {sorted(TOP_KEYS)} and optionally "
             f"{sorted(OPTIONAL_KEYS)}")
@@ -189,7 +195,71 @@ def _lease(x: Any, at: str, keys: frozenset, bad) -> Lease:
     return Lease(w, ip, ipv4, tuple(ports) if ports else None, ipv6, x["temporary"])
 
 
-def parse_allocations(raw: bytes, where: str | Path) -> Allocations:
+def parse_allocations(raw: bytes, where: str | Path, journal: bytes = b"") -> Allocations:
+    """allocations.json, with the journal records written since (for the same token)
+    replayed on it, validated as a whole."""
+    d = _json(raw, where)
+    return validate(replay(d, journal, where) if journal else d, where)
+
+
+def replay(d: Any, journal: bytes, where: str | Path) -> Any:
+    """Each journal record sets the whole state of the workloads it names (number,
+    app choices, leases) and the lingering list; records of another snapshot (a
+    crash between writing allocations.json and removing the journal) are skipped,
+    and so is a torn last line."""
+    if not isinstance(d, dict) or not isinstance(d.get("leases"), list):
+        return d
+    token = d.get("token")
+    leases = {}
+    for x in d["leases"]:
+        leases.setdefault(x.get("workload") if isinstance(x, dict) else None, []).append(x)
+    lines = journal.split(b"\n")
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            r = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            if n == len(lines):
+                break  # torn by a crash or a full disk: the kernel and a resync know the rest
+            raise StoreCorrupt(f"{where} ({JOURNAL} line {n})", "not a JSON record") from None
+        if not (isinstance(r, dict) and set(r) == RECORD_KEYS and isinstance(r["workloads"], dict)
+                and all(isinstance(v, dict) and set(v) == RECORD_WORKLOAD_KEYS
+                        and isinstance(v["leases"], list) for v in r["workloads"].values())):
+            raise StoreCorrupt(f"{where} ({JOURNAL} line {n})", "not a journal record")
+        if token is None or r["base"] != token:
+            continue
+        for w, v in r["workloads"].items():
+            for key, field in (("wid", "wids"), ("app_choice", "app_choice"),
+                               ("app_choice6", "app_choice6")):
+                m = d.setdefault(field, {})
+                if not isinstance(m, dict):
+                    return d  # validate() names it
+                if v[key] is None:
+                    m.pop(w, None)
+                else:
+                    m[w] = v[key]
+            leases[w] = v["leases"]
+        d["lingering"] = r["lingering"]
+    d["leases"] = [x for xs in leases.values() for x in xs]
+    if not d.get("app_choice6"):
+        d.pop("app_choice6", None)
+    if not d.get("lingering"):
+        d.pop("lingering", None)
+    return d
+
+
+def journal_record(base: str, a: Allocations, workloads) -> dict:
+    return {"base": base,
+            "lingering": [a.lingering[k].to_json() for k in sorted(a.lingering, key=lingering_order)],
+            "workloads": {w: {"wid": a.wids.get(w), "app_choice": a.app_choice.get(w),
+                              "app_choice6": a.app_choice6.get(w),
+                              "leases": [l.to_json() for ip in sorted(a.eids)
+                                         if (l := a.leases.get((w, ip)))]}
+                          for w in sorted(workloads)}}
+
+
+def _json(raw: bytes, where: str | Path) -> Any:
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError as e:
@@ -198,7 +268,7 @@ def parse_allocations(raw: bytes, where: str | Path) -> Allocations:
         raise StoreCorrupt(where, "nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, NaN, integers too long to convert
         raise StoreCorrupt(where, f"not JSON: {str(e)[:200]}") from None
-    return validate(data, where)
+    return data
 
 
 def _no_constant(name: str):
@@ -264,6 +334,14 @@ class Store:
         self.dir = Path(state_dir)
         self.skipped_lines = 0  # history lines the last history() read skipped
         self.first_skipped: Optional[int] = None
+        # the token of the allocations.json this process read or wrote last, and the
+        # journal records written on it since; None: the next write is a whole one
+        self.token: Optional[str] = None
+        self.journal_records = 0
+
+    @property
+    def journal_path(self) -> Path:
+        return self.dir / JOURNAL
 
     @property
     def allocations_path(self) -> Path:
@@ -304,7 +382,45 @@ class Store:
             os.close(fd)
         if n > MAX_ALLOCATIONS_BYTES:
             raise StoreCorrupt(path, f"more than {MAX_ALLOCATIONS_BYTES} bytes")
-        return parse_allocations(b"".join(chunks), path)
+        raw = b"".join(chunks)
+        journal = self._read_journal()
+        a = parse_allocations(raw, path, journal)
+        token = _json(raw, path).get("token")
+        self.token = token if isinstance(token, str) else None
+        self.journal_records = journal.count(b"\n")
+        return a
+
+    def _read_journal(self) -> bytes:
+        try:
+            fd = os.open(self.journal_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return b""
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise StoreCorrupt(self.journal_path, "not a regular file")
+            data = f.read(MAX_ALLOCATIONS_BYTES + 1)
+        if len(data) > MAX_ALLOCATIONS_BYTES:
+            raise StoreCorrupt(self.journal_path, f"more than {MAX_ALLOCATIONS_BYTES} bytes")
+        return data
+
+    def append_allocations(self, alloc: Allocations, workloads) -> bool:
+        """Journal what changed for these workloads (and the lingering blocks): one
+        line, O(changed). False: this store needs a whole write first (none read or
+        written by this process yet, or the journal is long: COMPACT_AFTER)."""
+        if self.token is None or self.journal_records >= COMPACT_AFTER:
+            return False
+        line = json.dumps(journal_record(self.token, alloc, workloads), separators=(",", ":"))
+        fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                _write_all(fd, b"\n")  # end a torn line: it stays one bad line
+            _write_all(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.journal_records += 1
+        return True
 
     def quarantine(self) -> Path:
         """Move allocations.json aside, beside itself; its new path."""
@@ -315,6 +431,9 @@ class Store:
             n += 1
             dest = self.dir / f"{ALLOCATIONS}.corrupt-{stamp}-{n}"
         os.rename(self.allocations_path, dest)
+        if os.path.lexists(self.journal_path):
+            os.rename(self.journal_path, str(dest).replace(ALLOCATIONS, JOURNAL, 1))
+        self.token = None
         self._sync_dir()
         return dest
 
@@ -347,7 +466,8 @@ class Store:
         fd, tmp = tempfile.mkstemp(prefix=ALLOCATIONS + ".", suffix=".tmp", dir=self.dir)
         try:
             # dumps() without indent is the C encoder: json.dump(indent=...) is ~20x slower
-            _write_all(fd, json.dumps(alloc.to_json(), separators=(",", ":"),
+            token = os.urandom(8).hex()
+            _write_all(fd, json.dumps({**alloc.to_json(), "token": token}, separators=(",", ":"),
                                       sort_keys=True).encode())
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 ignores the umask; open() would not
             os.fsync(fd)
@@ -363,6 +483,11 @@ class Store:
                 pass
             raise
         self._sync_dir()
+        self.token, self.journal_records = token, 0
+        try:  # its records name the old token: a crash before this unlink skips them
+            os.unlink(self.journal_path)
+        except FileNotFoundError:
+            pass
 
     def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_DIRECTORY)

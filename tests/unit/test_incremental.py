@@ -172,6 +172,7 @@ def check_step(rec: Reconciler, world: World, cgroot: str, kind: str, prev) -> N
     if want_alloc.lingering:
         want_alloc = drain(want_alloc, rec.live_leases([]))[0]
     assert rec.alloc == want_alloc
+    assert Store(rec.store.dir).load() == want_alloc  # allocations.json + its journal
     want = build(cfg, want_alloc, HostFacts(usable, existing_cgroups(cfg, cgroot),
                                             host.addresses)).desired
     assert rec.index.desired() == want

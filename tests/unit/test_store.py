@@ -411,3 +411,68 @@ def test_allocations_json_mode_follows_the_umask(cfg):
     finally:
         os.umask(old)
     assert os.stat(Store(cfg.state_dir).allocations_path).st_mode & 0o777 == 0o640
+
+
+# --- the journal: an incremental sync writes what changed, not the whole file ------------
+
+def _journaled(tmp_path):
+    from test_alloc import cfg_with
+    from egress_agent.alloc import allocate
+    a, _ = allocate(cfg_with(["w0", "w1", "w2"]), Allocations())
+    b, _ = allocate(cfg_with(["w1", "w2", "w3"]), a)
+    s = Store(tmp_path)
+    s.write_allocations(a)
+    assert s.append_allocations(b, {"w0", "w3"})
+    return a, b, s
+
+
+def test_a_journal_record_replays_onto_allocations_json(tmp_path):
+    a, b, s = _journaled(tmp_path)
+    snapshot = (tmp_path / "allocations.json").read_bytes()
+    assert Store(tmp_path).load() == b
+    assert (tmp_path / "allocations.json").read_bytes() == snapshot  # not rewritten
+    s.write_allocations(b)  # a whole write ends the journal
+    assert not (tmp_path / "allocations.journal").exists() and Store(tmp_path).load() == b
+
+
+def test_a_torn_last_journal_line_is_skipped_and_a_bad_middle_one_is_corrupt(tmp_path):
+    a, b, s = _journaled(tmp_path)
+    j = tmp_path / "allocations.journal"
+    good = j.read_bytes()
+    j.write_bytes(good + b'{"base": "x", "workl')
+    assert Store(tmp_path).load() == b
+    j.write_bytes(b'{"base": 1}\n' + good)
+    with pytest.raises(StoreCorrupt, match="allocations.journal line 1"):
+        Store(tmp_path).load()
+
+
+def test_journal_records_of_an_older_allocations_json_are_skipped(tmp_path):
+    # a crash between writing allocations.json and removing the journal
+    a, b, s = _journaled(tmp_path)
+    old = (tmp_path / "allocations.journal").read_bytes()
+    s.write_allocations(a)
+    (tmp_path / "allocations.journal").write_bytes(old)
+    assert Store(tmp_path).load() == a
+
+
+def test_a_long_journal_asks_for_a_whole_write(tmp_path, monkeypatch):
+    import egress_agent.store as store_mod
+    a, b, s = _journaled(tmp_path)
+    monkeypatch.setattr(store_mod, "COMPACT_AFTER", 2)
+    assert s.append_allocations(b, {"w1"})
+    assert not s.append_allocations(b, {"w1"})
+    assert not Store(tmp_path).append_allocations(b, {"w1"})  # nothing read yet: no token
+
+
+def test_incremental_syncs_append_and_a_full_one_rewrites(tmp_path):
+    from test_alloc import cfg_with
+    rec = Reconciler(FakeNft(), FakeRouting(), Store(tmp_path), lambda: HostState(frozenset()))
+    rec.sync(cfg_with(["w0", "w1"]))
+    inode = (tmp_path / "allocations.json").stat().st_ino
+    rec.sync(cfg_with(["w0", "w1", "w2"]))
+    rec.sync(cfg_with(["w1", "w2"]))
+    assert (tmp_path / "allocations.json").stat().st_ino == inode
+    assert len((tmp_path / "allocations.journal").read_text().splitlines()) == 2
+    assert Store(tmp_path).load() == rec.alloc
+    rec.sync(cfg_with(["w1", "w2"]), full=True)
+    assert not (tmp_path / "allocations.journal").exists() and Store(tmp_path).load() == rec.alloc
