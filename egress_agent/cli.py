@@ -112,7 +112,7 @@ def _offline_plan(cfg):
 def cmd_plan(args) -> int:
     cfg = _load(args)
     from .model import Observed
-    from .render import transaction
+    from .nft.diff import transaction
     from .routing.diff import diff_routes
     if args.against_running:  # what apply would change on this host now (root)
         from . import log
@@ -152,7 +152,7 @@ def cmd_plan(args) -> int:
 def _skeleton_damage(observed) -> list[str]:
     """What the running table lacks of the skeleton (the daemon's drift check says the same)."""
     from . import names
-    from .render import skeleton_digest, skeleton_shape
+    from .nft.text import skeleton_digest, skeleton_shape
     from .shape import differences
     if not observed.table:
         return [f"table {names.TABLE} missing"]

@@ -250,7 +250,7 @@ def _mark_for(alloc: Allocations, wid: int, c: Choice) -> int:
 
 def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Plan:
     """The desired kernel objects for this config and these allocations."""
-    from .render import limit_rules, policy_rules  # render owns nft syntax
+    from .nft.text import limit_rules, policy_rules  # nft.text owns nft syntax
 
     notes: list[str] = []
     el: dict[str, set[Element]] = {n: set() for n in _ALL_SETS}

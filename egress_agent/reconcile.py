@@ -35,7 +35,9 @@ from .hoststate import HostState
 from .model import Desired, Observed
 from .nft import NftPort
 from .plan import HostFacts, Plan, build
-from .render import observed_from_json, skeleton_shape, transaction
+from .nft.diff import transaction
+from .nft.listing import observed_from_json
+from .nft.text import skeleton_shape
 from .routing import RoutingPort, diff_routes, split_ops
 from .store import Store, StoreCorrupt, event_record, lease_key, now_iso, open_assigns
 
@@ -331,6 +333,6 @@ class _Adopted(alloc_mod.Event):
 
 
 def _as_observed(d: Desired) -> Observed:
-    from .render import comments, skeleton_digest
+    from .nft.text import comments, skeleton_digest
     return Observed(True, skeleton_digest(), dict(d.elements),
                     {c: comments(r) for c, r in d.chains.items()}, d.routes, d.rules)

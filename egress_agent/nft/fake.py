@@ -1,4 +1,4 @@
-"""An in-memory nftables that takes the batches `render` writes.
+"""An in-memory nftables that takes the batches `nft.diff` writes.
 
 It behaves like the kernel where the agent depends on it: batches are atomic,
 deleting what is absent fails (ENOENT), adding a map key with another value
@@ -17,7 +17,7 @@ import re
 from typing import Any, Optional
 
 from .. import names, shape
-from ..render import KINDS, kinds_of
+from .text import KINDS, kinds_of
 from . import NftError
 
 T = names.TABLE

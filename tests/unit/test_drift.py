@@ -21,7 +21,9 @@ from egress_agent.hoststate import HostState
 from egress_agent.model import Route, Rule
 from egress_agent.nft.fake import FakeNft
 from egress_agent.reconcile import Reconciler
-from egress_agent.render import observed_from_json, skeleton_shape, transaction
+from egress_agent.nft.diff import transaction
+from egress_agent.nft.listing import observed_from_json
+from egress_agent.nft.text import skeleton_shape
 from egress_agent.routing.fake import FakeRouting
 from egress_agent.store import Store
 

@@ -182,7 +182,8 @@ def test_a_vanished_cgroup_is_replaced_by_flushing_its_map():
     """nft lists a removed cgroup's element by id and cannot delete it by that id."""
     from egress_agent.model import Observed
     from egress_agent.nft.fake import FakeNft
-    from egress_agent.render import observed_from_json, transaction
+    from egress_agent.nft.diff import transaction
+    from egress_agent.nft.listing import observed_from_json
     cfg = lab_config()
     p, _ = planned(cfg)
     nft = FakeNft()
@@ -290,7 +291,8 @@ def test_adoption_recovers_the_ipv6_choice():
     from egress_agent.adopt import adopt
     from egress_agent.model import Observed
     from egress_agent.nft.fake import FakeNft
-    from egress_agent.render import observed_from_json, transaction
+    from egress_agent.nft.diff import transaction
+    from egress_agent.nft.listing import observed_from_json
     cfg = parse(PER_FAMILY.replace("UNAVAILABLE", "drop")).config
     p, a = planned(cfg)
     nft = FakeNft()
