@@ -163,14 +163,13 @@ def _skeleton_damage(observed) -> list[str]:
 
 def cmd_explain(args) -> int:
     cfg = _load(args)
-    from .alloc import Usable
+    from .hoststate import Usable
     from .plan import explain
     p, _ = _offline_plan(cfg)
     if args.assume_usable:
         usable = Usable()
     else:  # this host's addresses and links decide what is usable (no root needed)
-        from .hoststate import read_host_state
-        from .reconcile import usable_from
+        from .hoststate import read_host_state, usable_from
         usable = usable_from(cfg, read_host_state())
     dst, port, proto = args.dst  # 192.0.2.1:443/tcp, already checked by argtypes.destination
     port, proto = port or args.port, proto or args.proto
@@ -355,8 +354,7 @@ def cmd_teardown(args) -> int:
 def cmd_status(args) -> int:
     cfg = _load(args)
     from .alloc import lingering_order
-    from .hoststate import read_host_state
-    from .reconcile import usable_from
+    from .hoststate import read_host_state, usable_from
     from .store import Store
     host = read_host_state()
     usable = usable_from(cfg, host)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import names
-from .alloc import (Allocations, Usable, app_ips, failover_target, own_ips,
+from .alloc import (Allocations, app_ips, failover_target, own_ips,
                     policy_matches)
 from .config import Config, Policy, PolicyEgress, Workload, port_bounds
+from .hoststate import HostFacts, Usable
 from .model import Desired, Element, Route, Rule
 
 DEFAULT = "default"
@@ -28,16 +29,6 @@ class Choice:
     action: str  # "snat" | "default" | "drop"
     ip: Optional[str] = None  # egress IP id when action == "snat"
     reason: str = ""
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    """What the planner needs to know about the host (all None: assume present)."""
-
-    usable: Usable = Usable()
-    cgroups: Optional[frozenset[str]] = None  # cgroup paths that exist now
-    # the host's own addresses: the guard ip rules leave them out (names.py)
-    addresses: frozenset[str] = frozenset()
 
 
 @dataclass

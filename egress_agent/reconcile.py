@@ -19,8 +19,6 @@ kernel's live maps are adopted (adopt.py), with history for what was adopted.
 from __future__ import annotations
 
 import errno as errno_mod
-import ipaddress
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -31,10 +29,10 @@ from . import shape as shape_mod
 from .adopt import adopt
 from .config import Config
 from .drift import Finding, findings
-from .hoststate import HostState
+from .hoststate import HostFacts, HostState, Usable, existing_cgroups, usable_from
 from .model import Desired, Observed
 from .nft import NftPort
-from .plan import HostFacts, Plan, build
+from .plan import Plan, build
 from .nft.diff import transaction
 from .nft.listing import observed_from_json
 from .nft.text import skeleton_shape
@@ -55,7 +53,7 @@ class SyncResult:
     duration_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
     batch: str = ""
-    usable: alloc_mod.Usable = field(default_factory=alloc_mod.Usable)  # what the plan used
+    usable: Usable = field(default_factory=Usable)  # what the plan used
     quarantined: Optional[str] = None  # where a corrupt allocations.json was moved
     store_error: Optional[str] = None  # the kernel took the change, the store write failed
     drift: list[Finding] = field(default_factory=list)  # what the kernel lost or gained
@@ -73,26 +71,6 @@ class SyncResult:
                 "quarantined": self.quarantined, "store_error": self.store_error,
                 "duration_ms": round(self.duration_ms, 2), "notes": self.notes,
                 "drift": [str(f) for f in self.drift]}
-
-
-def usable_from(cfg: Config, host: HostState) -> alloc_mod.Usable:
-    """An egress IP is usable while its address is on the host and its link is up."""
-    v4 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv4 and host.has_address(ip.ipv4)
-                   and (ip.via is None or host.link_up(ip.via.dev)))
-    v6 = set()
-    for ip in cfg.ips_here():
-        if not ip.ipv6 or (ip.via and not host.link_up(ip.via.dev)):
-            continue
-        net = ipaddress.ip_network(ip.ipv6)
-        if any(ipaddress.ip_address(a) in net for a in host.addresses if ":" in a):
-            v6.add(ip.id)
-    return alloc_mod.Usable(v4, frozenset(v6))
-
-
-def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str]:
-    """The configured cgroup paths that exist now (libnftables resolves them there)."""
-    return frozenset(w.cgroup for w in cfg.workloads
-                     if w.cgroup and os.path.isdir(os.path.join(root, w.cgroup)))
 
 
 # Triggers of a drift check (nftwatch.py), each reading only what it is about:

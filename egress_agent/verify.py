@@ -172,9 +172,8 @@ def cmd_verify(args) -> int:
 
 def live_explainer(cfg: Config):
     """explain() against the stored allocations and this host's usable addresses."""
-    from .hoststate import read_host_state
+    from .hoststate import read_host_state, usable_from
     from .plan import explain
-    from .reconcile import usable_from
     from .store import Store
     from .alloc import allocate
     usable = usable_from(cfg, read_host_state())

@@ -383,8 +383,9 @@ def guard(src="10.0.1.0/24", family=4):
 
 
 def test_plan_guards_every_managed_source_prefix(tmp_path):
-    from egress_agent.alloc import Allocations, Usable, allocate
-    from egress_agent.plan import HostFacts, build
+    from egress_agent.alloc import Allocations, allocate
+    from egress_agent.hoststate import HostFacts, Usable
+    from egress_agent.plan import build
     cfg = lab_config(tmp_path)
     a, _ = allocate(cfg, Allocations(), Usable())
     rules = build(cfg, a, HostFacts(usable=Usable(), addresses=frozenset(

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from egress_agent import names
-from egress_agent.alloc import Allocations, Usable, allocate
+from egress_agent.alloc import Allocations, allocate
+from egress_agent.hoststate import HostFacts, Usable
 from egress_agent.config import parse
-from egress_agent.plan import HostFacts, build, explain
+from egress_agent.plan import build, explain
 from tracer import trace
 
 DESIGN = Path(__file__).parent.parent / "configs" / "design.yaml"
