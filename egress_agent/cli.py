@@ -322,7 +322,7 @@ def cmd_usage(args) -> int:
     print(f"\n{'WORKLOAD':12} {'EGRESS ADDRESS':18} {'PROTO':5} {'DESTINATION':28} "
           f"{'CONNS':>6} {'LIMIT':>6} {'RATIO':>6}  LIMIT KIND")
     for r in rows:
-        dst = f"[{r.destination}]:{r.port}" if ":" in r.destination else f"{r.destination}:{r.port}"
+        dst = argtypes.endpoint_text(r.destination, r.port)
         ratio = f"{r.ratio:.0%}" if r.ratio is not None else "-"
         print(f"{r.workload:12} {r.egress_address:18} {r.protocol:5} {dst:28} {r.connections:>6} "
               f"{r.limit or '-':>6} {ratio:>6}  {r.limit_kind}{'  WARN' if r.warning else ''}")

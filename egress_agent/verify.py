@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .argtypes import endpoint, endpoint_text
 from .config import Config
 
 
@@ -64,8 +65,7 @@ def judge(check: Check, expl, seen: Seen, host_defaults: frozenset[str]) -> Row:
         ok = seen is not None and (not host_defaults or seen[0] in host_defaults)
     else:
         expected, ok = "not managed", True
-    observed = "no answer" if seen is None else (
-        f"[{seen[0]}]:{seen[1]}" if ":" in seen[0] else f"{seen[0]}:{seen[1]}")
+    observed = "no answer" if seen is None else endpoint_text(*seen)
     return Row(check, expected, observed, ok, expl.reason)
 
 
@@ -134,7 +134,6 @@ def add_verify_command(add) -> None:
     sp = add("verify", cmd_verify,
              "probe an echo endpoint from each workload's context and compare the source "
              "address and port it saw with the assignment")
-    from .argtypes import endpoint
     sp.add_argument("--echo", required=True, metavar="ADDR:PORT", type=endpoint,
                     help="echo endpoint answering with the source it saw, e.g. 192.0.2.10:8080 "
                          "or [2001:db8:ff::10]:8080")
@@ -145,10 +144,9 @@ def add_verify_command(add) -> None:
 
 def cmd_verify(args) -> int:
     from .cli import Exit, _load
-    from .lab.echo import parse_endpoint
     from .lab.netns import nsenter_prefix
     cfg = _load(args)
-    dst, port = parse_endpoint(args.echo)
+    dst, port = args.echo  # argtypes.endpoint
     checks = workload_checks(cfg, dst, port, args.proto, args.lab)
     if not checks:
         print("nothing to verify: no cgroup workloads (machines need --lab, or run the probe "
