@@ -16,7 +16,7 @@ import sys
 from enum import IntEnum
 from typing import Optional
 
-from . import __version__, argtypes
+from . import __version__, argtypes, names
 from .alloc import CapacityError
 from .config import ConfigError, load, schema
 
@@ -151,7 +151,6 @@ def cmd_plan(args) -> int:
 
 def _skeleton_damage(observed) -> list[str]:
     """What the running table lacks of the skeleton (the daemon's drift check says the same)."""
-    from . import names
     from .nft.text import skeleton_digest, skeleton_shape
     from .shape import differences
     if not observed.table:
@@ -346,7 +345,7 @@ def cmd_teardown(args) -> int:
     with nslock.acquire():
         rec = Reconciler(Libnft(), IPRouteRouting(), Store("/nonexistent"), read_host_state)
         r = rec.teardown()
-    _out(args, r.to_json(), f"removed table inet egress_agent ({r.removed} elements)"
+    _out(args, r.to_json(), f"removed table {names.TABLE} ({r.removed} elements)"
          + "".join(f"\n  ip {op}" for op in r.route_ops))
     return Exit.OK
 

@@ -278,9 +278,9 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
         el[names.EGRESS_SET[fam]] |= _collapse(egress_prefixes(cfg), fam)
         el[names.EXCLUDE_SET[fam]] |= _collapse(cfg.exclude.destinations, fam)
     if cfg.exclude.dns:
-        el["exclude_services"] |= {(("tcp", 53), None), (("udp", 53), None)}
+        el[names.EXCLUDE_SERVICES_SET] |= {(("tcp", 53), None), (("udp", 53), None)}
     if cfg.exclude.icmp:
-        el["exclude_protocols"] |= {("icmp", None), ("ipv6-icmp", None)}
+        el[names.EXCLUDE_PROTOCOLS_SET] |= {("icmp", None), ("ipv6-icmp", None)}
 
     rules_text: list[str] = []
     for i, p in enumerate(cfg.policies):
@@ -343,5 +343,5 @@ _ALL_SETS = (
     + list(names.EXCLUDE_SET.values()) + list(names.ASSIGN_MAP.values())
     + [names.cgroup_map(l) for l in names.CGROUP_LEVELS]
     + [names.SNAT4_PORTS_MAP, names.SNAT4_ADDR_MAP, names.SNAT6_MAP,
-       "exclude_services", "exclude_protocols"]
+       names.EXCLUDE_SERVICES_SET, names.EXCLUDE_PROTOCOLS_SET]
 )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from . import alloc as alloc_mod
+from . import names
 from . import log as logmod
 from . import shape as shape_mod
 from .adopt import adopt
@@ -298,7 +299,7 @@ class Reconciler:
         before, after = split_ops(ops)  # the guard rules go before the table
         self.routing.apply(before)
         if observed.table:
-            self.nft.run("delete table inet egress_agent\n")
+            self.nft.run(f"delete table {names.TABLE}\n")
         self.routing.apply(after)
         removed = sum(len(v) for v in observed.elements.values())
         self.applied, self.alloc, self.full_next = None, None, True

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import names
 from .argtypes import endpoint, endpoint_text
 from .config import Config
 
@@ -157,7 +158,7 @@ def cmd_verify(args) -> int:
     def probe(c: Check) -> Seen:
         if c.cgroup:
             return run_probe(cgroup_prefix(c.cgroup), c)
-        return run_probe(nsenter_prefix(f"{args.lab}-{c.machine}"), c)
+        return run_probe(nsenter_prefix(names.lab_netns(args.lab, c.machine)), c)
 
     rows = run_checks(cfg, checks, probe, explain_fn,
                       progress=None if args.json else lambda s: print(s, file=sys.stderr))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from importlib import resources
 
+from .. import names
 from .topology import DEFAULT_PREFIX, STATE_ROOT, Lab, LabError
 
 HOST_DEFAULTS = frozenset({"203.0.113.2", "2001:db8:a::2", "203.0.113.130"})
@@ -61,7 +62,7 @@ def run_demo_checks(prefix: str, config: str, as_json: bool) -> int:
     cfg = load(config).config
 
     def probe(c):
-        return run_probe(cgroup_prefix(c.cgroup) if c.cgroup else nsenter_prefix(f"{prefix}-{c.machine}"), c)
+        return run_probe(cgroup_prefix(c.cgroup) if c.cgroup else nsenter_prefix(names.lab_netns(prefix, c.machine)), c)
 
     rows = run_checks(cfg, demo_checks(prefix), probe, live_explainer(cfg), HOST_DEFAULTS,
                       progress=None if as_json else lambda s: print(s, file=sys.stderr, flush=True))

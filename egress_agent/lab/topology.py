@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .. import names
 from .echo import HeldConnection, HeldGroup, Seen, child_env
 from .netns import (
     addr_add, addr_del, ip, list_namespaces, ns_add, ns_del, ns_exec, ns_pids,
@@ -189,7 +190,7 @@ class Lab:
         """Namespace of `name`: "host", "origin" or a machine name ("m42")."""
         if name not in ("host", "origin") and name not in MACHINES:
             raise KeyError(f"no lab namespace {name!r}")
-        return f"{self.prefix}-{name}"
+        return names.lab_netns(self.prefix, name)
 
     def namespaces(self) -> list[str]:
         return [self.host, self.origin] + [self.ns(m) for m in MACHINES]

@@ -97,8 +97,8 @@ def transaction(desired: Desired, observed: Observed,
     for chain in changed_chains:
         tx.lines.append(f"flush chain {T} {chain}")
 
-    dynamic_want = {n for n in desired.elements if n.startswith("policy_")}
-    dynamic_have = {n for n in observed.elements if n.startswith("policy_")}
+    dynamic_want = {n for n in desired.elements if names.is_policy_set(n)}
+    dynamic_have = {n for n in observed.elements if names.is_policy_set(n)}
     for name in sorted(dynamic_want - dynamic_have):
         tx.lines.append(_set_decl(name))
 

@@ -61,14 +61,14 @@ class FakeNft:
         doc: list[dict] = [{"metainfo": {"json_schema_version": 1}}]
         if self.table is None:
             return {"nftables": []}
-        t = {"family": "inet", "table": names.TABLE_NAME}
-        doc.append({"table": {"family": "inet", "name": names.TABLE_NAME}})
+        t = {"family": names.TABLE_FAMILY, "table": names.TABLE_NAME}
+        doc.append({"table": {"family": names.TABLE_FAMILY, "name": names.TABLE_NAME}})
         if self.table["comment"]:
-            doc.append({"set": {**t, "name": "skeleton", "type": "mark",
+            doc.append({"set": {**t, "name": names.SKELETON_SET, "type": "mark",
                                 "comment": self.table["comment"]}})
         for name, elems in self.table["sets"].items():
             # the dynamic sets (flows4, refused_ports) are filled by the data path only
-            kk, vk = kinds_of(name) if name in KINDS or name.startswith("policy_") else ((), None)
+            kk, vk = kinds_of(name) if name in KINDS or names.is_policy_set(name) else ((), None)
             kind, types = self.table["decl"].get(name, ("set", ("mark",)))
             item: dict[str, Any] = {**t, "name": name,
                                     "type": types[0] if len(types) == 1 else list(types)}

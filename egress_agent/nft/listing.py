@@ -65,13 +65,13 @@ def observed_from_json(doc: dict, routes=frozenset(), rules=frozenset()) -> Obse
     for item in doc.get("nftables", []):
         if "table" in item:
             table = True
-        if "set" in item and item["set"]["name"] == "skeleton":
+        if "set" in item and item["set"]["name"] == names.SKELETON_SET:
             skeleton = item["set"].get("comment")
         for kind in ("set", "map"):
             if kind in item:
                 s = item[kind]
                 name = s["name"]
-                if name in KINDS or name.startswith("policy_"):
+                if name in KINDS or names.is_policy_set(name):
                     elements[name] = frozenset(normalize_element(name, e) for e in s.get("elem", []))
         if "rule" in item and item["rule"]["chain"] in chains:
             chains[item["rule"]["chain"]].append(item["rule"].get("comment", ""))

@@ -48,23 +48,25 @@ def skeleton_shape() -> shape.Shape:
 # cgroup, mark, proto, port, ports (a range).
 _Kinds = tuple[tuple[str, ...], Optional[tuple[str, ...]]]
 KINDS: dict[str, _Kinds] = {
-    "source4": (("addr",), ("mark",)), "source6": (("addr",), ("mark",)),
-    "source4_if": (("addr", "ifname"), ("mark",)), "source6_if": (("addr", "ifname"), ("mark",)),
-    "bound4": (("addr",), None), "bound6": (("addr",), None),
-    "managed4": (("prefix",), None), "managed6": (("prefix",), None),
-    "egress4": (("prefix",), None), "egress6": (("prefix",), None),
-    "exclude4": (("prefix",), None), "exclude6": (("prefix",), None),
-    "exclude_services": (("proto", "port"), None), "exclude_protocols": (("proto",), None),
-    "assign4": (("mark",), ("mark",)), "assign6": (("mark",), ("mark",)),
-    "snat4": (("mark",), ("addr", "ports")), "snat4_addr": (("mark",), ("addr",)),
-    "snat6": (("mark",), ("addr",)),
+    **{n: (("addr",), ("mark",)) for n in names.SOURCE_MAP.values()},
+    **{n: (("addr", "ifname"), ("mark",)) for n in names.SOURCE_IF_MAP.values()},
+    **{n: (("addr",), None) for n in names.BOUND_SET.values()},
+    **{n: (("prefix",), None) for n in names.MANAGED_SET.values()},
+    **{n: (("prefix",), None) for n in names.EGRESS_SET.values()},
+    **{n: (("prefix",), None) for n in names.EXCLUDE_SET.values()},
+    names.EXCLUDE_SERVICES_SET: (("proto", "port"), None),
+    names.EXCLUDE_PROTOCOLS_SET: (("proto",), None),
+    **{n: (("mark",), ("mark",)) for n in names.ASSIGN_MAP.values()},
+    names.SNAT4_PORTS_MAP: (("mark",), ("addr", "ports")),
+    names.SNAT4_ADDR_MAP: (("mark",), ("addr",)),
+    names.SNAT6_MAP: (("mark",), ("addr",)),
     **{names.cgroup_map(l): (("cgroup",), ("mark",)) for l in names.CGROUP_LEVELS},
 }
 POLICY_SET_KINDS: _Kinds = (("mark",), None)
 
 
 def kinds_of(set_name: str) -> _Kinds:
-    if set_name.startswith("policy_"):
+    if names.is_policy_set(set_name):
         return POLICY_SET_KINDS
     return KINDS[set_name]
 
@@ -131,9 +133,10 @@ def policy_rules(p: Policy, set_name: Optional[str],
         if act == "drop":
             parts.append("counter drop")
         elif act == "default":
-            parts.append("goto commit")
+            parts.append(f"goto {names.COMMIT_CHAIN}")
         else:
-            parts.append(f"meta mark set meta mark | 0x{int(act) << names.EID_SHIFT:08x} goto commit")
+            parts.append(f"meta mark set meta mark | 0x{int(act) << names.EID_SHIFT:08x} "
+                         f"goto {names.COMMIT_CHAIN}")
         out.append(_commented(" ".join(parts), f"policy {p.name}"))
     return out
 
@@ -164,5 +167,5 @@ def limit_rules(block_size: int) -> tuple[str, ...]:
     body = (f"meta nfproto ipv4 meta l4proto {{ tcp, udp }} meta mark & 0x{names.EID_MASK:08x} != 0 "
             f"add @{names.FLOWS4_SET} {{ meta mark . ip daddr . meta l4proto . th dport "
             f"ct count over {block_size} }} update @{names.REFUSED_SET} {{ meta mark . meta l4proto }} "
-            f"goto refuse")
+            f"goto {names.REFUSE_CHAIN}")
     return (_commented(body, "limit ports"),)
