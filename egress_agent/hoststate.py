@@ -90,8 +90,9 @@ def usable_from(cfg: Config, host: HostState) -> Usable:
     return Usable(v4, v6)
 
 
-def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str]:
-    """The configured cgroup paths that exist now (libnftables resolves them there)."""
+def existing_cgroups(cfg: Config, root: str) -> frozenset[str]:
+    """The configured cgroup paths that exist now under `root` (cgroupfs.VIEW on a
+    host: libnftables resolves them there)."""
     return frozenset(w.cgroup for w in cfg.workloads
                      if w.cgroup and os.path.isdir(os.path.join(root, w.cgroup)))
 

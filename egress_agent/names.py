@@ -158,3 +158,8 @@ def lock_socket(netns: str) -> bytes:
 def lab_netns(prefix: str, name: str) -> str:
     """Namespace of lab role `name` ("host", "origin" or a machine like "m42")."""
     return f"{prefix}-{name}"
+
+
+def lab_cgroup(prefix: str) -> str:
+    """The lab's local cgroup workload, relative to the cgroup2 root."""
+    return f"egress-lab-{prefix}/app.service"
