@@ -327,12 +327,16 @@ class _Room:
                                 "app or raise limits.max_workloads")
         want = (bool(self.ip.ipv4 and 4 in families), bool(self.ip.ipv6 and 6 in families))
         held = self.held.get(workload, [])
-        for i, old in enumerate(held):
-            if (bool(old.ports), bool(old.ipv6)) == want:
-                # its own block, still reserved: the same source again, nobody else's
-                self.workloads.add(workload)
-                self.reserved -= 1 if old.ports else 0
-                return replace(held.pop(i), temporary=temporary)
+        shapes = [(bool(old.ports), bool(old.ipv6)) for old in held]
+        # its own block, still reserved: the same source again, nobody else's (a
+        # failover block borrowed for one family and widened to both is taken whole)
+        i = next((i for i, s in enumerate(shapes) if s == want), None)
+        if i is None:
+            i = next((i for i, s in enumerate(shapes) if s[0] >= want[0] and s[1] >= want[1]), None)
+        if i is not None:
+            self.workloads.add(workload)
+            self.reserved -= 1 if held[i].ports else 0
+            return replace(held.pop(i), temporary=temporary)
         ports = None
         ipv4 = self.ip.ipv4 if 4 in families else None
         if ipv4:
@@ -399,7 +403,9 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
     for w in workloads:
         if w not in wids and w in linger_wid and linger_wid[w] not in wids.values():
             wids[w] = linger_wid[w]
-    free_wids = _FreeIds([*wids.values(), *linger_wid.values()])
+    # a wid given up in this allocation goes to nobody else in it: its released
+    # blocks linger from now on with the wid in their mark
+    free_wids = _FreeIds([*wids.values(), *linger_wid.values(), *prev.wids.values()])
     for w in workloads:
         if w not in wids:
             wids[w] = free_wids.take()
@@ -411,11 +417,14 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
             eids[ip] = linger_eid[ip]
     for ip in here:
         if ip not in eids:
-            eids[ip] = _lowest_free([*eids.values(), *linger_eid.values()])
+            eids[ip] = _lowest_free([*eids.values(), *linger_eid.values(), *prev.eids.values()])
             if eids[ip] > names.EID_MAX:
                 raise CapacityError("-", ip, f"more than {names.EID_MAX} egress IPs on one host")
 
     rooms = {ip_id: _Room(cfg, ip) for ip_id, ip in here.items()}
+
+    def load(ip_id: str) -> int:
+        return len(rooms[ip_id].workloads)
     by_v4 = {ip.ipv4: rooms[ip.id] for ip in here.values() if ip.ipv4}
     v6_rooms = [r for r in rooms.values() if r.ip.ipv6]
 
@@ -442,100 +451,16 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
         if w not in workloads or ip_id not in here:
             continue
         room = rooms[ip_id]
-        keep = (ip_id in need[w] or lease.temporary
-                or (ip_id in (prev.app_choice.get(w), prev.app_choice6.get(w))
-                    and here[ip_id].state == "active"))
-        if keep and room.fits(lease) and (room.max is None or len(room.workloads) < room.max):
+        if _keeps(prev, workloads[w], lease, need[w], here[ip_id]) and room.fits(lease) \
+                and (room.max is None or len(room.workloads) < room.max):
             room.take(lease)
             leases[key] = lease
     # what is released now lingers from now on: nobody else gets it in this allocation
     for key in prev.leases.keys() - leases.keys():
         reserve(prev.leases[key])
 
-    # 2. app choice: keep it while it is in the app; else least loaded active IP
-    app_choice: dict[str, str] = {}
-    # the app IP serves IPv4 when the app has any IPv4 (step 2b adds IPv6 if it lacks it)
-    active_ids = {app: {ip.id for ip in _first_family_ips(cfg.app_ips(app)) if ip.state == "active"}
-                  for app in {w.app for w in cfg.workloads if w.app}}
-    # least loaded first: a heap of (workloads on it, id) per app, built when first needed
-    heaps: dict[str, list[tuple[int, str]]] = {}
-    for w in cfg.workloads:
-        candidates = app_ips(cfg, w)
-        if not candidates or _own_covers_both(cfg, w):
-            continue
-        prev_choice = prev.app_choice.get(w.id)
-        if prev_choice in active_ids[w.app] and (w.id, prev_choice) in leases:
-            app_choice[w.id] = prev_choice
-            continue
-        heap = heaps.get(w.app)
-        if heap is None:
-            candidates = _first_family_ips(candidates)
-            heap = heaps[w.app] = _app_heap(candidates, rooms)
-        ip_id, reasons = _least_loaded(heap, rooms, leases, w.id, (4, 6))
-        if ip_id is not None:
-            app_choice[w.id] = ip_id
-        else:
-            no_room(CapacityError(w.id, ",".join(ip.id for ip in candidates),
-                                  f"every egress IP of app {w.app!r} is full ({'; '.join(reasons)})"))
-
-    # 2b. IPv6 from another IP of the app when the app IP has no IPv6 range
-    app_choice6: dict[str, str] = {}
-    heaps6: dict[str, list[tuple[int, str]]] = {}
-    for w in cfg.workloads:
-        choice = app_choice.get(w.id)
-        if choice is None or here[choice].ipv6:
-            continue
-        candidates = [ip for ip in app_ips(cfg, w) if ip.ipv6]
-        if not candidates:
-            continue  # the app has no IPv6: defaults.unavailable
-        prev6 = prev.app_choice6.get(w.id)
-        if (prev6 in {ip.id for ip in candidates if ip.state == "active"}
-                and (w.id, prev6) in leases):
-            app_choice6[w.id] = prev6
-            continue
-        heap = heaps6.get(w.app)
-        if heap is None:
-            heap = heaps6[w.app] = _app_heap(candidates, rooms)
-        ip_id, reasons = _least_loaded(heap, rooms, leases, w.id, (6,))
-        if ip_id is not None:
-            app_choice6[w.id] = ip_id
-        else:
-            no_room(CapacityError(w.id, ",".join(ip.id for ip in candidates),
-                                  f"every IPv6 range of app {w.app!r} is full ({'; '.join(reasons)})"))
-
-    # 3. the IPs named by policies and machine-scoped IPs
-    for w in cfg.workloads:
-        for ip_id in need[w.id]:
-            if (w.id, ip_id) not in leases and ip_id in here:
-                try:
-                    leases[(w.id, ip_id)] = rooms[ip_id].new_lease(w.id, False)
-                except CapacityError as e:
-                    no_room(e)
-
-    # 4. failover: an app choice that cannot carry new traffic borrows a block
-    #    on another usable IP of the same app; the original lease is kept, and
-    #    the borrowed block is kept while the failover lasts, then released.
-    borrowed: set[tuple[str, str]] = set()
-    for w in cfg.workloads:
-        for fam in (4, 6):
-            choice = (app_choice6 if fam == 6 and w.id in app_choice6 else app_choice).get(w.id)
-            if choice is None or not _family_wanted(here[choice], fam) or usable.ok(here[choice], fam):
-                continue
-            alt_id = failover_target(cfg, w, here[choice], fam, usable, leases)
-            if alt_id is None:
-                for alt in sorted(app_ips(cfg, w), key=lambda ip: (len(rooms[ip.id].workloads), ip.id)):
-                    if alt.id != choice and usable.ok(alt, fam):
-                        held = leases.get((w.id, alt.id))
-                        try:
-                            # an IPv6-only lease on alt grows a block: kept, the same next time
-                            leases[(w.id, alt.id)] = (rooms[alt.id].widen(held, fam) if held
-                                                      else rooms[alt.id].new_lease(w.id, True))
-                            alt_id = alt.id
-                            break
-                        except CapacityError:
-                            continue
-            if alt_id is not None:
-                borrowed.add((w.id, alt_id))
+    app_choice, app_choice6, borrowed = _place(cfg, cfg.workloads, prev, here, usable, rooms,
+                                               leases, need, load, no_room, {}, {})
     leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
 
     # A released lease lingers unless its workload holds all of it again.
@@ -570,10 +495,19 @@ def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
     return replace(a, lingering=left), [Event("drained", a.lingering[k].lease) for k in gone]
 
 
-def _app_heap(ips: list[EgressIP], rooms: dict) -> list[tuple[int, str]]:
+def _keeps(prev: Allocations, w: Workload, lease: Lease, need: list[str], ip: EgressIP) -> bool:
+    """Does `w` keep its previous `lease` on `ip`: the IP is needed (own or policy), a
+    failover block (step 4 decides), or its app choice, while active and of its app
+    (a workload moved to another app releases the old app's block at once)."""
+    return (ip.id in need or lease.temporary
+            or (ip.id in (prev.app_choice.get(w.id), prev.app_choice6.get(w.id))
+                and ip.state == "active" and ip.app is not None and ip.app == w.app))
+
+
+def _app_heap(ips: list[EgressIP], load) -> list[tuple[int, str]]:
     """The app's active IPs (all of them when none is active) by workload count."""
     active = [ip for ip in ips if ip.state == "active"] or ips
-    heap = [(len(rooms[ip.id].workloads), ip.id) for ip in active]
+    heap = [(load(ip.id), ip.id) for ip in active]
     heapq.heapify(heap)
     return heap
 
@@ -621,3 +555,282 @@ def failover_target(cfg: Config, w: Workload, ip: EgressIP, fam: int, usable: Us
             return alt.id
     return None
 
+
+
+# --- incremental allocation (docs/design.md, "Incremental syncs") ---------------------
+
+@dataclass
+class Holders:
+    """Who holds what, kept beside the allocations the kernel took, so that a change
+    looks workloads up instead of scanning all of them."""
+
+    by_ip: dict[str, set[str]] = field(default_factory=dict)  # ip id -> workloads with a lease on it
+    wids: set[int] = field(default_factory=set)  # the wids of the workloads
+    temporary: set[str] = field(default_factory=set)  # workloads holding a failover block
+    free_from: int = 1  # every wid below it is taken
+
+    @staticmethod
+    def of(a: Allocations) -> "Holders":
+        h = Holders(wids=set(a.wids.values()))
+        for (w, ip), lease in a.leases.items():
+            h.by_ip.setdefault(ip, set()).add(w)
+            if lease.temporary:
+                h.temporary.add(w)
+        h.free_from = min(set(range(1, len(h.wids) + 2)) - h.wids)
+        return h
+
+    def update(self, old: Allocations, new: Allocations, workloads: Iterable[str]) -> None:
+        """After `new` replaced `old` for these workloads (nothing else changed)."""
+        for w in workloads:
+            if w in old.wids and new.wids.get(w) != old.wids[w]:
+                self.wids.discard(old.wids[w])
+                self.free_from = min(self.free_from, old.wids[w])
+            if w in new.wids:
+                self.wids.add(new.wids[w])
+            self.temporary.discard(w)
+        for leases, add in ((old.leases, False), (new.leases, True)):
+            for w in workloads:
+                for ip in self.by_ip:
+                    lease = leases.get((w, ip))
+                    if lease is None:
+                        continue
+                    if add:
+                        self.by_ip[ip].add(w)
+                        if lease.temporary:
+                            self.temporary.add(w)
+                    else:
+                        self.by_ip[ip].discard(w)
+        for ip in new.eids:
+            self.by_ip.setdefault(ip, set())
+
+    def with_ips(self, ips: Iterable[str]) -> None:
+        for ip in ips:
+            self.by_ip.setdefault(ip, set())
+
+
+class NeedsFullAllocation(Exception):
+    """The change is not one the incremental allocation covers (the egress IPs changed)."""
+
+
+def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: set[str],
+                     holders: Holders, positions: dict[str, int]
+                     ) -> tuple[Allocations, list[Event]]:
+    """`allocate(cfg, prev, usable)` for a config in which only the workloads in
+    `changed` (added, removed or edited) differ from the one `prev` was made for, or
+    whose egress IPs changed usability; every other workload keeps what it holds.
+
+    The work is the changed workloads' and the rooms (port blocks) of the egress IPs
+    they touch, not the host's: the full allocate() is the oracle it must equal
+    (tests/unit/test_incremental.py)."""
+    here = {ip.id: ip for ip in cfg.ips_here()}
+    if set(prev.eids) != set(here):
+        raise NeedsFullAllocation("egress IPs changed")
+    present = sorted((w for w in changed if w in positions), key=positions.__getitem__)
+    ws = [cfg.workloads[positions[w]] for w in present]
+    by_id = {x.id: x for x in ws}
+
+    linger_wid = {l.lease.workload: l.wid for l in prev.lingering.values()}
+    wids = dict(prev.wids)
+    for w in changed:
+        if w not in positions:
+            wids.pop(w, None)
+    taken: set[int] = set()
+    for w in present:
+        if w not in wids and w in linger_wid and linger_wid[w] not in holders.wids \
+                and linger_wid[w] not in taken:
+            wids[w] = linger_wid[w]
+            taken.add(wids[w])
+    busy = holders.wids | set(linger_wid.values()) | taken
+    cursor = holders.free_from
+    for w in present:
+        if w not in wids:
+            while cursor in busy:
+                cursor += 1
+            wids[w] = cursor
+            busy.add(cursor)
+            if cursor > names.WID_MAX:
+                raise CapacityError(w, "-", f"more than {names.WID_MAX} workloads")
+    eids = dict(prev.eids)
+
+    rests = [(l, r) for l in prev.lingering.values()
+             if (r := l.rest(prev.leases.get((l.lease.workload, l.lease.ip)))) is not None]
+    rooms = _Rooms(cfg, here, prev, holders, changed, positions, rests)
+    by_v4 = {ip.ipv4: ip.id for ip in here.values() if ip.ipv4}
+    v6_ips = [(ipaddress.IPv6Network(ip.ipv6), ip.id) for ip in here.values() if ip.ipv6]
+
+    def load(ip_id: str) -> int:
+        return len(rooms[ip_id].workloads) if ip_id in rooms else len(holders.by_ip.get(ip_id, ()))
+
+    # 1. the changed workloads keep what still fits
+    prev_keys = sorted(k for w in changed for k in _keys_of(prev.leases, w, here))
+    need = {w.id: needed_ips(cfg, w) for w in ws}
+    leases: dict[tuple[str, str], Lease] = {}
+    for key in prev_keys:
+        lease = prev.leases[key]
+        w, ip_id = key
+        if w not in positions:
+            continue
+        room = rooms[ip_id]
+        if _keeps(prev, by_id[w], lease, need[w], here[ip_id]) and room.fits(lease) \
+                and (room.max is None or len(room.workloads) < room.max):
+            room.take(lease)
+            leases[key] = lease
+    for key in prev_keys:
+        if key not in leases:
+            lease = prev.leases[key]
+            hit = {by_v4.get(lease.ipv4)} if lease.ipv4 else set()
+            if lease.ipv6:
+                a = ipaddress.IPv6Address(lease.ipv6)
+                hit |= {ip_id for net, ip_id in v6_ips if a in net}
+            for ip_id in sorted(i for i in hit if i is not None):
+                rooms[ip_id].reserve(lease, retake=lease.workload in positions)
+
+    # 2-4. as allocate() does, for the changed workloads alone
+    def no_room(e: CapacityError) -> None:
+        raise e
+    app_choice, app_choice6, borrowed = _place(
+        cfg, ws, prev, here, usable, rooms, leases, need, load, no_room,
+        {w: c for w, c in prev.app_choice.items() if w not in changed},
+        {w: c for w, c in prev.app_choice6.items() if w not in changed})
+    leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
+
+    merged = dict(prev.leases)
+    for key in prev_keys:
+        del merged[key]
+    merged.update(leases)
+    lingering = {k: l for k, l in prev.lingering.items()
+                 if l.rest(merged.get((l.lease.workload, l.lease.ip))) is not None}
+    events = []
+    for k in prev_keys:
+        l = prev.leases[k]
+        if leases.get(k) != l:
+            events.append(Event("release", l))
+            wid, eid = prev.wids.get(l.workload), prev.eids.get(l.ip)
+            gone = Lingering(replace(l, temporary=False), names.lease_mark(wid, eid)) \
+                if wid and eid else None
+            if gone and gone.rest(leases.get(k)) is not None:
+                lingering[block_key(l)] = gone
+                events.append(Event("linger", l))
+    events += [Event("assign", l) for k, l in sorted(leases.items()) if prev.leases.get(k) != l]
+    return Allocations(wids, eids, app_choice, merged, app_choice6, lingering), events
+
+
+def _place(cfg: Config, ws: Iterable[Workload], prev: Allocations, here: dict[str, EgressIP],
+           usable: Usable, rooms, leases: dict, need: dict[str, list[str]], load, no_room,
+           app_choice: dict[str, str], app_choice6: dict[str, str]
+           ) -> tuple[dict[str, str], dict[str, str], set[tuple[str, str]]]:
+    """Steps 2-4 of an allocation, for the workloads `ws` in config order, once every
+    lease that still fits was kept (step 1): the app choice, the app's IPv6 when the
+    choice has none, the policy and machine-scoped IPs, failover blocks. Returns the
+    app choices (`app_choice`, `app_choice6` extended) and the failover blocks in use."""
+    ws = list(ws)
+    # 2. app choice: keep it while it is in the app; else least loaded active IP
+    # the app IP serves IPv4 when the app has any IPv4 (step 2b adds IPv6 if it lacks it)
+    active_ids = {app: {ip.id for ip in _first_family_ips(cfg.app_ips(app)) if ip.state == "active"}
+                  for app in {w.app for w in ws if w.app}}
+    # least loaded first: a heap of (workloads on it, id) per app, built when first needed
+    heaps: dict[str, list[tuple[int, str]]] = {}
+    for w in ws:
+        candidates = app_ips(cfg, w)
+        if not candidates or _own_covers_both(cfg, w):
+            continue
+        prev_choice = prev.app_choice.get(w.id)
+        if prev_choice in active_ids[w.app] and (w.id, prev_choice) in leases:
+            app_choice[w.id] = prev_choice
+            continue
+        heap = heaps.get(w.app)
+        if heap is None:
+            heap = heaps[w.app] = _app_heap(_first_family_ips(candidates), load)
+        ip_id, reasons = _least_loaded(heap, rooms, leases, w.id, (4, 6))
+        if ip_id is not None:
+            app_choice[w.id] = ip_id
+        else:
+            no_room(CapacityError(w.id, ",".join(ip.id for ip in candidates),
+                                  f"every egress IP of app {w.app!r} is full ({'; '.join(reasons)})"))
+
+    # 2b. IPv6 from another IP of the app when the app IP has no IPv6 range
+    heaps6: dict[str, list[tuple[int, str]]] = {}
+    for w in ws:
+        choice = app_choice.get(w.id)
+        if choice is None or here[choice].ipv6:
+            continue
+        candidates = [ip for ip in app_ips(cfg, w) if ip.ipv6]
+        if not candidates:
+            continue  # the app has no IPv6: defaults.unavailable
+        prev6 = prev.app_choice6.get(w.id)
+        if (prev6 in {ip.id for ip in candidates if ip.state == "active"}
+                and (w.id, prev6) in leases):
+            app_choice6[w.id] = prev6
+            continue
+        heap = heaps6.get(w.app)
+        if heap is None:
+            heap = heaps6[w.app] = _app_heap(candidates, load)
+        ip_id, reasons = _least_loaded(heap, rooms, leases, w.id, (6,))
+        if ip_id is not None:
+            app_choice6[w.id] = ip_id
+        else:
+            no_room(CapacityError(w.id, ",".join(ip.id for ip in candidates),
+                                  f"every IPv6 range of app {w.app!r} is full ({'; '.join(reasons)})"))
+
+    # 3. the IPs named by policies and machine-scoped IPs
+    for w in ws:
+        for ip_id in need[w.id]:
+            if (w.id, ip_id) not in leases and ip_id in here:
+                try:
+                    leases[(w.id, ip_id)] = rooms[ip_id].new_lease(w.id, False)
+                except CapacityError as e:
+                    no_room(e)
+
+    # 4. failover: an app choice that cannot carry new traffic borrows a block
+    #    on another usable IP of the same app; the original lease is kept, and
+    #    the borrowed block is kept while the failover lasts, then released.
+    #    A borrowed lease has only the family it is borrowed for (a second family
+    #    widens it): the next allocation then finds the same blocks in use.
+    borrowed: set[tuple[str, str]] = set()
+    for w in ws:
+        for fam in (4, 6):
+            choice = (app_choice6 if fam == 6 and w.id in app_choice6 else app_choice).get(w.id)
+            if choice is None or not _family_wanted(here[choice], fam) or usable.ok(here[choice], fam):
+                continue
+            alt_id = failover_target(cfg, w, here[choice], fam, usable, leases)
+            if alt_id is None:
+                for alt in sorted(app_ips(cfg, w), key=lambda ip: (load(ip.id), ip.id)):
+                    if alt.id != choice and usable.ok(alt, fam):
+                        held = leases.get((w.id, alt.id))
+                        try:
+                            # an IPv6-only lease on alt grows a block: kept, the same next time
+                            leases[(w.id, alt.id)] = (rooms[alt.id].widen(held, fam) if held
+                                                      else rooms[alt.id].new_lease(w.id, True, (fam,)))
+                            alt_id = alt.id
+                            break
+                        except CapacityError:
+                            continue
+            if alt_id is not None:
+                borrowed.add((w.id, alt_id))
+    return app_choice, app_choice6, borrowed
+
+
+def _keys_of(leases: dict, w: str, ips) -> list[tuple[str, str]]:
+    return [(w, ip) for ip in ips if (w, ip) in leases]
+
+
+class _Rooms(dict):
+    """The rooms of the egress IPs an incremental allocation touches, each built on
+    first use as allocate() has it when its step 2 begins: the lingering blocks, then
+    the leases of every workload that did not change."""
+
+    def __init__(self, cfg, here, prev, holders, changed, positions, rests):
+        super().__init__()
+        self.args = (cfg, here, prev, holders, changed, positions, rests)
+
+    def __missing__(self, ip_id: str) -> _Room:
+        cfg, here, prev, holders, changed, positions, rests = self.args
+        room = self[ip_id] = _Room(cfg, here[ip_id])
+        for _, rest in rests:
+            if (rest.ipv4 and rest.ipv4 == room.ip.ipv4) or (
+                    rest.ipv6 and room.ip.ipv6 and ipaddress.IPv6Address(rest.ipv6) in room.net6):
+                room.reserve(rest, retake=rest.workload in positions)
+        for w in holders.by_ip.get(ip_id, ()):
+            if w not in changed:
+                room.take(prev.leases[(w, ip_id)])
+        return room

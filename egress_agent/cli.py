@@ -116,7 +116,7 @@ def cmd_plan(args) -> int:
         rec = wiring.reconciler(cfg)
         rec.quarantine = False  # a plan moves no file
         observed = rec.observe()
-        p, _, _ = rec.plan(cfg, observed)
+        p, _, _, _ = rec.plan(cfg, observed)
     else:
         p, _ = _offline_plan(cfg)
         observed = Observed()

@@ -339,6 +339,11 @@ class Config(_Model):
         return {ip.id: ip for ip in self.egress_ips}
 
     @cached_property
+    def workload_positions(self) -> dict[str, int]:
+        """Workload id -> its index in `workloads` (the order allocation follows)."""
+        return {w.id: i for i, w in enumerate(self.workloads)}
+
+    @cached_property
     def _by_owner(self) -> dict[tuple[str, str], list[EgressIP]]:
         out: dict[tuple[str, str], list[EgressIP]] = {}
         for ip in self._here:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:  # attributes only: the host facts need no config parser
     from .config import Config, EgressIP
@@ -90,11 +90,16 @@ def usable_from(cfg: Config, host: HostState) -> Usable:
     return Usable(v4, v6)
 
 
+def cgroup_exists(root: str) -> Callable[[str], bool]:
+    """Whether a cgroup path exists now under `root` (cgroupfs.VIEW on a host:
+    libnftables resolves `socket cgroupv2` paths there)."""
+    return lambda path: os.path.isdir(os.path.join(root, path))
+
+
 def existing_cgroups(cfg: Config, root: str) -> frozenset[str]:
-    """The configured cgroup paths that exist now under `root` (cgroupfs.VIEW on a
-    host: libnftables resolves them there)."""
-    return frozenset(w.cgroup for w in cfg.workloads
-                     if w.cgroup and os.path.isdir(os.path.join(root, w.cgroup)))
+    """The configured cgroup paths that exist now under `root`."""
+    exists = cgroup_exists(root)
+    return frozenset(w.cgroup for w in cfg.workloads if w.cgroup and exists(w.cgroup))
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
 
 # NFT_MSG_* (linux/netfilter/nf_tables.h)
 NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE = 0, 2
-NFT_MSG_NEWGEN = 15
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
 NFTA_TABLE_NAME = 1  # and NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST,OBJ,FLOWTABLE}_TABLE: all 1
 NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
 
@@ -97,6 +97,24 @@ def netlink_socket(proto: int) -> socket.socket:
     except OSError:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
     return s
+
+
+def generation() -> int:
+    """The nftables generation now (NFT_MSG_GETGEN): every commit, to any table,
+    increments it, so an unchanged number means nothing in nftables changed."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_NETFILTER) as s:
+        s.settimeout(5)
+        nfgenmsg = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+        s.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(nfgenmsg),
+                              (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, 1, 1, 0) + nfgenmsg)
+        for mtype, payload in messages(s.recv(65536)):
+            if mtype == NLMSG_ERROR:
+                err = -struct.unpack_from("=i", payload)[0]
+                raise OSError(err, f"NFT_MSG_GETGEN: {os.strerror(err)}")
+            if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+                return struct.unpack(">I", attrs(payload, 4)[NFTA_GEN_ID])[0]
+    raise OSError("NFT_MSG_GETGEN: no generation in the answer")
 
 
 def own_route_ports() -> set[int]:

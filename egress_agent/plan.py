@@ -37,6 +37,10 @@ class Plan:
     alloc: Allocations
     notes: list[str] = field(default_factory=list)  # e.g. cgroups not present yet
     usable: Usable = Usable()  # which egress IPs this plan took as usable
+    # each workload's elements, and the workloads whose cgroup is missing (applied.py)
+    placed: dict[str, list] = field(default_factory=dict)
+    missing_cgroups: set[str] = field(default_factory=set)
+    shared: Desired = Desired()
 
 
 # --- decisions -------------------------------------------------------------------
@@ -239,40 +243,83 @@ def _mark_for(alloc: Allocations, wid: int, c: Choice) -> int:
     return wid
 
 
+# One element of the plan: (set or map name, element).
+Placed = tuple[str, Element]
+
+
 def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Plan:
-    """The desired kernel objects for this config and these allocations."""
+    """The desired kernel objects for this config and these allocations: the shared
+    part and every workload's elements (the index of an incremental sync is the same
+    pieces, kept per workload: docs/design.md, "Incremental syncs")."""
+    notes: list[str] = []
+    shared = build_shared(cfg, alloc, facts)
+    el: dict[str, set[Element]] = {n: set(v) for n, v in shared.elements.items()}
+    held = leases_by_workload(alloc)
+    placed: dict[str, list[Placed]] = {}
+    missing = set()
+    for w in cfg.workloads:
+        placed[w.id], note = workload_elements(cfg, alloc, w, held.get(w.id, ()), facts)
+        for name, e in placed[w.id]:
+            el[name].add(e)
+        if note:
+            notes.append(note)
+            missing.add(w.id)
+    desired = Desired({k: frozenset(v) for k, v in el.items()}, shared.chains,
+                      shared.routes, shared.rules)
+    return Plan(desired, alloc, notes, facts.usable, placed, missing, shared)
+
+
+def leases_by_workload(alloc: Allocations) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for lease in alloc.leases.values():
+        out.setdefault(lease.workload, []).append(lease)
+    return out
+
+
+def workload_elements(cfg: Config, alloc: Allocations, w: Workload, leases,
+                      facts: HostFacts) -> tuple[list[Placed], Optional[str]]:
+    """What one workload puts in the kernel (its sources, cgroup, assignment, the
+    SNAT of each of its `leases`, its policy sets), and a note when its cgroup is
+    missing. Nothing here depends on another workload."""
+    out: list[Placed] = []
+    note = None
+    wid = alloc.wids[w.id]
+    for src in w.source:
+        fam = 6 if ":" in src else 4
+        if w.interface:
+            out.append((names.SOURCE_IF_MAP[fam], ((src, w.interface), wid)))
+            out.append((names.BOUND_SET[fam], (src, None)))
+        else:
+            out.append((names.SOURCE_MAP[fam], (src, wid)))
+    if w.cgroup:
+        if facts.cgroups is not None and w.cgroup not in facts.cgroups:
+            note = (f"workload {w.id}: cgroup {w.cgroup} does not exist yet; "
+                    "it is added when it appears")
+        else:
+            out.append((names.cgroup_map(w.cgroup.count("/") + 1), (w.cgroup, wid)))
+    for fam in (4, 6):
+        c = assignment(cfg, alloc, w, fam, facts.usable)
+        out.append((names.ASSIGN_MAP[fam], (wid, _mark_for(alloc, wid, c))))
+    for lease in leases:
+        mark = names.lease_mark(wid, alloc.eids[lease.ip])
+        if lease.ipv4:
+            out.append((names.SNAT4_ADDR_MAP, (mark, lease.ipv4)))
+            if lease.ports:
+                out.append((names.SNAT4_PORTS_MAP, (mark, (lease.ipv4, lease.ports))))
+        if lease.ipv6:
+            out.append((names.SNAT6_MAP, (mark, lease.ipv6)))
+    for i, p in enumerate(cfg.policies):
+        if (p.match.workloads or p.match.apps) and policy_matches(p, w):
+            out.append((names.policy_set(i), (wid, None)))
+    return out, note
+
+
+def build_shared(cfg: Config, alloc: Allocations, facts: HostFacts) -> Desired:
+    """The part of the plan no single workload owns: the address sets, the policy
+    sets' declarations (empty here), the generated chains, routes and ip rules."""
     from .nft.text import limit_rules, policy_rules  # nft.text owns nft syntax
 
-    notes: list[str] = []
     el: dict[str, set[Element]] = {n: set() for n in _ALL_SETS}
-    for w in cfg.workloads:
-        wid = alloc.wids[w.id]
-        for src in w.source:
-            fam = 6 if ":" in src else 4
-            if w.interface:
-                el[names.SOURCE_IF_MAP[fam]].add(((src, w.interface), wid))
-                el[names.BOUND_SET[fam]].add((src, None))
-            else:
-                el[names.SOURCE_MAP[fam]].add((src, wid))
-        if w.cgroup:
-            if facts.cgroups is not None and w.cgroup not in facts.cgroups:
-                notes.append(f"workload {w.id}: cgroup {w.cgroup} does not exist yet; "
-                             "it is added when it appears")
-            else:
-                el[names.cgroup_map(w.cgroup.count("/") + 1)].add((w.cgroup, wid))
-        for fam in (4, 6):
-            c = assignment(cfg, alloc, w, fam, facts.usable)
-            el[names.ASSIGN_MAP[fam]].add((wid, _mark_for(alloc, wid, c)))
-
-    for lease in alloc.leases.values():
-        mark = names.lease_mark(alloc.wids[lease.workload], alloc.eids[lease.ip])
-        if lease.ipv4:
-            el[names.SNAT4_ADDR_MAP].add((mark, lease.ipv4))
-            if lease.ports:
-                el[names.SNAT4_PORTS_MAP].add((mark, (lease.ipv4, lease.ports)))
-        if lease.ipv6:
-            el[names.SNAT6_MAP].add((mark, lease.ipv6))
-
     for fam in (4, 6):
         el[names.MANAGED_SET[fam]] |= _collapse(cfg.managed_sources, fam)
         el[names.EGRESS_SET[fam]] |= _collapse(egress_prefixes(cfg), fam)
@@ -287,7 +334,7 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
         set_name = None
         if p.match.workloads or p.match.apps:
             set_name = names.policy_set(i)
-            el[set_name] = {(alloc.wids[w.id], None) for w in cfg.workloads if policy_matches(p, w)}
+            el[set_name] = set()
         choices = {fam: policy_choice(cfg, p, fam, facts.usable) for fam in (4, 6)}
         rules_text += policy_rules(p, set_name, {f: _choice_mark_or(alloc, c) for f, c in choices.items()})
 
@@ -308,9 +355,8 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
 
     chains = {names.POLICY_CHAIN: tuple(rules_text),
               names.LIMIT_CHAIN: limit_rules(cfg.defaults.ports_per_workload)}
-    desired = Desired({k: frozenset(v) for k, v in el.items()}, chains,
-                      frozenset(routes), frozenset(rules))
-    return Plan(desired, alloc, notes, facts.usable)
+    return Desired({k: frozenset(v) for k, v in el.items()}, chains,
+                   frozenset(routes), frozenset(rules))
 
 
 def guard_rules(managed, host_addresses) -> set[Rule]:

@@ -28,9 +28,11 @@ from . import names
 from . import log as logmod
 from . import shape as shape_mod
 from .adopt import adopt
+from .applied import Applied, Change, plan_change
 from .config import Config
 from .drift import Finding, findings
-from .hoststate import HostFacts, HostState, Usable, existing_cgroups, usable_from
+from .hoststate import (HostFacts, HostState, Usable, cgroup_exists, existing_cgroups,
+                        usable_from)
 from .model import Desired, Observed
 from .nft import NftPort
 from .plan import Plan, build
@@ -58,6 +60,7 @@ class SyncResult:
     quarantined: Optional[str] = None  # where a corrupt allocations.json was moved
     store_error: Optional[str] = None  # the kernel took the change, the store write failed
     drift: list[Finding] = field(default_factory=list)  # what the kernel lost or gained
+    replanned: int = 0  # workloads allocated and planned again: what the sync cost
 
     @property
     def changed(self) -> bool:
@@ -71,7 +74,7 @@ class SyncResult:
                 "skeleton_replaced": self.skeleton_replaced, "adopted": self.adopted,
                 "quarantined": self.quarantined, "store_error": self.store_error,
                 "duration_ms": round(self.duration_ms, 2), "notes": self.notes,
-                "drift": [str(f) for f in self.drift]}
+                "drift": [str(f) for f in self.drift], "workloads_replanned": self.replanned}
 
 
 # Triggers of a drift check (nftwatch.py), each reading only what it is about:
@@ -81,6 +84,10 @@ class SyncResult:
 # host before it is called drift (a link that went down takes its routes with
 # it). A full sync reads everything.
 DRIFT_NFT, DRIFT_ROUTES = "drift", "drift-routes"
+# The periodic resync: when nftables' generation is the one our last batch left,
+# nothing was committed since, and memory is compared with the kernel's routes
+# only; otherwise the whole table is read and compared.
+RESYNC = "resync"
 
 
 class Reconciler:
@@ -96,8 +103,10 @@ class Reconciler:
         # (conntrack.live_leases);
         # None: unknown, released blocks linger until a reconciler that can tell
         self.live_leases = live_leases
-        self.applied: Optional[Observed] = None  # what the kernel accepted last
+        self.index: Optional[Applied] = None  # what the kernel accepted last, per workload
         self.alloc: Optional[alloc_mod.Allocations] = None  # the allocations it accepted with it
+        self.generation: Optional[int] = None  # nftables' generation after our last batch
+        self._after_ops: list = []
         self.full_next = True
         self.quarantine = True  # move a corrupt store aside (False: plan only, touch nothing)
         self.unsaved: list[dict] = []  # history records the kernel took and the disk has not
@@ -123,12 +132,12 @@ class Reconciler:
         routes, rules = self.routing.dump()
         return observed_from_json(self.nft.list_table(), routes, rules)
 
-    def plan(self, cfg: Config, observed: Observed,
-             reuse_facts: bool = False) -> tuple[Plan, list[alloc_mod.Event], bool]:
+    def plan(self, cfg: Config, observed: Observed, reuse_facts: bool = False
+             ) -> tuple[Plan, list[alloc_mod.Event], bool, HostFacts]:
         prev, adopted_events, adopted = self.previous(cfg, observed)
         facts = self.facts(cfg, reuse_facts)
         new_alloc, events = alloc_mod.allocate(cfg, prev, facts.usable)
-        return build(cfg, new_alloc, facts), adopted_events + events, adopted
+        return build(cfg, new_alloc, facts), adopted_events + events, adopted, facts
 
     def previous(self, cfg: Config, observed: Observed
                  ) -> tuple[alloc_mod.Allocations, list[alloc_mod.Event], bool]:
@@ -171,47 +180,88 @@ class Reconciler:
 
     def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
         t0 = time.perf_counter()
-        mode = "full" if (full or self.full_next or self.applied is None) else "incremental"
         self._quarantined = None
-        if mode == "full":
-            observed = self.observe()
-        elif trigger == DRIFT_NFT:
-            # a foreign commit touched our table: read it (the routes have their own events)
-            assert self.applied is not None
-            mode = "drift"
-            observed = replace(observed_from_json(self.nft.list_table()),
-                               routes=self.applied.routes, rules=self.applied.rules)
-        else:
+        if full and trigger == RESYNC and self._nft_unchanged():
+            full = False  # nothing was committed to nftables since our batch: memory is the kernel
+        mode = "full" if (full or self.full_next or self.index is None) else "incremental"
+        if mode == "incremental" and trigger != DRIFT_NFT:
             # nft state from memory (the kernel said yes to it); routes are read
             # every time: the kernel drops them when a link goes down.
-            assert self.applied is not None
             routes, rules = self.routing.dump()
+            reuse = trigger == DRIFT_ROUTES
+            facts = self.facts(cfg, reuse)
+            assert self.index is not None and self.host is not None
+            change = plan_change(self.index, cfg, facts.usable, self.host.addresses,
+                                 cgroup_exists(self.cgroup_root), all_cgroups=trigger == RESYNC)
+            if change is not None:
+                return self._apply_change(change, trigger, routes, rules, reuse, t0)
             observed = replace(self.applied, routes=routes, rules=rules)
+        elif mode == "incremental":
+            # a foreign commit touched our table: read it (the routes have their own events)
+            assert self.index is not None
+            mode = "drift"
+            observed = replace(observed_from_json(self.nft.list_table()),
+                               routes=self.index.shared.routes, rules=self.index.shared.rules)
+        else:
+            observed = self.observe()
+        applied = self.applied if self.index is not None else None
         try:
             reuse = mode == "drift" or (mode == "incremental" and trigger == DRIFT_ROUTES)
-            plan, events, adopted = self.plan(cfg, observed, reuse_facts=reuse)
+            plan, events, adopted, facts = self.plan(cfg, observed, reuse_facts=reuse)
             d = plan.desired
-            drift = (findings(self.applied, d, observed, self.expected_shape,
-                              self._link_up(fresh=reuse))
-                     if self.applied is not None else [])
+            drift = (findings(applied, d, observed, self.expected_shape, self._link_up(fresh=reuse))
+                     if applied is not None else [])
             ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
             tx = transaction(d, observed, self.expected_shape)
-            before, after = split_ops(ops)
-            self.routing.apply(before)
-            self.nft.run(tx.text)
+            self._commit(ops, tx)
         except Exception:
             self.full_next = True
             raise
         # The kernel took the batch: memory follows it, whatever the disk does next.
-        at = now_iso()
         self.alloc = self._drain(plan.alloc, events, plan.notes)
-        self.applied = _as_observed(d)
+        self.index = Applied.of(cfg, replace(plan, alloc=self.alloc), facts)
+        return self._after(trigger, mode, ops, tx, plan.notes, plan.usable, events, adopted,
+                           bool(tx.full and observed.table), drift, t0, len(cfg.workloads))
+
+    def _apply_change(self, change: Change, trigger: str, routes, rules, reuse: bool,
+                      t0: float) -> SyncResult:
+        """An incremental sync: only what `change` re-planned is compared and sent."""
+        assert self.index is not None
+        try:
+            d = change.desired(self.index)
+            observed = change.before(self.index, routes, rules)
+            applied = replace(observed, routes=self.index.shared.routes,
+                              rules=self.index.shared.rules)
+            drift = findings(applied, d, observed, self.expected_shape, self._link_up(fresh=reuse))
+            ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
+            tx = transaction(d, observed, self.expected_shape)
+            self._commit(ops, tx)
+        except Exception:
+            self.full_next = True
+            raise
+        self.alloc = self._drain(change.alloc, change.events, change.notes)
+        self.index = replace(change, alloc=self.alloc).applied(self.index)
+        return self._after(trigger, "incremental", ops, tx, change.notes, change.facts.usable,
+                           change.events, False, False, drift, t0, len(change.workloads))
+
+    def _commit(self, ops, tx) -> None:
+        """Routes and rules the batch will mark for, the batch, then (after) the rest."""
+        before, self._after_ops = split_ops(ops)
+        self.routing.apply(before)
+        self.nft.run(tx.text)
+
+    def _after(self, trigger, mode, ops, tx, notes, usable, events, adopted, replaced, drift,
+               t0, replanned) -> SyncResult:
+        """Once the kernel took the batch: the routes that go after it, the history
+        and the store, the generation that says nothing changed since."""
+        at = now_iso()
         self.unsaved += [event_record(at, e, isinstance(e, _Adopted)) for e in events]
         self.store_dirty = True
         try:
-            self.routing.apply(after)
+            self.routing.apply(self._after_ops)
             if (tx.full or tx.repaired) and not self.shape_checked:
-                self._learn_shape(plan.notes)
+                self._learn_shape(notes)
+            self.generation = self._generation()
         except Exception:
             self.full_next = True
             raise
@@ -219,10 +269,26 @@ class Reconciler:
             store_error = self.persist()
         self.full_next = store_error is not None
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
-                          tx.policies_changed and not tx.full,
-                          bool((tx.full and observed.table) or tx.repaired),
-                          adopted, (time.perf_counter() - t0) * 1000, plan.notes, tx.text,
-                          plan.usable, self._quarantined, store_error, drift)
+                          tx.policies_changed and not tx.full, replaced or bool(tx.repaired),
+                          adopted, (time.perf_counter() - t0) * 1000, notes, tx.text,
+                          usable, self._quarantined, store_error, drift, replanned)
+
+    def _generation(self) -> Optional[int]:
+        try:
+            return self.nft.generation()
+        except OSError:
+            return None
+
+    def _nft_unchanged(self) -> bool:
+        """Is nftables as this process left it (its generation number the same)?"""
+        return (self.index is not None and not self.full_next and self.generation is not None
+                and self._generation() == self.generation)
+
+    @property
+    def applied(self) -> Observed:
+        """What the kernel took last, whole (an O(workloads) copy: for comparisons)."""
+        assert self.index is not None
+        return _as_observed(self.index.desired())
 
     def persist(self) -> Optional[str]:
         """Write what the kernel holds to the store: pending history first, then
@@ -302,7 +368,7 @@ class Reconciler:
             self.nft.run(f"delete table {names.TABLE}\n")
         self.routing.apply(after)
         removed = sum(len(v) for v in observed.elements.values())
-        self.applied, self.alloc, self.full_next = None, None, True
+        self.index, self.alloc, self.full_next = None, None, True
         return SyncResult("teardown", "full", 0, removed, [op.describe() for op in ops],
                           duration_ms=(time.perf_counter() - t0) * 1000)
 

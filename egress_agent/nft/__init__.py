@@ -37,6 +37,9 @@ class NftPort(Protocol):
     def run(self, batch: str) -> None:
         """Apply `batch` atomically or raise NftError."""
 
+    def generation(self) -> int:
+        """The ruleset's generation number: changed by every commit, ours or not."""
+
     def list_table(self, terse: bool = False) -> dict:
         """`nft -j list table inet egress_agent` as a dict; {"nftables": []} if absent.
         `terse`: without set elements."""

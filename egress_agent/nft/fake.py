@@ -30,6 +30,7 @@ class FakeNft:
         self.table: Optional[dict] = None
         self.cgroups = cgroups  # None: every path exists
         self.batches: list[str] = []
+        self.gen = 0  # the ruleset generation: +1 per accepted batch (tests bump it for foreign ones)
 
     # --- the port ---------------------------------------------------------------
     def run(self, batch: str) -> None:
@@ -55,6 +56,10 @@ class FakeNft:
                 raise NftError(f"batch:{i}:1-{len(line)}: Error: {e.message}\n{line}", batch) from None
         self.table = state
         self.batches.append(batch)
+        self.gen += 1
+
+    def generation(self) -> int:
+        return self.gen
 
     def list_table(self, terse: bool = False) -> dict:
         """`terse`: without elements (`nft -t`)."""

@@ -35,6 +35,10 @@ class Libnft:
         finally:
             self._nft.set_dry_run(False)
 
+    def generation(self) -> int:
+        from ..nftwatch import generation
+        return generation()
+
     def list_table(self, terse: bool = False) -> dict:
         """`terse`: without set elements (`nft -t`), to read the skeleton cheaply."""
         if not terse:

@@ -125,7 +125,7 @@ def test_flushed_skeleton_chain_is_rewritten_in_place_and_plan_sees_it(synced):
     n = len(skeleton_shape().chain("postrouting")[1])
     nft.run(f"flush chain {T} postrouting")
     # `plan --against-running` diffs the same observation: not "no change"
-    p, _, _ = rec.plan(cfg, rec.observe())
+    p, _, _, _ = rec.plan(cfg, rec.observe())
     tx = transaction(p.desired, rec.observe())
     assert not tx.full and tx.repaired == ["postrouting"] and tx.added == 0
     assert tx.lines[0] == f"flush chain {T} postrouting" and tx.lines[1] == f"table {T} {{"
@@ -137,7 +137,7 @@ def test_flushed_skeleton_chain_is_rewritten_in_place_and_plan_sees_it(synced):
 def test_a_missing_set_or_a_moved_hook_replaces_the_table(synced):
     cfg, nft, _, rec = synced
     del nft.table["decl"]["snat4"], nft.table["sets"]["snat4"]
-    p, _, _ = rec.plan(cfg, rec.observe())
+    p, _, _, _ = rec.plan(cfg, rec.observe())
     assert transaction(p.desired, rec.observe()).full
     r = repaired(cfg, nft, rec)
     assert [str(f) for f in r.drift][0] == "map snat4 missing"
@@ -150,7 +150,7 @@ def test_a_missing_set_or_a_moved_hook_replaces_the_table(synced):
 def test_a_deleted_skeleton_chain_is_declared_again(synced):
     cfg, nft, _, rec = synced
     del nft.table["chains"]["refuse"]
-    p, _, _ = rec.plan(cfg, rec.observe())
+    p, _, _, _ = rec.plan(cfg, rec.observe())
     tx = transaction(p.desired, rec.observe())
     assert tx.repaired == ["refuse"] and f"flush chain {T} refuse" not in tx.lines
     r = repaired(cfg, nft, rec)

@@ -172,7 +172,7 @@ def test_plan_against_running_moves_nothing(cfg):
     rec = reconciler(cfg, nft)
     rec.quarantine = False
     with capture_logs():
-        _, _, adopted = rec.plan(cfg, rec.observe())
+        _, _, adopted, _ = rec.plan(cfg, rec.observe())
     assert adopted and store.allocations_path.read_text() == "{"
 
 
