@@ -50,7 +50,7 @@ import nftables
 from pyroute2 import IPRoute
 from egress_agent import nftwatch
 from egress_agent.lab.topology import LAB_NAT
-from egress_agent.render import observed_from_json
+from egress_agent.nft.listing import observed_from_json
 
 agent, runs = int(sys.argv[1]), int(sys.argv[2])
 T = "inet egress_agent"

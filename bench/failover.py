@@ -52,12 +52,10 @@ ECHO, ECHO_UDP_PORT = "192.0.2.10", 8081
 
 POLL_ONLY = r"""
 import sys
-from egress_agent import log
-from egress_agent.cli import _reconciler
-from egress_agent.daemon import Daemon
+from egress_agent import log, wiring
 log.configure(json_lines=True)
-sys.exit(Daemon(sys.argv[1], _reconciler, resync_interval=float(sys.argv[2]),
-                watch_netlink=False).run())
+sys.exit(wiring.daemon(sys.argv[1], resync_interval=float(sys.argv[2]), watch_netlink=False,
+                       collect_usage=None).run())
 """
 
 

@@ -62,7 +62,7 @@ def measure(n: int) -> dict:
     cfg = parse(text, "bench.yaml").config
     out["load_s"] = time.perf_counter() - t
     rec = reconciler()
-    from egress_agent.alloc import Usable
+    from egress_agent.hoststate import Usable
     import egress_agent.reconcile as rmod
     rmod.usable_from = lambda cfg, host: Usable()  # every IP usable: no addresses in the netns
     t = time.perf_counter()

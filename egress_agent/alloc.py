@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 
 from . import names
 from .config import Config, EgressIP, Policy, PolicyEgress, Workload
+from .hoststate import Usable
 
 Ports = tuple[int, int]
 
@@ -181,21 +182,6 @@ class CapacityError(Exception):
     def __init__(self, workload: str, ip: str, reason: str):
         self.workload, self.ip, self.reason = workload, ip, reason
         super().__init__(f"workload {workload!r} needs a port block on egress IP {ip!r}: {reason}")
-
-
-@dataclass(frozen=True)
-class Usable:
-    """Which egress IPs can carry new traffic now, per family (None: all)."""
-
-    v4: Optional[frozenset[str]] = None
-    v6: Optional[frozenset[str]] = None
-
-    def ok(self, ip: EgressIP, family: int) -> bool:
-        if ip.state != "active":
-            return False
-        if family == 4:
-            return ip.ipv4 is not None and (self.v4 is None or ip.id in self.v4)
-        return ip.ipv6 is not None and (self.v6 is None or ip.id in self.v6)
 
 
 def policy_matches(policy: Policy, w: Workload) -> bool:

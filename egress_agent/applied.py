@@ -13,14 +13,14 @@ memory; `plan.build` over everything is the oracle both must equal
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import alloc as alloc_mod
 from .config import Config
+from .hoststate import HostFacts
 from .model import Desired, Element, Observed
-from .plan import HostFacts, Placed, Plan, build_shared, workload_elements
+from .plan import Placed, Plan, build_shared, workload_elements
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Change:
     def before(self, applied: Applied, routes, rules) -> Observed:
         """The same part of what the kernel holds (it took `applied`); `routes` and
         `rules` as read from the kernel now."""
-        from .render import comments, skeleton_digest
+        from .nft.text import comments, skeleton_digest
         old = [applied.placed[w] for w in self.workloads if w in applied.placed]
         return Observed(True, skeleton_digest(), _elements(applied.shared, old),
                         {c: comments(r) for c, r in applied.shared.chains.items()},
@@ -183,7 +183,3 @@ def plan_change(applied: Applied, cfg: Config, usable: alloc_mod.Usable,
             notes.append(note)
     shared = build_shared(cfg, new_alloc, HostFacts(usable, None, addresses))
     return Change(cfg, new_alloc, events, facts, changed, placed, shared, missing, notes)
-
-
-def cgroup_exists(root: str) -> Callable[[str], bool]:
-    return lambda path: os.path.isdir(os.path.join(root, path))

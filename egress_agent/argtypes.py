@@ -2,6 +2,8 @@
 is expected (argparse then exits 2), so no command meets a value it cannot use.
 
 Pure: no kernel access, so `check`, `explain` and `who` stay usable without root.
+The one ADDR:PORT / [IPv6]:PORT parser (`endpoint`) and its writer (`endpoint_text`)
+live here; the metrics listener and the lab's echo server use them too.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
 _DOTTED_OR_HEX = re.compile(r"[\d.]+|.*:.*")  # what can only be meant as an address
 
 
-def _bad(msg: str) -> argparse.ArgumentTypeError:
-    return argparse.ArgumentTypeError(msg)
+class BadValue(argparse.ArgumentTypeError, ValueError):
+    """A refused value: argparse prints the message; other callers catch ValueError."""
+
+
+def _bad(msg: str) -> BadValue:
+    return BadValue(msg)
 
 
 def address(text: str) -> str:
@@ -86,15 +92,18 @@ def _split_port(text: str, what: str) -> tuple[str, Optional[str]]:
     return text, None
 
 
-def endpoint(text: str) -> str:
-    """ADDR:PORT, or [IPv6]:PORT; returned as written once it is valid."""
+def endpoint(text: str) -> tuple[str, int]:
+    """ADDR:PORT, or [IPv6]:PORT -> (address, port)."""
     what = "ADDR:PORT like 192.0.2.10:8080 or [2001:db8::10]:8080"
     addr, p = _split_port(text, what)
     if p is None:
         raise _bad(f"{text!r} is not {what}")
-    address(addr)
-    port(p)
-    return text
+    return address(addr), port(p)
+
+
+def endpoint_text(addr: str, port_: int) -> str:
+    """(address, port) -> ADDR:PORT, or [IPv6]:PORT: what `endpoint` reads back."""
+    return f"[{addr}]:{port_}" if ":" in addr else f"{addr}:{port_}"
 
 
 def address_port(text: str) -> tuple[str, Optional[int]]:
@@ -123,8 +132,8 @@ def when(text: str) -> str:
 
 
 def listen(text: str) -> str:
-    """--metrics: ADDR:PORT, [IPv6]:PORT or off (which addresses are allowed is
-    metrics.parse_listen's decision, with --metrics-nonlocal)."""
-    if text == "off":
-        return text
-    return endpoint(text)
+    """--metrics: ADDR:PORT, [IPv6]:PORT or off, as written (which addresses are
+    allowed is metrics.parse_listen's decision, with --metrics-nonlocal)."""
+    if text != "off":
+        endpoint(text)
+    return text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 from typing import Optional
 
+VIEW = "/sys/fs/cgroup"  # where libnftables resolves `socket cgroupv2` paths
 CGROUP2_SUPER_MAGIC = 0x63677270
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
@@ -19,19 +20,21 @@ MS_PRIVATE = 1 << 18
 
 
 def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
-    """The mount point of cgroup2, preferring /sys/fs/cgroup."""
+    """The mount point of the whole cgroup2 hierarchy (/sys/fs/cgroup, or e.g.
+    /sys/fs/cgroup/unified on hybrid hosts), or None: a mount of the hierarchy's
+    root before a bind mount of a subtree, then VIEW, then the shortest path."""
     found = []
     with open(mountinfo) as f:
         for line in f:
             pre, _, post = line.partition(" - ")
             if post.split(" ", 1)[0] == "cgroup2":
-                found.append(pre.split()[4])
-    if "/sys/fs/cgroup" in found:
-        return "/sys/fs/cgroup"
-    return found[0] if found else None
+                fields = pre.split()
+                mnt = fields[4].encode().decode("unicode_escape")  # \040 etc.
+                found.append((fields[3] != "/", mnt != VIEW, len(mnt), mnt))
+    return min(found)[3] if found else None
 
 
-def ensure_view(target: str = "/sys/fs/cgroup") -> str:
+def ensure_view(target: str = VIEW) -> str:
     """Make `target` show cgroup2 for this process; return what it was before."""
     root = cgroup2_root()
     if root == target:

@@ -16,7 +16,7 @@ import sys
 from enum import IntEnum
 from typing import Optional
 
-from . import __version__, argtypes
+from . import __version__, argtypes, names, verify, wiring
 from .alloc import CapacityError
 from .config import ConfigError, load, schema
 
@@ -39,11 +39,7 @@ def _out(args, data, human: str) -> None:
 
 
 def _load(args):
-    loaded = load(args.config)
-    cfg = loaded.config
-    if getattr(args, "state_dir", None):
-        cfg = cfg.model_copy(update={"state_dir": args.state_dir})
-    return cfg
+    return wiring.load_config(args.config, getattr(args, "state_dir", None))
 
 
 # --- pure commands (no root) ----------------------------------------------------
@@ -112,12 +108,12 @@ def _offline_plan(cfg):
 def cmd_plan(args) -> int:
     cfg = _load(args)
     from .model import Observed
-    from .render import transaction
+    from .nft.diff import transaction
     from .routing.diff import diff_routes
     if args.against_running:  # what apply would change on this host now (root)
         from . import log
         log.configure(json_lines=False)  # a corrupt store's warning on stderr, not in the plan
-        rec = _reconciler(cfg)
+        rec = wiring.reconciler(cfg)
         rec.quarantine = False  # a plan moves no file
         observed = rec.observe()
         p, _, _, _ = rec.plan(cfg, observed)
@@ -151,8 +147,7 @@ def cmd_plan(args) -> int:
 
 def _skeleton_damage(observed) -> list[str]:
     """What the running table lacks of the skeleton (the daemon's drift check says the same)."""
-    from . import names
-    from .render import skeleton_digest, skeleton_shape
+    from .nft.text import skeleton_digest, skeleton_shape
     from .shape import differences
     if not observed.table:
         return [f"table {names.TABLE} missing"]
@@ -163,15 +158,11 @@ def _skeleton_damage(observed) -> list[str]:
 
 def cmd_explain(args) -> int:
     cfg = _load(args)
-    from .alloc import Usable
+    from .hoststate import Usable
     from .plan import explain
     p, _ = _offline_plan(cfg)
-    if args.assume_usable:
-        usable = Usable()
-    else:  # this host's addresses and links decide what is usable (no root needed)
-        from .hoststate import read_host_state
-        from .reconcile import usable_from
-        usable = usable_from(cfg, read_host_state())
+    # this host's addresses and links decide what is usable (no root needed)
+    usable = Usable() if args.assume_usable else wiring.usable_here(cfg)
     dst, port, proto = args.dst  # 192.0.2.1:443/tcp, already checked by argtypes.destination
     port, proto = port or args.port, proto or args.proto
     e = explain(cfg, p.alloc, args.src, dst, port, proto or ("tcp" if port else None), args.iif,
@@ -214,23 +205,6 @@ def cmd_who(args) -> int:
 
 # --- kernel commands (root) --------------------------------------------------------
 
-def _reconciler(cfg):
-    from . import cgroupfs
-    from .hoststate import read_host_state
-    from .nft.libnft import Libnft
-    from .reconcile import Reconciler
-    from .routing.iproute import IPRouteRouting
-    from .store import Store
-    try:
-        cgroupfs.ensure_view()
-    except OSError as e:  # only cgroup workloads need it; say so, keep going
-        print(f"warning: no cgroup2 view at /sys/fs/cgroup ({e}); cgroup workloads "
-              "cannot be classified", file=sys.stderr)
-    from .conntrack import live_leases
-    return Reconciler(Libnft(), IPRouteRouting(), Store(cfg.state_dir), read_host_state,
-                      live_leases=live_leases)
-
-
 def cmd_apply(args) -> int:
     cfg = _load(args)
     from . import log, nslock
@@ -238,7 +212,7 @@ def cmd_apply(args) -> int:
     from .routing import RoutingError
     log.configure(json_lines=False)  # warnings (a quarantined store) on stderr
     with nslock.acquire():
-        rec = _reconciler(cfg)
+        rec = wiring.reconciler(cfg)
         try:
             r = rec.sync(cfg, trigger="apply", full=True)
         except NftError as e:
@@ -274,7 +248,6 @@ def cmd_apply(args) -> int:
 
 def cmd_run(args) -> int:
     from . import log, metrics, nslock
-    from .daemon import Daemon
     log.configure(json_lines={"json": True, "console": False}.get(args.log_format))
     lock = nslock.acquire(serve=True)  # for the daemon's life; Busy is reported by main()
     state = metrics.State()
@@ -284,33 +257,19 @@ def cmd_run(args) -> int:
         except (ValueError, OSError) as e:
             print(f"egress-agent run: {e}", file=sys.stderr)
             return Exit.USAGE
-    d = Daemon(args.config, _reconciler, resync_interval=args.resync, state_dir=args.state_dir,
-               metrics=state, usage_interval=args.usage_interval, collect_usage=_usage_collector(),
-               translation_log=args.translation_log)
+    d = wiring.daemon(args.config, resync_interval=args.resync, state_dir=args.state_dir,
+                      metrics=state, usage_interval=args.usage_interval,
+                      translation_log=args.translation_log)
     try:
         return d.run()
     finally:
         lock.release()
 
 
-def _usage_collector():
-    """A usage snapshot with its own nft context (it runs in the usage thread)."""
-    from .nft.libnft import Libnft
-    from .report import collect
-    from .store import Store
-    nft = None
-
-    def collect_usage(cfg):
-        nonlocal nft
-        nft = nft or Libnft()
-        return collect(cfg, Store(cfg.state_dir).load(), nft)
-    return collect_usage
-
-
 def cmd_usage(args) -> int:
     cfg = _load(args)
     from .store import Store
-    snap = _usage_collector()(cfg)
+    snap = wiring.usage_collector()(cfg)
     if args.json:
         print(json.dumps(snap.to_json(args.top), indent=2))
         return Exit.OK
@@ -323,7 +282,7 @@ def cmd_usage(args) -> int:
     print(f"\n{'WORKLOAD':12} {'EGRESS ADDRESS':18} {'PROTO':5} {'DESTINATION':28} "
           f"{'CONNS':>6} {'LIMIT':>6} {'RATIO':>6}  LIMIT KIND")
     for r in rows:
-        dst = f"[{r.destination}]:{r.port}" if ":" in r.destination else f"{r.destination}:{r.port}"
+        dst = argtypes.endpoint_text(r.destination, r.port)
         ratio = f"{r.ratio:.0%}" if r.ratio is not None else "-"
         print(f"{r.workload:12} {r.egress_address:18} {r.protocol:5} {dst:28} {r.connections:>6} "
               f"{r.limit or '-':>6} {ratio:>6}  {r.limit_kind}{'  WARN' if r.warning else ''}")
@@ -338,16 +297,10 @@ def cmd_usage(args) -> int:
 
 
 def cmd_teardown(args) -> int:
-    from .hoststate import read_host_state
-    from .nft.libnft import Libnft
-    from .reconcile import Reconciler
-    from .routing.iproute import IPRouteRouting
-    from .store import Store
     from . import nslock
     with nslock.acquire():
-        rec = Reconciler(Libnft(), IPRouteRouting(), Store("/nonexistent"), read_host_state)
-        r = rec.teardown()
-    _out(args, r.to_json(), f"removed table inet egress_agent ({r.removed} elements)"
+        r = wiring.reconciler().teardown()
+    _out(args, r.to_json(), f"removed table {names.TABLE} ({r.removed} elements)"
          + "".join(f"\n  ip {op}" for op in r.route_ops))
     return Exit.OK
 
@@ -355,8 +308,7 @@ def cmd_teardown(args) -> int:
 def cmd_status(args) -> int:
     cfg = _load(args)
     from .alloc import lingering_order
-    from .hoststate import read_host_state
-    from .reconcile import usable_from
+    from .hoststate import read_host_state, usable_from
     from .store import Store
     host = read_host_state()
     usable = usable_from(cfg, host)
@@ -375,7 +327,7 @@ def cmd_status(args) -> int:
     from .alloc import policy_matches
     ratios: dict[str, float] = {}
     try:  # usage needs root (a ctnetlink dump); status works without it
-        for r in _usage_collector()(cfg).rows:
+        for r in wiring.usage_collector()(cfg).rows:
             if r.workload != "*" and r.ratio is not None:
                 ratios[r.workload] = max(ratios.get(r.workload, 0.0), r.ratio)
         have_usage = True
@@ -413,6 +365,24 @@ def cmd_status(args) -> int:
     if any(l.get("temporary") for w in wls for l in w["leases"]):
         print("* a temporary block while the workload's own IP is unusable")
     return Exit.OK
+
+
+def cmd_verify(args) -> int:
+    cfg = _load(args)
+    dst, port = args.echo  # argtypes.endpoint
+    checks = verify.workload_checks(cfg, dst, port, args.proto, args.lab)
+    if not checks:
+        print("nothing to verify: no cgroup workloads (machines need --lab, or run the probe "
+              "inside the machine: python -m egress_agent.lab.echo probe ...)", file=sys.stderr)
+        return Exit.USAGE
+    rows = verify.run_checks(cfg, checks, lambda c: verify.probe(c, args.lab),
+                             wiring.live_explainer(cfg),
+                             progress=None if args.json else lambda s: print(s, file=sys.stderr))
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+    else:
+        verify.print_rows(rows)
+    return Exit.OK if all(r.ok for r in rows) else Exit.MISMATCH
 
 
 # --- the parser ------------------------------------------------------------------
@@ -525,9 +495,16 @@ def parser() -> argparse.ArgumentParser:
     add("teardown", cmd_teardown, "remove every kernel object the agent owns, nothing else (root)",
         config=False)
     add("status", cmd_status, "egress IPs (present, state, workloads) and each workload's leases")
+    sp = add("verify", cmd_verify,
+             "probe an echo endpoint from each workload's context and compare the source "
+             "address and port it saw with the assignment")
+    sp.add_argument("--echo", required=True, metavar="ADDR:PORT", type=argtypes.endpoint,
+                    help="echo endpoint answering with the source it saw, e.g. 192.0.2.10:8080 "
+                         "or [2001:db8:ff::10]:8080")
+    sp.add_argument("--proto", choices=["tcp", "udp"], default="tcp")
+    sp.add_argument("--lab", metavar="PREFIX",
+                    help="also probe machines from the namespaces of this lab (PREFIX-<workload>)")
     from .lab.cli import add_lab_commands
-    from .verify import add_verify_command
-    add_verify_command(add)
     add_lab_commands(sub)
     return p
 

@@ -41,7 +41,8 @@ from . import metrics as metrics_mod
 from .config import Config, ConfigError, load
 from .inbox import Inbox, Trigger
 from .nft import NftError
-from .reconcile import Reconciler, SyncResult, usable_from
+from .hoststate import usable_from
+from .reconcile import Reconciler, SyncResult
 from .routing import RoutingError
 from .sdnotify import Notifier
 from .watchers import watch_config, watch_links

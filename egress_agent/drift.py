@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from . import names, shape
 from .model import Desired, Observed, Route
-from .render import comments, element_text, skeleton_digest, skeleton_shape
+from .nft.text import comments, element_text, skeleton_digest, skeleton_shape
 
 
 @dataclass(frozen=True)

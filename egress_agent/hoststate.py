@@ -1,4 +1,4 @@
-"""What the host offers the planner: usable addresses and links that are up.
+"""What the host offers the planner: usable addresses, links that are up, cgroups.
 
 An egress IP is usable while its address is present on a link that is up
 (docs/design.md, "Pipeline"). "Up" means IFF_UP is set and the operational
@@ -6,9 +6,12 @@ state is not DOWN, LOWERLAYERDOWN or NOTPRESENT: a veth whose peer is down, or a
 without carrier, keeps IFF_UP but carries nothing. UNKNOWN counts as up
 (loopback, tun and many virtual links never report a state).
 
-`HostState` is a plain value the pure planner imports; pyroute2 is imported
-only inside `read_host_state`, which needs no privileges (link and address
-dumps are readable by anyone).
+`HostState` is what `read_host_state` observes; `usable_from` turns it into
+the `Usable` egress IPs allocation and planning take, and `HostFacts` is all
+the planner knows of the host (usable IPs, existing cgroups, own addresses).
+These are plain values the pure planner imports; pyroute2 is imported only
+inside `read_host_state`, which needs no privileges (link and address dumps
+are readable by anyone).
 
 Seen on Linux 6.x with the default net.ipv6.conf.*.keep_addr_on_down=0:
 `ip link set dev X down` removes every IPv6 address of X (and every route
@@ -19,8 +22,12 @@ must re-add them. IPv4 addresses stay.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # attributes only: the host facts need no config parser
+    from .config import Config, EgressIP
 
 IFF_UP = 0x1
 IFA_F_DADFAILED = 0x08
@@ -56,6 +63,53 @@ class HostState:
 
     def link_up(self, name: str) -> bool:
         return name in self.links_up
+
+
+@dataclass(frozen=True)
+class Usable:
+    """Which egress IPs can carry new traffic now, per family (None: all)."""
+
+    v4: Optional[frozenset[str]] = None
+    v6: Optional[frozenset[str]] = None
+
+    def ok(self, ip: EgressIP, family: int) -> bool:
+        if ip.state != "active":
+            return False
+        if family == 4:
+            return ip.ipv4 is not None and (self.v4 is None or ip.id in self.v4)
+        return ip.ipv6 is not None and (self.v6 is None or ip.id in self.v6)
+
+
+def usable_from(cfg: Config, host: HostState) -> Usable:
+    """An egress IP is usable while its address is on the host and its link is up
+    (an IPv6 range: while some address of it is)."""
+    v4 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv4 and host.has_address(ip.ipv4)
+                   and (ip.via is None or host.link_up(ip.via.dev)))
+    v6 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv6 and host.has_address_in(ip.ipv6)
+                   and (ip.via is None or host.link_up(ip.via.dev)))
+    return Usable(v4, v6)
+
+
+def cgroup_exists(root: str) -> Callable[[str], bool]:
+    """Whether a cgroup path exists now under `root` (cgroupfs.VIEW on a host:
+    libnftables resolves `socket cgroupv2` paths there)."""
+    return lambda path: os.path.isdir(os.path.join(root, path))
+
+
+def existing_cgroups(cfg: Config, root: str) -> frozenset[str]:
+    """The configured cgroup paths that exist now under `root`."""
+    exists = cgroup_exists(root)
+    return frozenset(w.cgroup for w in cfg.workloads if w.cgroup and exists(w.cgroup))
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the planner needs to know about the host (all None: assume present)."""
+
+    usable: Usable = Usable()
+    cgroups: Optional[frozenset[str]] = None  # cgroup paths that exist now
+    # the host's own addresses: the guard ip rules leave them out (names.py)
+    addresses: frozenset[str] = frozenset()
 
 
 def read_host_state(ipr: Optional[Any] = None) -> HostState:

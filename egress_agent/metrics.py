@@ -12,22 +12,18 @@ from typing import Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .argtypes import endpoint
+
 def parse_listen(text: str, nonlocal_: bool = False) -> tuple[str, int]:
     """ADDR:PORT or [IPv6]:PORT on loopback (127.0.0.0/8, ::1). The metrics name every
     workload, its addresses and its usage, so any other address must be named by the
     operator with --metrics-nonlocal, and never as "every address" (0.0.0.0, ::)."""
     shown = text if text.isprintable() else repr(text)  # the message stays one line
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-    else:
-        host, _, port = text.rpartition(":")
     try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"--metrics {shown}: {host!r} is not an IP address; write "
-                         "127.0.0.1:9469 or [::1]:9469") from None
-    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"--metrics {shown}: {port!r} is not a port (1-65535)")
+        host, port = endpoint(text)
+    except ValueError as e:
+        raise ValueError(f"--metrics {shown}: {e}; write 127.0.0.1:9469 or [::1]:9469") from None
+    addr = ipaddress.ip_address(host)
     if addr.is_unspecified:
         raise ValueError(f"--metrics {shown}: refusing every address; name one (loopback, "
                          "or another with --metrics-nonlocal)")
@@ -35,7 +31,7 @@ def parse_listen(text: str, nonlocal_: bool = False) -> tuple[str, int]:
         raise ValueError(f"--metrics {shown}: refusing a non-loopback address (the metrics name "
                          "every workload); use 127.0.0.1 or ::1, or add --metrics-nonlocal to "
                          "serve on this address on purpose")
-    return str(addr), int(port)
+    return str(addr), port
 
 
 class State:

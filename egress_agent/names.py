@@ -1,5 +1,9 @@
 """Every name, mark bit, table id and rule priority the agent owns.
 
+The skeleton (rules/skeleton.nft) declares the table's chains, sets and maps;
+the Python code names them only through this module (tests/unit/test_names.py
+checks that both agree).
+
 One module so that what the agent touches is recognisable in `nft list`,
 `ip rule` and `ip route show table all`, and so that nothing outside these
 ranges is ever read or written (docs/design.md, "Kernel objects").
@@ -100,9 +104,22 @@ def cgroup_map(level: int) -> str:
     return f"cgroup_l{level}"
 
 
+POLICY_SET_PREFIX = "policy_"
+
+
 def policy_set(index: int) -> str:
     """Named set of the workload ids one policy applies to (by position)."""
-    return f"policy_{index}_workloads"
+    return f"{POLICY_SET_PREFIX}{index}_workloads"
+
+
+def is_policy_set(name: str) -> bool:
+    """A set the config's policies declare per sync (not part of the skeleton)."""
+    return name.startswith(POLICY_SET_PREFIX)
+
+
+# The set whose comment carries the skeleton's version (nft 1.0.6 lists set
+# comments in JSON, not table comments).
+SKELETON_SET = "skeleton"
 
 
 # The static maps and sets of the skeleton, by family where it matters.
@@ -112,14 +129,37 @@ BOUND_SET = {4: "bound4", 6: "bound6"}                # sources bound to an inte
 MANAGED_SET = {4: "managed4", 6: "managed6"}          # managed networks (intervals)
 EGRESS_SET = {4: "egress4", 6: "egress6"}             # every egress address/range (intervals)
 EXCLUDE_SET = {4: "exclude4", 6: "exclude6"}          # excluded destinations
+EXCLUDE_SERVICES_SET = "exclude_services"             # proto . port (DNS)
+EXCLUDE_PROTOCOLS_SET = "exclude_protocols"           # proto (ICMP)
 ASSIGN_MAP = {4: "assign4", 6: "assign6"}             # wid-mark : lease mark (default route)
 SNAT4_PORTS_MAP = "snat4"                            # lease mark : addr . port block
 SNAT4_ADDR_MAP = "snat4_addr"                        # lease mark : addr (ICMP and others)
 SNAT6_MAP = "snat6"                                  # lease mark : ipv6 addr
 POLICY_CHAIN = "policies"
 LIMIT_CHAIN = "limits"
+COMMIT_CHAIN = "commit"   # a decided packet's last stop: marks its connection as ours
+REFUSE_CHAIN = "refuse"   # a connection with no free port in its block is refused here
 # Chains whose rules the agent writes (flushed and refilled in one batch when
 # their rules change); every other chain is the static skeleton.
 GENERATED_CHAINS = (POLICY_CHAIN, LIMIT_CHAIN)
 FLOWS4_SET = "flows4"                # per lease . destination: connection counts
 REFUSED_SET = "refused_ports"        # per lease . protocol: refusals (block full)
+
+
+# --- one agent per network namespace ---------------------------------------------
+def lock_socket(netns: str) -> bytes:
+    """The abstract unix socket the daemon holds while it runs in `netns` (nslock.py)."""
+    return b"\0egress-agent/" + netns.encode()
+
+
+# --- the lab ------------------------------------------------------------------------
+# `egress-agent lab` builds one namespace per role; `verify --lab PREFIX` probes
+# from the machines' namespaces.
+def lab_netns(prefix: str, name: str) -> str:
+    """Namespace of lab role `name` ("host", "origin" or a machine like "m42")."""
+    return f"{prefix}-{name}"
+
+
+def lab_cgroup(prefix: str) -> str:
+    """The lab's local cgroup workload, relative to the cgroup2 root."""
+    return f"egress-lab-{prefix}/app.service"

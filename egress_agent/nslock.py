@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Optional
 
+from . import names
+
 
 def netns() -> str:
     """The network namespace of this process, as `ls -l /proc/self/ns/net` names it."""
@@ -28,7 +30,7 @@ def netns() -> str:
 
 
 def _name() -> bytes:
-    return b"\0egress-agent/" + netns().encode()
+    return names.lock_socket(netns())
 
 
 class Busy(Exception):

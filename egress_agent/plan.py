@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import names
-from .alloc import (Allocations, Usable, app_ips, failover_target, own_ips,
+from .alloc import (Allocations, app_ips, failover_target, own_ips,
                     policy_matches)
 from .config import Config, Policy, PolicyEgress, Workload, port_bounds
+from .hoststate import HostFacts, Usable
 from .model import Desired, Element, Route, Rule
 
 DEFAULT = "default"
@@ -28,16 +29,6 @@ class Choice:
     action: str  # "snat" | "default" | "drop"
     ip: Optional[str] = None  # egress IP id when action == "snat"
     reason: str = ""
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    """What the planner needs to know about the host (all None: assume present)."""
-
-    usable: Usable = Usable()
-    cgroups: Optional[frozenset[str]] = None  # cgroup paths that exist now
-    # the host's own addresses: the guard ip rules leave them out (names.py)
-    addresses: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -326,7 +317,7 @@ def workload_elements(cfg: Config, alloc: Allocations, w: Workload, leases,
 def build_shared(cfg: Config, alloc: Allocations, facts: HostFacts) -> Desired:
     """The part of the plan no single workload owns: the address sets, the policy
     sets' declarations (empty here), the generated chains, routes and ip rules."""
-    from .render import limit_rules, policy_rules  # render owns nft syntax
+    from .nft.text import limit_rules, policy_rules  # nft.text owns nft syntax
 
     el: dict[str, set[Element]] = {n: set() for n in _ALL_SETS}
     for fam in (4, 6):
@@ -334,9 +325,9 @@ def build_shared(cfg: Config, alloc: Allocations, facts: HostFacts) -> Desired:
         el[names.EGRESS_SET[fam]] |= _collapse(egress_prefixes(cfg), fam)
         el[names.EXCLUDE_SET[fam]] |= _collapse(cfg.exclude.destinations, fam)
     if cfg.exclude.dns:
-        el["exclude_services"] |= {(("tcp", 53), None), (("udp", 53), None)}
+        el[names.EXCLUDE_SERVICES_SET] |= {(("tcp", 53), None), (("udp", 53), None)}
     if cfg.exclude.icmp:
-        el["exclude_protocols"] |= {("icmp", None), ("ipv6-icmp", None)}
+        el[names.EXCLUDE_PROTOCOLS_SET] |= {("icmp", None), ("ipv6-icmp", None)}
 
     rules_text: list[str] = []
     for i, p in enumerate(cfg.policies):
@@ -398,5 +389,5 @@ _ALL_SETS = (
     + list(names.EXCLUDE_SET.values()) + list(names.ASSIGN_MAP.values())
     + [names.cgroup_map(l) for l in names.CGROUP_LEVELS]
     + [names.SNAT4_PORTS_MAP, names.SNAT4_ADDR_MAP, names.SNAT6_MAP,
-       "exclude_services", "exclude_protocols"]
+       names.EXCLUDE_SERVICES_SET, names.EXCLUDE_PROTOCOLS_SET]
 )

@@ -19,24 +19,26 @@ kernel's live maps are adopted (adopt.py), with history for what was adopted.
 from __future__ import annotations
 
 import errno as errno_mod
-import ipaddress
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from . import alloc as alloc_mod
+from . import names
 from . import log as logmod
 from . import shape as shape_mod
 from .adopt import adopt
-from .applied import Applied, Change, cgroup_exists, plan_change
+from .applied import Applied, Change, plan_change
 from .config import Config
 from .drift import Finding, findings
-from .hoststate import HostState
+from .hoststate import (HostFacts, HostState, Usable, cgroup_exists, existing_cgroups,
+                        usable_from)
 from .model import Desired, Observed
 from .nft import NftPort
-from .plan import HostFacts, Plan, build
-from .render import observed_from_json, skeleton_shape, transaction
+from .plan import Plan, build
+from .nft.diff import transaction
+from .nft.listing import observed_from_json
+from .nft.text import skeleton_shape
 from .routing import RoutingPort, diff_routes, split_ops
 from .store import Store, StoreCorrupt, event_record, lease_key, now_iso, open_assigns
 
@@ -54,7 +56,7 @@ class SyncResult:
     duration_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
     batch: str = ""
-    usable: alloc_mod.Usable = field(default_factory=alloc_mod.Usable)  # what the plan used
+    usable: Usable = field(default_factory=Usable)  # what the plan used
     quarantined: Optional[str] = None  # where a corrupt allocations.json was moved
     store_error: Optional[str] = None  # the kernel took the change, the store write failed
     drift: list[Finding] = field(default_factory=list)  # what the kernel lost or gained
@@ -73,26 +75,6 @@ class SyncResult:
                 "quarantined": self.quarantined, "store_error": self.store_error,
                 "duration_ms": round(self.duration_ms, 2), "notes": self.notes,
                 "drift": [str(f) for f in self.drift], "workloads_replanned": self.replanned}
-
-
-def usable_from(cfg: Config, host: HostState) -> alloc_mod.Usable:
-    """An egress IP is usable while its address is on the host and its link is up."""
-    v4 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv4 and host.has_address(ip.ipv4)
-                   and (ip.via is None or host.link_up(ip.via.dev)))
-    v6 = set()
-    for ip in cfg.ips_here():
-        if not ip.ipv6 or (ip.via and not host.link_up(ip.via.dev)):
-            continue
-        net = ipaddress.ip_network(ip.ipv6)
-        if any(ipaddress.ip_address(a) in net for a in host.addresses if ":" in a):
-            v6.add(ip.id)
-    return alloc_mod.Usable(v4, frozenset(v6))
-
-
-def existing_cgroups(cfg: Config, root: str = "/sys/fs/cgroup") -> frozenset[str]:
-    """The configured cgroup paths that exist now (libnftables resolves them there)."""
-    return frozenset(w.cgroup for w in cfg.workloads
-                     if w.cgroup and os.path.isdir(os.path.join(root, w.cgroup)))
 
 
 # Triggers of a drift check (nftwatch.py), each reading only what it is about:
@@ -395,7 +377,7 @@ class Reconciler:
         before, after = split_ops(ops)  # the guard rules go before the table
         self.routing.apply(before)
         if observed.table:
-            self.nft.run("delete table inet egress_agent\n")
+            self.nft.run(f"delete table {names.TABLE}\n")
         self.routing.apply(after)
         removed = sum(len(v) for v in observed.elements.values())
         self.index, self.alloc, self.full_next = None, None, True
@@ -408,6 +390,6 @@ class _Adopted(alloc_mod.Event):
 
 
 def _as_observed(d: Desired) -> Observed:
-    from .render import comments, skeleton_digest
+    from .nft.text import comments, skeleton_digest
     return Observed(True, skeleton_digest(), dict(d.elements),
                     {c: comments(r) for c, r in d.chains.items()}, d.routes, d.rules)

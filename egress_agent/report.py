@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import usage
+from . import names, usage
 from .alloc import Allocations
 from .config import Config
 
@@ -40,7 +40,7 @@ def collect(cfg: Config, alloc: Allocations, nft) -> Snapshot:
     ct = {"count": counts.get("count"), "max": counts.get("max"),
           "ratio": round(counts["count"] / counts["max"], 4) if counts.get("max") else None,
           "stats": counts.get("stats", {})}
-    refused = usage.refusals(cfg, alloc, refused_elements(nft.list_set("refused_ports")))
+    refused = usage.refusals(cfg, alloc, refused_elements(nft.list_set(names.REFUSED_SET)))
     return Snapshot(usage.rows(cfg, alloc, groups), usage.ip_rows(cfg, alloc), refused, ct,
                     duration_ms=(time.perf_counter() - t0) * 1000,
                     live=conntrack.lease_addresses(raw))

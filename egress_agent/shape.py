@@ -162,7 +162,7 @@ def from_json(doc: dict) -> Shape:
             hook, rules = chains.setdefault(r["chain"], (None, []))
             rules.append(rule_from_json(r))
         for kind in ("set", "map"):
-            if kind in item and not item[kind]["name"].startswith("policy_"):
+            if kind in item and not names.is_policy_set(item[kind]["name"]):
                 s = item[kind]
                 t = s.get("type")
                 sets[s["name"]] = (kind, tuple(t) if isinstance(t, list) else (t,))

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Callable, Optional
 
 from . import names
+from .argtypes import endpoint_text
 from .conntrack import AF_NETLINK, NETLINK_NETFILTER, parse_entry
 
 NFNLGRP_CONNTRACK_NEW = 1
@@ -38,8 +39,7 @@ PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp"}
 def _endpoint(addr: Optional[str], port: Optional[int]) -> Optional[str]:
     if addr is None:
         return None
-    a = f"[{addr}]" if ":" in addr else addr
-    return f"{a}:{port}" if port else a
+    return endpoint_text(addr, port) if port else addr
 
 
 def line(kind: str, e: dict, workload_of: Callable[[int], Optional[str]]) -> dict:

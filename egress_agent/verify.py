@@ -16,7 +16,10 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import names
+from .argtypes import endpoint_text
 from .config import Config
+from .lab.netns import nsenter_prefix
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,7 @@ def judge(check: Check, expl, seen: Seen, host_defaults: frozenset[str]) -> Row:
         ok = seen is not None and (not host_defaults or seen[0] in host_defaults)
     else:
         expected, ok = "not managed", True
-    observed = "no answer" if seen is None else (
-        f"[{seen[0]}]:{seen[1]}" if ":" in seen[0] else f"{seen[0]}:{seen[1]}")
+    observed = "no answer" if seen is None else endpoint_text(*seen)
     return Row(check, expected, observed, ok, expl.reason)
 
 
@@ -96,6 +98,14 @@ def probe_command(dst: str, port: int, proto: str, bind: Optional[str] = None,
     return cmd + (["--source", bind] if bind else [])
 
 
+def probe(c: Check, lab_prefix: Optional[str] = None) -> Seen:
+    """What the echo endpoint saw of a probe from the check's context: its cgroup,
+    or its machine's namespace in lab `lab_prefix`."""
+    if c.cgroup:
+        return run_probe(cgroup_prefix(c.cgroup), c)
+    return run_probe(nsenter_prefix(names.lab_netns(lab_prefix, c.machine)), c)
+
+
 def run_probe(prefix: list[str], c: Check) -> Seen:
     out = subprocess.run(prefix + probe_command(c.dst, c.port, c.proto, c.bind),
                          capture_output=True, text=True, timeout=30, cwd="/",
@@ -108,8 +118,8 @@ def run_probe(prefix: list[str], c: Check) -> Seen:
 
 
 def cgroup_prefix(path: str) -> list[str]:
-    from .cgroupfs import cgroup2_root
-    procs = os.path.join(cgroup2_root() or "/sys/fs/cgroup", path, "cgroup.procs")
+    from .cgroupfs import VIEW, cgroup2_root
+    procs = os.path.join(cgroup2_root() or VIEW, path, "cgroup.procs")
     return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs]
 
 
@@ -126,58 +136,3 @@ def workload_checks(cfg: Config, dst: str, port: int, proto: str,
                 out.append(Check(f"{w.id}", w.id, src, dst, port, proto, iif=w.interface,
                                  machine=w.id))
     return out
-
-
-# --- the command ---------------------------------------------------------------------
-
-def add_verify_command(add) -> None:
-    sp = add("verify", cmd_verify,
-             "probe an echo endpoint from each workload's context and compare the source "
-             "address and port it saw with the assignment")
-    from .argtypes import endpoint
-    sp.add_argument("--echo", required=True, metavar="ADDR:PORT", type=endpoint,
-                    help="echo endpoint answering with the source it saw, e.g. 192.0.2.10:8080 "
-                         "or [2001:db8:ff::10]:8080")
-    sp.add_argument("--proto", choices=["tcp", "udp"], default="tcp")
-    sp.add_argument("--lab", metavar="PREFIX",
-                    help="also probe machines from the namespaces of this lab (PREFIX-<workload>)")
-
-
-def cmd_verify(args) -> int:
-    from .cli import Exit, _load
-    from .lab.echo import parse_endpoint
-    from .lab.netns import nsenter_prefix
-    cfg = _load(args)
-    dst, port = parse_endpoint(args.echo)
-    checks = workload_checks(cfg, dst, port, args.proto, args.lab)
-    if not checks:
-        print("nothing to verify: no cgroup workloads (machines need --lab, or run the probe "
-              "inside the machine: python -m egress_agent.lab.echo probe ...)", file=sys.stderr)
-        return Exit.USAGE
-    explain_fn = live_explainer(cfg)
-
-    def probe(c: Check) -> Seen:
-        if c.cgroup:
-            return run_probe(cgroup_prefix(c.cgroup), c)
-        return run_probe(nsenter_prefix(f"{args.lab}-{c.machine}"), c)
-
-    rows = run_checks(cfg, checks, probe, explain_fn,
-                      progress=None if args.json else lambda s: print(s, file=sys.stderr))
-    if args.json:
-        print(json.dumps([r.to_json() for r in rows], indent=2))
-    else:
-        print_rows(rows)
-    return Exit.OK if all(r.ok for r in rows) else Exit.MISMATCH
-
-
-def live_explainer(cfg: Config):
-    """explain() against the stored allocations and this host's usable addresses."""
-    from .hoststate import read_host_state
-    from .plan import explain
-    from .reconcile import usable_from
-    from .store import Store
-    from .alloc import allocate
-    usable = usable_from(cfg, read_host_state())
-    # what an apply of this config would hold: the stored allocations, kept where they fit
-    alloc, _ = allocate(cfg, Store(cfg.state_dir).load(), usable)
-    return lambda c: explain(cfg, alloc, c.src, c.dst, c.port, c.proto, c.iif, usable)

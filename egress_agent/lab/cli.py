@@ -14,6 +14,7 @@ import subprocess
 import sys
 from importlib import resources
 
+from .. import names
 from .topology import DEFAULT_PREFIX, STATE_ROOT, Lab, LabError
 
 HOST_DEFAULTS = frozenset({"203.0.113.2", "2001:db8:a::2", "203.0.113.130"})
@@ -29,13 +30,13 @@ def write_demo_config(lab: Lab) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(demo_config_text(lab.prefix))
-    lab.ensure_cgroup(f"egress-lab-{lab.prefix}/app.service")
+    lab.ensure_cgroup(lab.cgroup)
     return path
 
 
 def demo_checks(prefix: str):
     from ..verify import Check
-    cg = f"egress-lab-{prefix}/app.service"
+    cg = names.lab_cgroup(prefix)
     C = Check
     return [
         C("m42 tcp 192.0.2.10:8080 (app IP)", "m42", "10.0.1.2", "192.0.2.10", 8080, iif="vm-m42", machine="m42"),
@@ -55,15 +56,11 @@ def demo_checks(prefix: str):
 
 def run_demo_checks(prefix: str, config: str, as_json: bool) -> int:
     """Runs inside the lab host namespace (see cmd_demo)."""
-    from ..config import load
-    from ..verify import cgroup_prefix, live_explainer, print_rows, run_checks, run_probe
-    from .netns import nsenter_prefix
-    cfg = load(config).config
-
-    def probe(c):
-        return run_probe(cgroup_prefix(c.cgroup) if c.cgroup else nsenter_prefix(f"{prefix}-{c.machine}"), c)
-
-    rows = run_checks(cfg, demo_checks(prefix), probe, live_explainer(cfg), HOST_DEFAULTS,
+    from .. import wiring
+    from ..verify import print_rows, probe, run_checks
+    cfg = wiring.load_config(config)
+    rows = run_checks(cfg, demo_checks(prefix), lambda c: probe(c, prefix),
+                      wiring.live_explainer(cfg), HOST_DEFAULTS,
                       progress=None if as_json else lambda s: print(s, file=sys.stderr, flush=True))
     if as_json:
         print(json.dumps([r.to_json() for r in rows], indent=2))

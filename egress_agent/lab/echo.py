@@ -30,6 +30,8 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from ..argtypes import endpoint
+
 
 class Seen(NamedTuple):
     """What the echo server saw: the client's address and port after NAT."""
@@ -39,16 +41,6 @@ class Seen(NamedTuple):
 
 
 # --- server ----------------------------------------------------------------------
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """`1.2.3.4:80` or `[2001:db8::1]:80` -> (address, port)."""
-    if text.startswith("["):
-        addr, _, port = text[1:].partition("]:")
-    else:
-        addr, _, port = text.rpartition(":")
-    ipaddress.ip_address(addr)  # raises ValueError on garbage
-    return addr, int(port)
-
 
 def _family(addr: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
@@ -458,8 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="egress_agent.lab.echo",
                                 description="echo the peer address (see module docstring)")
-    p.add_argument("--tcp", action="append", default=[], type=parse_endpoint, metavar="ADDR:PORT")
-    p.add_argument("--udp", action="append", default=[], type=parse_endpoint, metavar="ADDR:PORT")
+    p.add_argument("--tcp", action="append", default=[], type=endpoint, metavar="ADDR:PORT")
+    p.add_argument("--udp", action="append", default=[], type=endpoint, metavar="ADDR:PORT")
     args = p.parse_args(argv)
     if not args.tcp and not args.udp:
         p.error("nothing to serve: give --tcp and/or --udp")

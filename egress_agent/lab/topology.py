@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .. import cgroupfs, names
 from .echo import HeldConnection, HeldGroup, Seen, child_env
 from .netns import (
     addr_add, addr_del, ip, list_namespaces, ns_add, ns_del, ns_exec, ns_pids,
@@ -109,19 +110,11 @@ class LabError(RuntimeError):
 # --- cgroups -------------------------------------------------------------------------
 
 def cgroup2_root() -> str:
-    """Mount point of the cgroup2 hierarchy (/sys/fs/cgroup, or .../unified on
-    hybrid hosts), read from /proc/self/mountinfo."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[:1] == ["cgroup2"]:
-                fields = left.split()
-                mnt = fields[4].encode().decode("unicode_escape")  # \040 etc.
-                found.append((fields[3] != "/", mnt != "/sys/fs/cgroup", len(mnt), mnt))
-    if not found:
+    """Mount point of the cgroup2 hierarchy (cgroupfs.cgroup2_root); the lab needs one."""
+    root = cgroupfs.cgroup2_root()
+    if root is None:
         raise LabError("no cgroup2 mount in /proc/self/mountinfo")
-    return min(found)[3]
+    return root
 
 
 def _cgroup_pids(path: str) -> list[int]:
@@ -179,7 +172,7 @@ class Lab:
         self.state_dir = os.path.join(state_root, prefix)
         self.host = self.ns("host")
         self.origin = self.ns("origin")
-        self.cgroup = f"egress-lab-{prefix}/app.service"  # relative to cgroup2_root()
+        self.cgroup = names.lab_cgroup(prefix)  # relative to cgroup2_root()
         self.last_result: dict | None = None
         self._procs: list[subprocess.Popen] = []
 
@@ -189,7 +182,7 @@ class Lab:
         """Namespace of `name`: "host", "origin" or a machine name ("m42")."""
         if name not in ("host", "origin") and name not in MACHINES:
             raise KeyError(f"no lab namespace {name!r}")
-        return f"{self.prefix}-{name}"
+        return names.lab_netns(self.prefix, name)
 
     def namespaces(self) -> list[str]:
         return [self.host, self.origin] + [self.ns(m) for m in MACHINES]
@@ -402,10 +395,10 @@ class Lab:
         """Command prefix to run the agent in the host namespace with cgroup2
         at /sys/fs/cgroup, where nft resolves `socket cgroupv2` paths. On
         hybrid hosts that takes a private mount namespace (`unshare -m`)."""
-        if cgroup2_root() == "/sys/fs/cgroup":
+        if cgroup2_root() == cgroupfs.VIEW:
             return nsenter_prefix(self.host)
         return ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"', "sh"] + nsenter_prefix(self.host)
+                f'mount -t cgroup2 cgroup2 {cgroupfs.VIEW} && exec "$@"', "sh"] + nsenter_prefix(self.host)
 
     # probes
 

@@ -1,4 +1,4 @@
-"""An in-memory nftables that takes the batches `render` writes.
+"""An in-memory nftables that takes the batches `nft.diff` writes.
 
 It behaves like the kernel where the agent depends on it: batches are atomic,
 deleting what is absent fails (ENOENT), adding a map key with another value
@@ -17,7 +17,7 @@ import re
 from typing import Any, Optional
 
 from .. import names, shape
-from ..render import KINDS, kinds_of
+from .text import KINDS, kinds_of
 from . import NftError
 
 T = names.TABLE
@@ -66,14 +66,14 @@ class FakeNft:
         doc: list[dict] = [{"metainfo": {"json_schema_version": 1}}]
         if self.table is None:
             return {"nftables": []}
-        t = {"family": "inet", "table": names.TABLE_NAME}
-        doc.append({"table": {"family": "inet", "name": names.TABLE_NAME}})
+        t = {"family": names.TABLE_FAMILY, "table": names.TABLE_NAME}
+        doc.append({"table": {"family": names.TABLE_FAMILY, "name": names.TABLE_NAME}})
         if self.table["comment"]:
-            doc.append({"set": {**t, "name": "skeleton", "type": "mark",
+            doc.append({"set": {**t, "name": names.SKELETON_SET, "type": "mark",
                                 "comment": self.table["comment"]}})
         for name, elems in self.table["sets"].items():
             # the dynamic sets (flows4, refused_ports) are filled by the data path only
-            kk, vk = kinds_of(name) if name in KINDS or name.startswith("policy_") else ((), None)
+            kk, vk = kinds_of(name) if name in KINDS or names.is_policy_set(name) else ((), None)
             kind, types = self.table["decl"].get(name, ("set", ("mark",)))
             item: dict[str, Any] = {**t, "name": name,
                                     "type": types[0] if len(types) == 1 else list(types)}

@@ -27,7 +27,8 @@ from egress_agent.lab.cli import write_demo_config
 from egress_agent.lab.topology import LAB_NAT, Lab
 from egress_agent.lab.netns import ns_exec
 from egress_agent import shape
-from egress_agent.render import observed_from_json, skeleton_shape
+from egress_agent.nft.listing import observed_from_json
+from egress_agent.nft.text import skeleton_shape
 
 from agent_helpers import agent_json, apply
 from daemon_helpers import (Agent, Prober, host, ip_rule_priorities, lease, started, status,

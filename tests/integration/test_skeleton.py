@@ -14,7 +14,7 @@ CHECK = r'''
 import sys
 from egress_agent import cgroupfs
 from egress_agent.nft.libnft import Libnft
-from egress_agent.render import skeleton_text
+from egress_agent.nft.text import skeleton_text
 cgroupfs.ensure_view()
 nft = Libnft()
 nft.check(skeleton_text())

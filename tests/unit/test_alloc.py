@@ -5,7 +5,8 @@ import ipaddress
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from egress_agent.alloc import Allocations, CapacityError, Usable, allocate, drain
+from egress_agent.alloc import Allocations, CapacityError, allocate, drain
+from egress_agent.hoststate import Usable
 from egress_agent.config import parse
 from egress_agent.store import Store, who
 

@@ -12,9 +12,9 @@ from dataclasses import replace
 from hypothesis import given, settings, strategies as st
 
 from egress_agent import names
-from egress_agent.alloc import (Allocations, CapacityError, Usable, allocate, block_key, drain,
+from egress_agent.alloc import (Allocations, CapacityError, allocate, block_key, drain,
                                  lingering_order)
-from egress_agent.hoststate import HostState
+from egress_agent.hoststate import HostState, Usable
 from egress_agent.nft.fake import FakeNft
 from egress_agent.reconcile import Reconciler
 from egress_agent.routing.fake import FakeRouting

@@ -160,7 +160,7 @@ def test_plan_json_says_whether_anything_would_change(capsys, tmp_path, monkeypa
     # against a running host (the kernel ports replaced by fakes): true until applied
     host = HostState(frozenset({"203.0.113.12", "203.0.113.13"}))
     rec = Reconciler(FakeNft(), FakeRouting(), Store(tmp_path / "state"), lambda: host)
-    monkeypatch.setattr("egress_agent.cli._reconciler", lambda cfg: rec)
+    monkeypatch.setattr("egress_agent.wiring.reconciler", lambda cfg: rec)
     monkeypatch.setattr("egress_agent.cli.has_net_admin", lambda: True)
     # plan points structlog at stderr, here capsys's: later tests would log to a closed file
     monkeypatch.setattr("egress_agent.log.configure", lambda **kw: None)

@@ -117,7 +117,7 @@ def test_apply_refused_route_is_one_message_and_exit_3(capsys, design, monkeypat
     import contextlib
     import errno
 
-    from egress_agent import cli, log, nslock
+    from egress_agent import cli, log, nslock, wiring
     from egress_agent.hoststate import HostState
     from egress_agent.nft.fake import FakeNft
     from egress_agent.reconcile import Reconciler
@@ -136,7 +136,7 @@ def test_apply_refused_route_is_one_message_and_exit_3(capsys, design, monkeypat
     monkeypatch.setattr(cli, "has_net_admin", lambda: True)
     monkeypatch.setattr(log, "configure", lambda **kw: None)  # global: keep the suite's
     monkeypatch.setattr(nslock, "acquire", contextlib.nullcontext)
-    monkeypatch.setattr(cli, "_reconciler", lambda cfg: Reconciler(
+    monkeypatch.setattr(wiring, "reconciler", lambda cfg: Reconciler(
         FakeNft(), Refusing(), Store(cfg.state_dir), lambda: host))
     code, out, err = run(capsys, "apply", "-c", design)
     assert code == 3, (out, err)

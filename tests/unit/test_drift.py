@@ -21,7 +21,9 @@ from egress_agent.hoststate import HostState
 from egress_agent.model import Route, Rule
 from egress_agent.nft.fake import FakeNft
 from egress_agent.reconcile import Reconciler
-from egress_agent.render import observed_from_json, skeleton_shape, transaction
+from egress_agent.nft.diff import transaction
+from egress_agent.nft.listing import observed_from_json
+from egress_agent.nft.text import skeleton_shape
 from egress_agent.routing.fake import FakeRouting
 from egress_agent.store import Store
 
@@ -381,8 +383,9 @@ def guard(src="10.0.1.0/24", family=4):
 
 
 def test_plan_guards_every_managed_source_prefix(tmp_path):
-    from egress_agent.alloc import Allocations, Usable, allocate
-    from egress_agent.plan import HostFacts, build
+    from egress_agent.alloc import Allocations, allocate
+    from egress_agent.hoststate import HostFacts, Usable
+    from egress_agent.plan import build
     cfg = lab_config(tmp_path)
     a, _ = allocate(cfg, Allocations(), Usable())
     rules = build(cfg, a, HostFacts(usable=Usable(), addresses=frozenset(

@@ -11,7 +11,7 @@ from egress_agent.alloc import Allocations, allocate
 from egress_agent.config import load
 from egress_agent.model import Observed
 from egress_agent.plan import build
-from egress_agent.render import transaction
+from egress_agent.nft.diff import transaction
 from egress_agent.routing.diff import diff_routes
 
 GOLDEN = Path(__file__).parent.parent / "golden"

@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from egress_agent.alloc import allocate, drain
 from egress_agent.config import parse
-from egress_agent.hoststate import HostState
+from egress_agent.hoststate import HostFacts, HostState, existing_cgroups, usable_from
 from egress_agent.nft.fake import FakeNft
-from egress_agent.plan import HostFacts, build
-from egress_agent.reconcile import Reconciler, existing_cgroups, usable_from
-from egress_agent.render import comments, observed_from_json
+from egress_agent.nft.listing import observed_from_json
+from egress_agent.nft.text import comments
+from egress_agent.plan import build
+from egress_agent.reconcile import Reconciler
 from egress_agent.routing.fake import FakeRouting
 from egress_agent.store import Store
 

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from egress_agent import names
-from egress_agent.alloc import Allocations, Usable, allocate
+from egress_agent.alloc import Allocations, allocate
+from egress_agent.hoststate import HostFacts, Usable
 from egress_agent.config import parse
-from egress_agent.plan import HostFacts, build, explain
+from egress_agent.plan import build, explain
 from tracer import trace
 
 DESIGN = Path(__file__).parent.parent / "configs" / "design.yaml"
@@ -182,7 +183,8 @@ def test_a_vanished_cgroup_is_replaced_by_flushing_its_map():
     """nft lists a removed cgroup's element by id and cannot delete it by that id."""
     from egress_agent.model import Observed
     from egress_agent.nft.fake import FakeNft
-    from egress_agent.render import observed_from_json, transaction
+    from egress_agent.nft.diff import transaction
+    from egress_agent.nft.listing import observed_from_json
     cfg = lab_config()
     p, _ = planned(cfg)
     nft = FakeNft()
@@ -290,7 +292,8 @@ def test_adoption_recovers_the_ipv6_choice():
     from egress_agent.adopt import adopt
     from egress_agent.model import Observed
     from egress_agent.nft.fake import FakeNft
-    from egress_agent.render import observed_from_json, transaction
+    from egress_agent.nft.diff import transaction
+    from egress_agent.nft.listing import observed_from_json
     cfg = parse(PER_FAMILY.replace("UNAVAILABLE", "drop")).config
     p, a = planned(cfg)
     nft = FakeNft()

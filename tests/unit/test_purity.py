@@ -1,4 +1,4 @@
-"""Planning is pure: config, alloc, plan, diff, render import neither nftables nor pyroute2.
+"""Planning is pure: config, alloc, plan, the nft diff/text/listing import neither nftables nor pyroute2.
 And the product imports no test or benchmark helper."""
 
 import ast
@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PURE = ["egress_agent.config", "egress_agent.alloc", "egress_agent.plan", "egress_agent.render",
+PURE = ["egress_agent.config", "egress_agent.alloc", "egress_agent.plan",
+        "egress_agent.nft.diff", "egress_agent.nft.text", "egress_agent.nft.listing",
         "egress_agent.adopt", "egress_agent.routing.diff", "egress_agent.hoststate",
         "egress_agent.shape", "egress_agent.drift", "egress_agent.nftwatch"]
 

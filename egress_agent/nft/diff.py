@@ -1,0 +1,146 @@
+"""The nft diff: one transaction that turns what the kernel holds into what is wanted.
+
+Pure. It compares a `Desired` with an `Observed` and writes one nft batch
+(all of it or none of it): a whole table when the skeleton is missing or
+outdated, a chain rewritten in place when only skeleton rules were lost, and
+otherwise only the elements and generated chains that differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .. import names, shape
+from ..model import Desired, Observed
+from .text import comments, element_text, kinds_of, skeleton_digest, skeleton_shape, skeleton_text
+
+T = names.TABLE
+CHUNK = 2000  # elements per `add element` statement
+
+
+@dataclass
+class Transaction:
+    """One nft batch: all of it or none of it. `text` is what `nft -f` would read."""
+
+    lines: list[str] = field(default_factory=list)
+    added: int = 0
+    removed: int = 0
+    full: bool = False
+    policies_changed: bool = False
+    repaired: list[str] = field(default_factory=list)  # skeleton chains rewritten in place
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines) + ("\n" if self.lines else "")
+
+    @property
+    def empty(self) -> bool:
+        return not self.lines
+
+
+def _chunks(items: list[str]):
+    for i in range(0, len(items), CHUNK):
+        yield items[i:i + CHUNK]
+
+
+def _set_decl(name: str) -> str:
+    return f"add set {T} {name} {{ type mark; }}"
+
+
+def skeleton_whole(observed: Observed, expected: Optional[shape.Shape] = None) -> bool:
+    """Our table exists, holds this skeleton version, and (when it was read from
+    the kernel) every skeleton chain, rule and set declaration of it."""
+    return (observed.table and observed.skeleton == skeleton_digest()
+            and (observed.shape is None or observed.shape == (expected or skeleton_shape())))
+
+
+def _damaged_chains(observed: Observed, expected: Optional[shape.Shape]):
+    """Skeleton chains to rewrite in place, or None (whole, or only a table replace helps)."""
+    if not observed.table or observed.skeleton != skeleton_digest() or observed.shape is None:
+        return None
+    want = expected or skeleton_shape()
+    if observed.shape == want:
+        return None
+    return shape.damaged_chains(want, observed.shape) or None
+
+
+def transaction(desired: Desired, observed: Observed,
+                expected: Optional[shape.Shape] = None) -> Transaction:
+    """The batch that turns `observed` into `desired` (empty when equal).
+
+    `expected`: the skeleton's shape as this kernel lists it, when that differs
+    from what shape.py reads from the source (another nft version)."""
+    tx = Transaction()
+    damaged = _damaged_chains(observed, expected)
+    if damaged:
+        # Only skeleton chains lost rules (flushed, a rule deleted): rewrite them
+        # in place in this batch, and keep the table and its elements (a full
+        # replace rewrites every element: seconds for 100k workloads).
+        src = skeleton_text()
+        blocks = shape.chain_blocks(src)
+        tx.repaired = [name for name, _ in damaged]
+        tx.lines += [f"flush chain {T} {name}" for name, exists in damaged if exists]
+        tx.lines += [f"table {T} {{"] + [blocks[name] for name, _ in damaged] + ["}"]
+        observed = Observed(True, observed.skeleton, observed.elements, observed.chains,
+                            observed.routes, observed.rules, None)
+    elif not skeleton_whole(observed, expected):
+        # A new, outdated or damaged skeleton: replace the table in one batch.
+        # NAT bindings and marks live in conntrack, so open connections survive.
+        tx.full = True
+        tx.lines += [f"add table {T}", f"delete table {T}", skeleton_text().rstrip()]
+        observed = Observed(table=True, skeleton=skeleton_digest())
+
+    changed_chains = [c for c in names.GENERATED_CHAINS
+                      if comments(desired.chains.get(c, ())) != observed.chains.get(c, ())]
+    tx.policies_changed = bool(changed_chains)
+    for chain in changed_chains:
+        tx.lines.append(f"flush chain {T} {chain}")
+
+    dynamic_want = {n for n in desired.elements if names.is_policy_set(n)}
+    dynamic_have = {n for n in observed.elements if names.is_policy_set(n)}
+    for name in sorted(dynamic_want - dynamic_have):
+        tx.lines.append(_set_decl(name))
+
+    adds: list[str] = []
+    for name in sorted(set(desired.elements) | set(observed.elements)):
+        if name in dynamic_have - dynamic_want:
+            continue
+        want = desired.elements.get(name, frozenset())
+        have = observed.elements.get(name, frozenset())
+        kk, vk = kinds_of(name)
+        if kk == ("cgroup",) and any(_stale_cgroup(k) for k, _ in have - want):
+            # A cgroup that was removed is listed by its id, and nft 1.0.6 cannot
+            # delete an element by that id: flush the map and add back what we want.
+            tx.lines.append(f"flush map {T} {name}")
+            tx.removed += len(have)
+            have = frozenset()
+        if vk is None:
+            gone, new = have - want, want - have
+        else:
+            want_map = dict(want)
+            have_map = dict(have)
+            gone = {e for e in have if want_map.get(e[0], _MISSING) != e[1]}
+            new = {e for e in want if have_map.get(e[0], _MISSING) != e[1]}
+        if gone:
+            tx.removed += len(gone)
+            for chunk in _chunks(sorted(element_text(name, e, with_value=False) for e in gone)):
+                tx.lines.append(f"delete element {T} {name} {{ {', '.join(chunk)} }}")
+        if new:
+            tx.added += len(new)
+            for chunk in _chunks(sorted(element_text(name, e) for e in new)):
+                adds.append(f"add element {T} {name} {{ {', '.join(chunk)} }}")
+    tx.lines += adds
+    for chain in changed_chains:
+        tx.lines += [f"add rule {T} {chain} {r}" for r in desired.chains.get(chain, ())]
+    for name in sorted(dynamic_have - dynamic_want):
+        tx.lines.append(f"delete set {T} {name}")
+    return tx
+
+
+_MISSING = object()
+
+
+def _stale_cgroup(key) -> bool:
+    """An element of a vanished cgroup: nft shows its id (a number) instead of a path."""
+    return isinstance(key, int) or (isinstance(key, str) and key.isdigit())

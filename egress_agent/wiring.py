@@ -1,0 +1,85 @@
+"""The composition root: the one place where the pipeline meets the real kernel.
+
+Every stage takes its effects as arguments: the `Reconciler` an `NftPort`, a
+`RoutingPort`, a `Store`, a host reader and a cgroup root; the `Daemon` a
+reconciler factory and a usage collector. Unit tests pass fakes
+(nft/fake.py, routing/fake.py); this module builds the real ones (libnftables,
+pyroute2, the state dir, netlink host dumps, ctnetlink, the cgroup2 view) for
+the CLI, the daemon, `verify` and the lab, so each of them builds nothing of
+its own (docs/design.md, "Layout").
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from . import cgroupfs
+from .config import Config, load
+from .hoststate import Usable, read_host_state, usable_from
+
+
+def load_config(path: str, state_dir: Optional[str] = None) -> Config:
+    """The config at `path`, with `state_dir` (a --state-dir) put over its own."""
+    cfg = load(path).config
+    return cfg.model_copy(update={"state_dir": state_dir}) if state_dir else cfg
+
+
+def usable_here(cfg: Config) -> Usable:
+    """The egress IPs usable on this host now (no root needed: netlink dumps)."""
+    return usable_from(cfg, read_host_state())
+
+
+def reconciler(cfg: Optional[Config] = None):
+    """The reconciler of this host: libnftables, pyroute2, the config's state dir,
+    the host's addresses and links, live conntrack leases, cgroup2 at cgroupfs.VIEW.
+
+    Without a config (teardown) it has no store to read or write."""
+    from .conntrack import live_leases
+    from .nft.libnft import Libnft
+    from .reconcile import Reconciler
+    from .routing.iproute import IPRouteRouting
+    from .store import Store
+    if cfg is None:
+        return Reconciler(Libnft(), IPRouteRouting(), Store("/nonexistent"), read_host_state)
+    try:
+        cgroupfs.ensure_view()
+    except OSError as e:  # only cgroup workloads need it; say so, keep going
+        print(f"warning: no cgroup2 view at {cgroupfs.VIEW} ({e}); cgroup workloads "
+              "cannot be classified", file=sys.stderr)
+    return Reconciler(Libnft(), IPRouteRouting(), Store(cfg.state_dir), read_host_state,
+                      cgroup_root=cgroupfs.VIEW, live_leases=live_leases)
+
+
+def usage_collector() -> Callable[[Config], object]:
+    """A usage snapshot with its own nft context (it runs in the usage thread)."""
+    from .nft.libnft import Libnft
+    from .report import collect
+    from .store import Store
+    nft = None
+
+    def collect_usage(cfg: Config):
+        nonlocal nft
+        nft = nft or Libnft()
+        return collect(cfg, Store(cfg.state_dir).load(), nft)
+    return collect_usage
+
+
+def daemon(config_path: str, **options):
+    """The daemon on this host's kernel; `options` are the Daemon's (resync_interval,
+    metrics, translation_log, watch_netlink, ...)."""
+    from .daemon import Daemon
+    options.setdefault("collect_usage", usage_collector())
+    return Daemon(config_path, reconciler, **options)
+
+
+def live_explainer(cfg: Config):
+    """explain() against the stored allocations and this host's usable addresses:
+    what `verify` and the lab expect each probe's source to be."""
+    from .alloc import allocate
+    from .plan import explain
+    from .store import Store
+    usable = usable_here(cfg)
+    # what an apply of this config would hold: the stored allocations, kept where they fit
+    alloc, _ = allocate(cfg, Store(cfg.state_dir).load(), usable)
+    return lambda c: explain(cfg, alloc, c.src, c.dst, c.port, c.proto, c.iif, usable)
