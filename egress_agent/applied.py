@@ -112,16 +112,20 @@ def changed_workloads(old: Config, new: Config) -> Optional[set[str]]:
     for name in type(new).model_fields:
         if name != "workloads" and getattr(old, name) != getattr(new, name):
             return None
+    # An entry the config reader did not change is the same object (config.py keeps
+    # them): only the others are compared, by id, and then by value.
+    kept = {id(w) for w in old.workloads}
+    fresh = [w for w in new.workloads if id(w) not in kept]
+    if not fresh and len(new.workloads) == len(old.workloads):
+        return set()
+    now = {id(w) for w in new.workloads}
+    gone = [w for w in old.workloads if id(w) not in now]
     before, after = old.workload_positions, new.workload_positions
-    out = set(before.keys() - after.keys())
-    for w, i in after.items():
-        j = before.get(w)
-        if j is None:
-            out.add(w)
-        else:
-            a, b = old.workloads[j], new.workloads[i]
-            if a is not b and a != b:
-                out.add(w)
+    out = {w.id for w in gone if w.id not in after}
+    for w in fresh:
+        j = before.get(w.id)
+        if j is None or old.workloads[j] != w:
+            out.add(w.id)
     return out
 
 

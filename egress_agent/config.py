@@ -341,7 +341,7 @@ class Config(_Model):
     @cached_property
     def workload_positions(self) -> dict[str, int]:
         """Workload id -> its index in `workloads` (the order allocation follows)."""
-        return {w.id: i for i, w in enumerate(self.workloads)}
+        return dict(zip([w.id for w in self.workloads], range(len(self.workloads))))
 
     @cached_property
     def _by_owner(self) -> dict[tuple[str, str], list[EgressIP]]:
