@@ -300,20 +300,21 @@ _ATOMS = {"mark": "mark", "ipv4_addr": "addr", "ipv6_addr": "addr", "ifname": "i
 def kinds_of_decl(decl: shape.SetDecl) -> tuple[tuple[str, ...], Optional[tuple[str, ...]]]:
     """The atoms of a key and of a value of the set `decl` declares: an address
     of an interval set is a prefix; an `interval` value's service a port range."""
-    def atoms(types: list[str], interval: bool) -> tuple[str, ...]:
+    def atoms(types: list[str], ranges: dict[str, str]) -> tuple[str, ...]:
         out = []
         for t in types:
             if t not in _ATOMS:
                 raise NftError(f"the fake does not know the type {t}")
-            a = _ATOMS[t]
-            out.append({"addr": "prefix", "port": "ports"}.get(a, a) if interval else a)
+            out.append(ranges.get(_ATOMS[t], _ATOMS[t]))
         return tuple(out)
-    key = atoms(list(decl.types), "interval" in decl.flags)
+    key = atoms(list(decl.types),
+                {"addr": "prefix", "port": "ports"} if "interval" in decl.flags else {})
     if decl.value is None:
         return key, None
     value = decl.value.split()
-    interval = value[0] == "interval"
-    return key, atoms([t for t in value[interval:] if t != "."], interval)
+    interval = value[0] == "interval"  # render writes ranges of ports only
+    return key, atoms([t for t in value[interval:] if t != "."],
+                      {"port": "ports"} if interval else {})
 
 
 def _to_json(kinds: tuple[str, ...], v: Any) -> Any:
