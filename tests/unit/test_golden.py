@@ -1,5 +1,6 @@
 """Golden files: one config in, what it adds to an empty skeleton out (the route
-ops, the elements, sets and generated chains of its first apply). The skeleton
+ops, then under `# nft batch` the elements, sets and generated chains of its
+first apply, without the skeleton). The skeleton
 itself is the same for every config and is checked once, in
 test_a_first_apply_is_the_skeleton_then_the_case.
 
@@ -32,7 +33,7 @@ def render_case(path: Path) -> str:
     d = desired(path)
     ops = diff_routes(d.routes, d.rules, frozenset(), frozenset())
     return ("# route ops\n" + "".join(f"ip {o.describe()}\n" for o in ops)
-            + "# nft batch, on the empty skeleton\n" + transaction(d, EMPTY_SKELETON).text)
+            + "# nft batch\n" + transaction(d, EMPTY_SKELETON).text)
 
 
 @pytest.mark.parametrize("case", CASES)
