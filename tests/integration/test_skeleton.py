@@ -1,7 +1,8 @@
 """The static skeleton and every golden batch, after the skeleton as in a first
-apply, pass `nft -c` (dry run) on this kernel, in a namespace of the test's own. libnftables resolves cgroup
-paths even in a dry run, so the goldens' cgroup elements (paths of other
-hosts) are checked as one element on a cgroup the test creates."""
+apply, pass `nft -c` (dry run) on this kernel, in a namespace of the test's
+own. libnftables resolves cgroup paths even in a dry run, so the goldens'
+cgroup elements (paths of other hosts) are checked as one element on a cgroup
+the test creates."""
 
 import secrets
 import subprocess
