@@ -116,8 +116,9 @@ def test_the_first_sync_is_full_and_the_kernel_then_does_what_the_config_says(ag
     assert v.action == "snat" and v.address in ("203.0.113.10", "203.0.113.11")
     assert trace(agent.nft, "10.0.1.4", "192.0.2.10", "tcp", 443, iif="vm-m44").address == \
         "203.0.113.20"
-    assert Route(4, names.route_table(agent.rec.alloc.eids["partner-link"]), "up1",
-                 "203.0.113.129") in agent.routing.routes
+    partner = trace(agent.nft, "10.0.1.3", "198.51.100.10", "tcp", 8080, iif="vm-m43")
+    assert partner.address == "203.0.113.140"
+    assert agent.routing.routes == {Route(4, names.route_table(partner.eid), "up1", "203.0.113.129")}
     agent.assert_as_a_full_sync_would_leave_it(demo())
 
 
@@ -289,8 +290,9 @@ def test_teardown_takes_the_guard_out_before_the_table_and_routes_after(agent):
 
 @pytest.mark.parametrize("how", ["lost", "corrupt"])
 def test_a_lost_or_corrupt_store_is_adopted_from_the_live_maps(agent, how):
-    held, alloc = agent.held(), agent.rec.alloc
+    held = agent.held()
     store = Store(agent.tmp / "state")
+    alloc = store.load()
     if how == "lost":
         store.allocations_path.unlink()
     else:
@@ -300,6 +302,8 @@ def test_a_lost_or_corrupt_store_is_adopted_from_the_live_maps(agent, how):
     assert (r.quarantined is not None) == (how == "corrupt")
     assert agent.held() == held
     assert store.load() == alloc
+    again = agent.fresh().sync(agent.cfg(demo()), "start")  # the adoption was written down
+    assert not again.adopted and not again.changed and again.quarantined is None
 
 
 def test_adoption_with_a_config_edit_keeps_the_others_blocks(agent):

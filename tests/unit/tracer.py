@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from egress_agent import names
@@ -108,7 +108,6 @@ class _Packet:
     hoplimit: int = 64
     classified: Optional[int] = None  # the mark the first map lookup set
     snat: Optional[tuple[Any, int]] = None  # (map value, mark) once bound
-    trail: list = field(default_factory=list)
 
 
 class _NoMatch(Exception):
@@ -141,7 +140,6 @@ class _Run:
         assert self.depth < 32, f"chain {name}: jumps nested too deep (a loop?)"
         try:
             for rule in self.table.chains[name].rules:
-                self.pkt.trail.append((name, rule))
                 try:
                     end = self.rule(_parse(rule))
                 except _NoMatch:
