@@ -227,6 +227,29 @@ def test_a_refused_batch_that_added_routes_first_leaves_only_harmless_routes(age
     agent.assert_as_a_full_sync_would_leave_it(demo())
 
 
+def test_an_incremental_sync_trusts_memory_and_a_refusal_sends_it_back_to_the_kernel(agent):
+    """Unseen damage (no drift event): the incremental sync does not read the
+    table (its cost does not grow with it) and sends a batch that deletes an
+    element the kernel no longer has; the kernel refuses all of it (ENOENT),
+    and the next sync reads the kernel, repairs and applies the edit."""
+    agent.nft.run(f"flush map {T} {names.SNAT4_PORTS_MAP}")
+    damaged = agent.held()
+    reads: list = []
+    listing = agent.nft.list_table
+    agent.nft.list_table = lambda terse=False: (reads.append(terse), listing(terse))[1]
+    text = EDITS["remove a workload"](demo())
+    with pytest.raises(NftError, match="No such file or directory"):
+        agent.sync(text)
+    assert reads == []
+    assert agent.held() == damaged
+    reads.clear()
+    r = agent.sync(text)
+    assert r.mode == "full" and reads, r.to_json()
+    assert [f.kind for f in r.drift] == ["elements"], r.drift
+    agent.nft.list_table = listing
+    agent.assert_as_a_full_sync_would_leave_it(text)
+
+
 # --- the order of route ops and the nft batch ---------------------------------------------
 
 def order(journal: list) -> list[str]:
