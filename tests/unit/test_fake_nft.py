@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from egress_agent import names, shape
-from egress_agent.config import parse
 from egress_agent.alloc import Allocations, Usable, allocate
+from egress_agent.config import parse
 from egress_agent.model import Observed
 from egress_agent.nft import NftError
 from egress_agent.nft.fake import FakeNft, kinds_of_decl
 from egress_agent.plan import HostFacts, build
-from egress_agent.render import KINDS, T, observed_from_json, skeleton_source, skeleton_text, transaction
+from egress_agent.render import KINDS, T, observed_from_json, skeleton_source, transaction
 from tracer import _parse, kernel_of, trace
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -122,8 +122,8 @@ def test_a_missing_cgroup_path_is_refused():
 
 
 def test_a_refused_batch_is_not_recorded_and_the_next_one_goes_in():
-    nft, journal = FakeNft(journal=[]), None
-    journal = nft.journal
+    journal: list = []
+    nft = FakeNft(journal=journal)
     nft.refuse_next()
     text = transaction(lab_desired(), Observed()).text
     with pytest.raises(NftError, match="Cannot allocate memory"):
