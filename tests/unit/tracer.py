@@ -58,19 +58,19 @@ def _kernel(d: Union[Desired, FakeNft]) -> Table:
 
 def trace(d: Union[Desired, FakeNft], src: str, dst: str, proto: str = "tcp",
           dport: Optional[int] = None, iif: Optional[str] = None, cgroup: Optional[str] = None,
-          state: str = "new", flows: int = 0, local: tuple[str, ...] = ()) -> Verdict:
+          state: str = "new", flows: int = 0) -> Verdict:
     """The fate of one packet. `d`: a fake kernel, or a Desired applied to a fresh one.
     `src` of a cgroup's process: the address it bound, or "" (the host picks).
     `state`: what conntrack says of it, "new" or "invalid". `flows`: connections
-    its workload already has to this destination and port. `local`: the host's
-    addresses (fib daddr type local)."""
+    its workload already has to this destination and port. `dst` is never one of
+    the host's own addresses (the traces follow the forward and output paths)."""
     table = _kernel(d)
     fam = ipaddress.ip_address(dst).version
     pkt = _Packet(fam=fam, src=str(ipaddress.ip_address(src)) if src else None,
                   dst=str(ipaddress.ip_address(dst)),
                   l4="ipv6-icmp" if (proto == "icmp" and fam == 6) else proto, dport=dport,
                   iif=iif, cgroup=cgroup.strip("/") if cgroup else None, ct_state=state,
-                  flows=flows, local=frozenset(local))
+                  flows=flows)
     hooks = ["output", "postrouting"] if cgroup else ["prerouting", "forward", "postrouting"]
     end = None
     for hook in hooks:
@@ -102,7 +102,6 @@ class _Packet:
     cgroup: Optional[str]
     ct_state: str
     flows: int
-    local: frozenset
     mark: int = 0
     ct_mark: int = 0
     hoplimit: int = 64
@@ -239,8 +238,6 @@ class _Run:
                 return _ABSENT  # no conntrack entry
             return "original" if sel == "ct direction" else p.ct_mark
         if sel == "fib daddr type":
-            if p.dst in p.local:
-                return "local"
             return "multicast" if ipaddress.ip_address(p.dst).is_multicast else "unicast"
         m = re.fullmatch(r"socket cgroupv2 level (\d+)", sel)
         if m:
