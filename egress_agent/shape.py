@@ -86,10 +86,67 @@ def _priority(text: str) -> int:
     return base + off if m.group(2) != "-" else base - off
 
 
-def from_source(src: str) -> Shape:
-    """The shape of the skeleton source (the `table ... { ... }` block)."""
-    chains: dict[str, tuple[Hook, list[Rule]]] = {}
-    sets: dict[str, tuple[str, tuple[str, ...]]] = {}
+@dataclass(frozen=True)
+class SetDecl:
+    """One `set`/`map` declaration as written, e.g.
+    `map snat4 { type mark : interval ipv4_addr . inet_service; }`."""
+
+    kind: str                      # set | map
+    types: tuple[str, ...]         # key types
+    value: Optional[str] = None    # a map's value type as written after `:`
+    flags: tuple[str, ...] = ()
+    size: Optional[int] = None
+    counter: bool = False
+    comment: Optional[str] = None
+
+
+@dataclass
+class Source:
+    """What a `table ... { ... }` block declares, in source order: chains with
+    their hook and rule texts, sets with their declarations. `unknown`: lines
+    of the table block that are none of these (a caller that applies the block
+    refuses them)."""
+
+    chains: dict[str, tuple[Hook, list[str]]]
+    sets: dict[str, SetDecl]
+    unknown: list[str]
+
+
+_DECL = re.compile(r"(set|map) (\w+) \{\s*(.*?)\s*\}$")
+
+
+def set_decl(line: str) -> Optional[tuple[str, SetDecl]]:
+    """(name, declaration) of one set/map declaration line, None if it is not one."""
+    m = _DECL.match(line)
+    if not m or not m.group(3).startswith("type "):
+        return None
+    kind, name, body = m.groups()
+    comment = None
+    c = re.search(r'comment "((?:[^"\\]|\\.)*)";?', body)
+    if c:
+        comment, body = c.group(1), body[:c.start()] + body[c.end():]
+    fields = [f.strip() for f in body.split(";") if f.strip()]
+    keys, _, value = fields[0][len("type "):].partition(":")
+    flags: tuple[str, ...] = ()
+    size, counter = None, False
+    for f in fields[1:]:
+        if f.startswith("flags "):
+            flags = tuple(x.strip() for x in f[len("flags "):].split(","))
+        elif f.startswith("size "):
+            size = int(f[len("size "):])
+        elif f == "counter":
+            counter = True
+        else:
+            return None
+    return name, SetDecl(kind, tuple(t.strip() for t in keys.split(" . ")),
+                         value.strip() or None, flags, size, counter, comment)
+
+
+def parse(src: str) -> Source:
+    """The chains and sets of the skeleton source, or of any `table { }` block."""
+    chains: dict[str, tuple[Hook, list[str]]] = {}
+    sets: dict[str, SetDecl] = {}
+    unknown: list[str] = []
     chain: Optional[str] = None
     for raw in src.splitlines():
         line = raw.strip()
@@ -97,17 +154,15 @@ def from_source(src: str) -> Shape:
             line = line.split("#", 1)[0].strip()
         if not line or line.startswith("#"):
             continue
-        m = re.match(r"(set|map) (\w+) \{\s*type ([^;]+);", line)
-        if m and chain is None:
-            keys = m.group(3).split(":", 1)[0]
-            sets[m.group(2)] = (m.group(1), tuple(t.strip() for t in keys.split(" . ")))
-            continue
-        m = re.match(r"chain (\w+) \{", line)
-        if m:
-            chain = m.group(1)
-            chains[chain] = (None, [])
-            continue
         if chain is None:
+            decl = set_decl(line)
+            if decl:
+                sets[decl[0]] = decl[1]
+            elif m := re.match(r"chain (\w+) \{$", line):
+                chain = m.group(1)
+                chains[chain] = (None, [])
+            elif not re.match(r"(table \w+ \w+ \{|\})$", line):
+                unknown.append(line)
             continue
         if line == "}":
             chain = None
@@ -117,8 +172,15 @@ def from_source(src: str) -> Shape:
             chains[chain] = ((m.group(1), m.group(2), _priority(m.group(3)), m.group(4)),
                              chains[chain][1])
             continue
-        chains[chain][1].append(rule_from_text(line))
-    return _shape(chains, sets)
+        chains[chain][1].append(line)
+    return Source(chains, sets, unknown)
+
+
+def from_source(src: str) -> Shape:
+    """The shape of the skeleton source (the `table ... { ... }` block)."""
+    s = parse(src)
+    return _shape({n: (h, [rule_from_text(r) for r in rules]) for n, (h, rules) in s.chains.items()},
+                  {n: (d.kind, d.types) for n, d in s.sets.items()})
 
 
 # --- from the kernel's JSON --------------------------------------------------------

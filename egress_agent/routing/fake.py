@@ -7,8 +7,9 @@
 - a route through a link not in `links`: ENODEV (`links` None: every name
   exists); `remove_link` drops the routes through it, as the kernel does;
 - `fail(obj, errno)`: the next op on `obj` is refused with that errno.
-`applied` lists the ops the fake accepted, in order; `dump` filters to the
-reserved ranges like the real adapter, so foreign objects can be seeded.
+`applied` lists the ops the fake accepted, in order (and `journal`, when
+shared with FakeNft, the order of route ops and nft batches); `dump` filters
+to the reserved ranges like the real adapter, so foreign objects can be seeded.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from egress_agent.routing.diff import check_reserved
 
 class FakeRouting:
     def __init__(self, links: Optional[Iterable[str]] = None,
-                 routes: Iterable[Route] = (), rules: Iterable[Rule] = ()):
+                 routes: Iterable[Route] = (), rules: Iterable[Rule] = (),
+                 journal: Optional[list] = None):
         self.links: Optional[set[str]] = None if links is None else set(links)
         self.routes: set[Route] = set(routes)
         self.rules: set[Rule] = set(rules)
         self.applied: list[RouteOp] = []
         self.failures: dict[Union[Route, Rule], int] = {}
+        self.journal = journal
         self.closed = False
 
     # --- RoutingPort ------------------------------------------------------------
@@ -45,6 +48,8 @@ class FakeRouting:
         for op in ops:
             self._apply_one(op)
             self.applied.append(op)
+            if self.journal is not None:
+                self.journal.append(("route", op))
 
     def close(self) -> None:
         self.closed = True

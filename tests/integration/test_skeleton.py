@@ -1,7 +1,8 @@
-"""The static skeleton and every golden first-apply batch pass `nft -c` (dry run)
-on this kernel, in a namespace of the test's own. libnftables resolves cgroup
-paths even in a dry run, so the goldens' cgroup elements (paths of other
-hosts) are checked as one element on a cgroup the test creates."""
+"""The static skeleton and every golden batch, after the skeleton as in a first
+apply, pass `nft -c` (dry run) on this kernel, in a namespace of the test's
+own. libnftables resolves cgroup paths even in a dry run, so the goldens'
+cgroup elements (paths of other hosts) are checked as one element on a cgroup
+the test creates."""
 
 import secrets
 import subprocess
@@ -14,6 +15,7 @@ CHECK = r'''
 import sys
 from egress_agent import cgroupfs
 from egress_agent.nft.libnft import Libnft
+from egress_agent.nft.diff import T
 from egress_agent.nft.text import skeleton_text
 cgroupfs.ensure_view()
 nft = Libnft()
@@ -23,7 +25,8 @@ for path in batches:
     text = open(path).read().split("# nft batch\n", 1)[1]
     lines = [l for l in text.splitlines() if not l.startswith("add element inet egress_agent cgroup_l")]
     lines.append(f'add element inet egress_agent cgroup_l2 {{ "{cgroup}" : 0x00000001 }}')
-    nft.check("\n".join(lines) + "\n")
+    # the goldens hold no skeleton: check them as a first apply sends them
+    nft.check(f"add table {T}\ndelete table {T}\n" + skeleton_text() + "\n".join(lines) + "\n")
 print("ok", len(batches))
 '''
 

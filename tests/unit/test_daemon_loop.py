@@ -1,4 +1,5 @@
-"""The daemon's loop on fakes: watchers that fail, lost events, signal storms.
+"""The daemon's loop on fakes: watchers that fail, lost events, signal storms,
+events and damage arriving during a sync, a batch the kernel refuses.
 
 The Daemon runs with FakeNft, FakeRouting, a real Store in a temporary
 directory and a fake host (`Host`: the addresses and links `read_host`
@@ -23,14 +24,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from egress_agent import log as logmod
+from egress_agent import names
 from egress_agent.daemon import EXIT_WATCHER_FAILED, Daemon
 from egress_agent.hoststate import HostState
 from egress_agent.inbox import Trigger
 from egress_agent.nft.fake import FakeNft
 from egress_agent.reconcile import Reconciler, SyncResult
+from egress_agent.nft.listing import observed_from_json
+from egress_agent.nft.text import skeleton_shape
 from egress_agent.routing.fake import FakeRouting
 from egress_agent.store import Store
 from egress_agent.watchers import RTM_NEWADDR, RTM_NEWLINK, watch_config, watch_links
+from tracer import trace
 
 ADDRESSES = {"203.0.113.2", "203.0.113.10", "203.0.113.11", "203.0.113.20", "203.0.113.130",
              "203.0.113.140", "2001:db8:10::1", "2001:db8:11::1"}
@@ -377,24 +382,31 @@ def test_the_real_rtnetlink_socket_opens_without_privileges():
 
 # --- the loop ------------------------------------------------------------------------
 
+class DuringSync(FakeNft):
+    """A kernel that runs `during` (once) right after it took a batch: what
+    happens while the sync that sent it is still running."""
+
+    during: Optional[Callable[[], None]] = None
+
+    def run(self, batch: str) -> None:
+        super().run(batch)
+        if self.during is not None:
+            fn, self.during = self.during, None
+            fn()
+
+
 def test_an_address_removed_during_a_sync_is_synced_next(tmp_path):
-    class SlowKernel(FakeNft):
-        """The kernel takes the batch; meanwhile billing-2 goes away and its
+    def remove_billing_2() -> None:
+        """The kernel took the batch; meanwhile billing-2 goes away and its
         netlink event arrives while the sync still runs."""
-        armed = False
+        lab.host.remove(BILLING_2)
+        lab.daemon.post(Trigger("netlink"))
 
-        def run(self, batch: str) -> None:
-            super().run(batch)
-            if self.armed:
-                self.armed = False
-                lab.host.remove(BILLING_2)
-                lab.daemon.post(Trigger("netlink"))
-
-    lab = Lab(tmp_path, nft=SlowKernel())
+    lab = Lab(tmp_path, nft=DuringSync())
     lab.start()
     try:
         lab.sync(lambda r: r.trigger == "start", "the first sync")
-        lab.nft.armed = True
+        lab.nft.during = remove_billing_2
         lab.host.remove(BILLING_1)
         lab.daemon.post(Trigger("netlink"))
         first = lab.sync(lambda r: r.trigger == "netlink", "the sync for billing-1")
@@ -404,6 +416,76 @@ def test_an_address_removed_during_a_sync_is_synced_next(tmp_path):
         assert r.changed
     finally:
         assert lab.stop() == 0
+
+
+def test_a_config_edit_during_a_sync_is_applied_by_the_next(tmp_path):
+    def edit() -> None:
+        with open(lab.config + ".tmp", "w") as f:
+            f.write(demo_text().replace(M43, "").replace(LEGACY_POLICY, ""))
+        os.rename(lab.config + ".tmp", lab.config)
+        lab.daemon.post(Trigger("config", reload=True))
+
+    lab = Lab(tmp_path, nft=DuringSync())
+    lab.start()
+    try:
+        lab.sync(lambda r: r.trigger == "start", "the first sync")
+        assert trace(lab.nft, "10.0.1.3", "192.0.2.10", "tcp", 8080, iif="vm-m43").action == "snat"
+        lab.nft.during = edit
+        lab.host.remove(BILLING_1)
+        lab.daemon.post(Trigger("netlink"))
+        lab.sync(lambda r: r.trigger == "netlink", "the sync the edit arrived during")
+        r = lab.sync(lambda r: r.trigger == "config", "the sync of the edit")
+        assert r.removed and "m43" not in {w.id for w in lab.daemon.cfg.workloads}
+    finally:
+        assert lab.stop() == 0
+    # m43 is unknown now: its source is managed, so its traffic is dropped
+    assert trace(lab.nft, "10.0.1.3", "192.0.2.10", "tcp", 8080, iif="vm-m43").action == "drop"
+    assert trace(lab.nft, "10.0.1.2", "192.0.2.10", "tcp", 8080, iif="vm-m42").address == BILLING_2
+
+
+def test_drift_during_a_sync_is_repaired_by_the_next(tmp_path):
+    def damage() -> None:  # a foreign `nft flush chain`, heard by nftwatch
+        FakeNft.run(lab.nft, f"flush chain {names.TABLE} postrouting")
+        lab.daemon.post(Trigger("drift", force=True))
+
+    lab = Lab(tmp_path, nft=DuringSync())
+    lab.start()
+    try:
+        lab.sync(lambda r: r.trigger == "start", "the first sync")
+        whole = observed_from_json(lab.nft.list_table())
+        lab.nft.during = damage
+        lab.host.remove(BILLING_1)
+        lab.daemon.post(Trigger("netlink"))
+        lab.sync(lambda r: r.trigger == "netlink", "the sync the damage happened during")
+        r = lab.sync(lambda r: r.trigger == "drift", "the drift repair")
+        assert [f.kind for f in r.drift] == ["skeleton"] and r.skeleton_replaced, r.to_json()
+    finally:
+        assert lab.stop() == 0
+    assert observed_from_json(lab.nft.list_table()).shape == whole.shape == skeleton_shape()
+
+
+def test_a_batch_the_kernel_refuses_keeps_the_daemon_and_the_next_sync_is_full(tmp_path):
+    lab = Lab(tmp_path)
+    with capture_logs() as logs:
+        lab.start()
+        try:
+            lab.sync(lambda r: r.trigger == "start", "the first sync")
+            held = lab.nft.list_table()
+            lab.nft.refuse_next()
+            lab.host.remove(BILLING_1)
+            lab.daemon.post(Trigger("netlink"))
+            wait_until(lambda: events(logs, "sync failed; the next sync is a full one"),
+                       "the failed sync")
+            assert lab.nft.list_table() == held and lab.daemon.failures == 1
+            assert [r.trigger for r in lab.syncs] == ["start"]
+            lab.daemon.post(Trigger("netlink"))  # usability still differs from the last sync's
+            r = lab.sync(lambda r: r.trigger == "netlink", "the sync after the failure")
+            assert r.mode == "full" and r.changed and "billing-1" not in r.usable.v4
+        finally:
+            assert lab.stop() == 0
+    failed = events(logs, "sync failed; the next sync is a full one")
+    assert "Cannot allocate memory" in failed[0]["error"], failed
+    assert trace(lab.nft, "10.0.1.2", "192.0.2.10", "tcp", 8080, iif="vm-m42").address == BILLING_2
 
 
 def test_a_watchers_own_trigger_merged_with_an_address_event_still_syncs(tmp_path):

@@ -136,20 +136,20 @@ def test_flushed_skeleton_chain_is_rewritten_in_place_and_plan_sees_it(synced):
 
 def test_a_missing_set_or_a_moved_hook_replaces_the_table(synced):
     cfg, nft, _, rec = synced
-    del nft.table["decl"]["snat4"], nft.table["sets"]["snat4"]
+    del nft.table.sets["snat4"]
     p, _, _, _ = rec.plan(cfg, rec.observe())
     assert transaction(p.desired, rec.observe()).full
     r = repaired(cfg, nft, rec)
     assert [str(f) for f in r.drift][0] == "map snat4 missing"
-    hook = nft.table["chains"]["prerouting"][0]
-    nft.table["chains"]["prerouting"][0] = hook[:2] + (0,) + hook[3:]
+    hook = nft.table.chains["prerouting"].hook
+    nft.table.chains["prerouting"].hook = hook[:2] + (0,) + hook[3:]
     assert transaction(p.desired, rec.observe()).full
     repaired(cfg, nft, rec)
 
 
 def test_a_deleted_skeleton_chain_is_declared_again(synced):
     cfg, nft, _, rec = synced
-    del nft.table["chains"]["refuse"]
+    del nft.table.chains["refuse"]
     p, _, _, _ = rec.plan(cfg, rec.observe())
     tx = transaction(p.desired, rec.observe())
     assert tx.repaired == ["refuse"] and f"flush chain {T} refuse" not in tx.lines
@@ -159,16 +159,16 @@ def test_a_deleted_skeleton_chain_is_declared_again(synced):
 
 def test_deleted_table_is_named_and_rewritten_whole(synced):
     cfg, nft, _, rec = synced
-    elements = {k: v for k, v in nft.table["sets"].items()}
+    elements = {k: dict(v.elements) for k, v in nft.table.sets.items()}
     nft.run(f"delete table {T}")
     r = repaired(cfg, nft, rec)
     assert [str(f) for f in r.drift] == [f"table {T} missing"]
-    assert nft.table["sets"] == elements
+    assert {k: v.elements for k, v in nft.table.sets.items()} == elements
 
 
 def test_flushed_map_is_refilled_without_replacing_the_table(synced):
     cfg, nft, _, rec = synced
-    n = len(nft.table["sets"]["snat4"])
+    n = len(nft.elements("snat4"))
     assert n
     nft.run(f"flush map {T} snat4")
     r = repaired(cfg, nft, rec)
@@ -178,7 +178,7 @@ def test_flushed_map_is_refilled_without_replacing_the_table(synced):
 
 def test_foreign_element_and_deleted_ip_rule_are_named(synced):
     cfg, nft, routing, rec = synced
-    nft.table["sets"]["snat6"][0x12345] = "2001:db8:10::99"
+    nft.elements("snat6")[0x12345] = "2001:db8:10::99"
     rule = next(iter(routing.rules))
     routing.rules.discard(rule)
     r = repaired(cfg, nft, rec)

@@ -190,7 +190,7 @@ def test_a_vanished_cgroup_is_replaced_by_flushing_its_map():
     nft = FakeNft()
     nft.run(transaction(p.desired, Observed()).text)
     # the cgroup is recreated: the kernel now holds its old id, not the path
-    nft.table["sets"][names.cgroup_map(2)] = {"45302": 4}
+    nft.table.sets[names.cgroup_map(2)].elements = {45302: 4}
     tx = transaction(p.desired, observed_from_json(nft.list_table()))
     assert f"flush map inet egress_agent {names.cgroup_map(2)}" in tx.lines
     assert not any(l.startswith("delete element") and "cgroup" in l for l in tx.lines)

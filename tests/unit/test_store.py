@@ -65,7 +65,7 @@ def reconciler(cfg, nft=None, host=None) -> Reconciler:
 
 
 def snat4(nft: FakeNft) -> dict:
-    return dict(nft.table["sets"][names.SNAT4_PORTS_MAP])
+    return dict(nft.elements(names.SNAT4_PORTS_MAP))
 
 
 def lease_of(rec: Reconciler, workload: str, ip: str | None = None):
