@@ -4,8 +4,10 @@ Pure. An incremental sync (docs/design.md, "Incremental syncs") costs what
 changed: the config is compared with the last applied one by workload id, an
 address or link event names the egress IPs whose usability changed, and only
 the workloads those touch are allocated (alloc.allocate_changed) and planned
-again (plan.workload_elements). Their old elements come from this index, so
-the nft batch is the difference of those few. A change to anything but the
+again (plan.workload_elements). Their old elements are planned again from the
+last applied config, allocations and host facts (a pure function of them:
+nothing per workload is kept beyond what the allocations hold), so the nft
+batch is the difference of those few. A change to anything but the
 workloads (egress IPs, policies, defaults, ...) re-plans the whole host, from
 memory; `plan.build` over everything is the oracle both must equal
 (tests/unit/test_incremental.py).
@@ -25,14 +27,13 @@ from .plan import Placed, Plan, build_shared, workload_elements
 
 @dataclass
 class Applied:
-    """The last plan the kernel took: the shared part, each workload's elements,
-    and the allocations with who holds what."""
+    """The last plan the kernel took: its config, allocations and host facts (from
+    which any workload's elements follow), the shared part, who holds what."""
 
     cfg: Config
     alloc: alloc_mod.Allocations
-    facts: HostFacts
+    facts: HostFacts  # usable and addresses (cgroups: see missing_cgroups)
     shared: Desired
-    placed: dict[str, list[Placed]]  # workload id -> its elements
     missing_cgroups: set[str] = field(default_factory=set)  # workloads whose cgroup was absent
     holders: alloc_mod.Holders = field(default_factory=alloc_mod.Holders)
 
@@ -41,17 +42,24 @@ class Applied:
         """Index a whole plan (after a full sync)."""
         holders = alloc_mod.Holders.of(plan.alloc)
         holders.with_ips(plan.alloc.eids)
-        return Applied(cfg, plan.alloc, facts, plan.shared, plan.placed,
-                       set(plan.missing_cgroups), holders)
+        return Applied(cfg, plan.alloc, HostFacts(facts.usable, None, facts.addresses),
+                       plan.shared, set(plan.missing_cgroups), holders)
+
+    def elements_of(self, workload: str) -> list[Placed]:
+        """What this workload put in the kernel with the last plan."""
+        w = self.cfg.workloads[self.cfg.workload_positions[workload]]
+        facts = HostFacts(self.facts.usable, frozenset() if workload in self.missing_cgroups
+                          else None, self.facts.addresses)
+        return workload_elements(self.cfg, self.alloc, w, leases_of(self.alloc, workload), facts)[0]
 
     def desired(self) -> Desired:
-        """The whole plan again (for a full comparison with the kernel)."""
-        el: dict[str, set[Element]] = {n: set(v) for n, v in self.shared.elements.items()}
-        for placed in self.placed.values():
-            for name, e in placed:
-                el[name].add(e)
-        return Desired({k: frozenset(v) for k, v in el.items()}, self.shared.chains,
-                       self.shared.routes, self.shared.rules)
+        """The whole plan again (O(workloads): for a full comparison with the kernel)."""
+        return Desired(_elements(self.shared, (self.elements_of(w.id) for w in self.cfg.workloads)),
+                       self.shared.chains, self.shared.routes, self.shared.rules)
+
+
+def leases_of(alloc: alloc_mod.Allocations, workload: str) -> list[alloc_mod.Lease]:
+    return [l for ip in alloc.eids if (l := alloc.leases.get((workload, ip)))]
 
 
 @dataclass
@@ -79,19 +87,17 @@ class Change:
         """The same part of what the kernel holds (it took `applied`); `routes` and
         `rules` as read from the kernel now."""
         from .nft.text import comments, skeleton_digest
-        old = [applied.placed[w] for w in self.workloads if w in applied.placed]
+        old = [applied.elements_of(w) for w in self.workloads
+               if w in applied.cfg.workload_positions]
         return Observed(True, skeleton_digest(), _elements(applied.shared, old),
                         {c: comments(r) for c, r in applied.shared.chains.items()},
                         frozenset(routes), frozenset(rules))
 
     def applied(self, applied: Applied) -> Applied:
         """`applied` with this change in it (called once the kernel took it)."""
-        placed = applied.placed
-        for w in self.workloads:
-            placed.pop(w, None)
-        placed.update(self.placed)
         applied.holders.update(applied.alloc, self.alloc, self.workloads)
-        return Applied(self.cfg, self.alloc, self.facts, self.shared, placed,
+        return Applied(self.cfg, self.alloc, HostFacts(self.facts.usable, None, self.facts.addresses),
+                       self.shared,
                        (applied.missing_cgroups - self.workloads) | self.missing_cgroups,
                        applied.holders)
 
@@ -180,8 +186,7 @@ def plan_change(applied: Applied, cfg: Config, usable: alloc_mod.Usable,
     placed, missing, notes = {}, set(), []
     for w in sorted((w for w in changed if w in positions), key=positions.__getitem__):
         wl = cfg.workloads[positions[w]]
-        leases = [l for ip in new_alloc.eids if (l := new_alloc.leases.get((w, ip)))]
-        placed[w], note = workload_elements(cfg, new_alloc, wl, leases, facts)
+        placed[w], note = workload_elements(cfg, new_alloc, wl, leases_of(new_alloc, w), facts)
         if note:
             missing.add(w)
             notes.append(note)

@@ -37,8 +37,7 @@ class Plan:
     alloc: Allocations
     notes: list[str] = field(default_factory=list)  # e.g. cgroups not present yet
     usable: Usable = Usable()  # which egress IPs this plan took as usable
-    # each workload's elements, and the workloads whose cgroup is missing (applied.py)
-    placed: dict[str, list] = field(default_factory=dict)
+    # the workloads whose cgroup is missing, and the shared part (applied.py)
     missing_cgroups: set[str] = field(default_factory=set)
     shared: Desired = Desired()
 
@@ -255,18 +254,17 @@ def build(cfg: Config, alloc: Allocations, facts: HostFacts = HostFacts()) -> Pl
     shared = build_shared(cfg, alloc, facts)
     el: dict[str, set[Element]] = {n: set(v) for n, v in shared.elements.items()}
     held = leases_by_workload(alloc)
-    placed: dict[str, list[Placed]] = {}
     missing = set()
     for w in cfg.workloads:
-        placed[w.id], note = workload_elements(cfg, alloc, w, held.get(w.id, ()), facts)
-        for name, e in placed[w.id]:
+        placed, note = workload_elements(cfg, alloc, w, held.get(w.id, ()), facts)
+        for name, e in placed:
             el[name].add(e)
         if note:
             notes.append(note)
             missing.add(w.id)
     desired = Desired({k: frozenset(v) for k, v in el.items()}, shared.chains,
                       shared.routes, shared.rules)
-    return Plan(desired, alloc, notes, facts.usable, placed, missing, shared)
+    return Plan(desired, alloc, notes, facts.usable, missing, shared)
 
 
 def leases_by_workload(alloc: Allocations) -> dict[str, list]:

@@ -18,6 +18,7 @@ kernel's live maps are adopted (adopt.py), with history for what was adopted.
 
 from __future__ import annotations
 
+import ctypes
 import errno as errno_mod
 import time
 from dataclasses import dataclass, field, replace
@@ -88,6 +89,9 @@ DRIFT_NFT, DRIFT_ROUTES = "drift", "drift-routes"
 # nothing was committed since, and memory is compared with the kernel's routes
 # only; otherwise the whole table is read and compared.
 RESYNC = "resync"
+# elements in a batch past which SyncResult keeps only a summary of it, and the
+# memory the sync used is given back (_trim)
+BIG_BATCH = 10_000
 
 
 class Reconciler:
@@ -198,19 +202,25 @@ class Reconciler:
                                  cgroup_exists(self.cgroup_root), all_cgroups=trigger == RESYNC)
             if change is not None:
                 return self._apply_change(change, trigger, routes, rules, reuse, t0)
-            observed = replace(self.applied, routes=routes, rules=rules)
+            applied = self.applied  # more than workloads changed: plan the whole host
+            observed = replace(applied, routes=routes, rules=rules)
         elif mode == "incremental":
             # a foreign commit touched our table: read it (the routes have their own events)
             assert self.index is not None
             mode = "drift"
+            applied = self.applied
             observed = replace(observed_from_json(self.nft.list_table()),
-                               routes=self.index.shared.routes, rules=self.index.shared.rules)
+                               routes=applied.routes, rules=applied.rules)
         else:
             observed = self.observe()
-        applied = self.applied if self.index is not None else None
+            applied = self.applied if self.index is not None else None
         try:
             reuse = mode == "drift" or (mode == "incremental" and trigger == DRIFT_ROUTES)
-            plan, events, adopted, facts = self.plan(cfg, observed, reuse_facts=reuse)
+            if mode == "drift" and self.index is not None and self.index.cfg is cfg:
+                # the same config and host facts: what was applied is the plan again
+                plan, events, adopted, facts = self._replay(), [], False, self.index.facts
+            else:
+                plan, events, adopted, facts = self.plan(cfg, observed, reuse_facts=reuse)
             d = plan.desired
             drift = (findings(applied, d, observed, self.expected_shape, self._link_up(fresh=reuse))
                      if applied is not None else [])
@@ -223,8 +233,12 @@ class Reconciler:
         # The kernel took the batch: memory follows it, whatever the disk does next.
         self.alloc = self._drain(plan.alloc, events, plan.notes)
         self.index = Applied.of(cfg, replace(plan, alloc=self.alloc), facts)
-        return self._after(trigger, mode, ops, tx, plan.notes, plan.usable, events, adopted,
-                           bool(tx.full and observed.table), drift, t0, len(cfg.workloads))
+        r = self._after(trigger, mode, ops, tx, plan.notes, plan.usable, events, adopted,
+                        bool(tx.full and observed.table), drift, t0, len(cfg.workloads))
+        if tx.added + tx.removed > BIG_BATCH:
+            del plan, d, observed, applied, tx
+            _trim()
+        return r
 
     def _apply_change(self, change: Change, trigger: str, routes, rules, reuse: bool,
                       t0: float) -> SyncResult:
@@ -279,8 +293,17 @@ class Reconciler:
         self.full_next = store_error is not None
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
                           tx.policies_changed and not tx.full, replaced or bool(tx.repaired),
-                          adopted, (time.perf_counter() - t0) * 1000, notes, tx.text,
+                          adopted, (time.perf_counter() - t0) * 1000, notes,
+                          tx.text if tx.added + tx.removed <= BIG_BATCH else
+                          f"# {len(tx.lines)} statements ({tx.added} elements added, "
+                          f"{tx.removed} removed): not kept\n",
                           usable, self._quarantined, store_error, drift, replanned)
+
+    def _replay(self) -> Plan:
+        """The last applied plan, whole, without allocating or planning again."""
+        assert self.index is not None
+        i = self.index
+        return Plan(i.desired(), i.alloc, [], i.facts.usable, set(i.missing_cgroups), i.shared)
 
     def _generation(self) -> Optional[int]:
         try:
@@ -383,6 +406,16 @@ class Reconciler:
         self.index, self.alloc, self.full_next = None, None, True
         return SyncResult("teardown", "full", 0, removed, [op.describe() for op in ops],
                           duration_ms=(time.perf_counter() - t0) * 1000)
+
+
+def _trim() -> None:
+    """Give the memory a whole plan and its batch used back to the system: glibc
+    keeps freed heap (libnftables parses the batch in C), and the daemon's RSS would
+    stay at the peak of its last full sync (bench/README.md, "Memory")."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
 
 
 class _Adopted(alloc_mod.Event):

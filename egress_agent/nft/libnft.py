@@ -14,16 +14,31 @@ from .. import names
 from . import NftError
 
 
+# A batch this long leaves libnftables' cache holding every element it added
+# (hundreds of MB at 100k workloads), freed only by the next command, which then
+# takes a second: a fresh context after such a batch frees it at once.
+BIG_BATCH_BYTES = 1 << 20
+
+
 class Libnft:
     def __init__(self) -> None:
-        self._nft = nftables.Nftables()
-        self._nft.set_json_output(False)
-        self._nft.set_handle_output(False)
+        self._nft = self._context()
+
+    @staticmethod
+    def _context() -> "nftables.Nftables":
+        nft = nftables.Nftables()
+        nft.set_json_output(False)
+        nft.set_handle_output(False)
+        return nft
 
     def run(self, batch: str) -> None:
         if not batch.strip():
             return
-        rc, out, err = self._nft.cmd(batch)
+        try:
+            rc, out, err = self._nft.cmd(batch)
+        finally:
+            if len(batch) > BIG_BATCH_BYTES:
+                self._nft = self._context()
         if rc != 0:
             raise NftError(_relabel(err or out or f"nft exited {rc}"), batch)
 
