@@ -9,19 +9,24 @@ it is about, found through the path -> line map built while parsing.
 from __future__ import annotations
 
 import difflib
+import gc
 import glob
+import hashlib
 import ipaddress
 import json
 import os
 import re
 import stat
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Optional, Union, get_args
 
+import ryml
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints,
                       ValidationError, WithJsonSchema, model_validator)
 
 from . import names
@@ -161,11 +166,16 @@ def _cgroup(v: str) -> str:
     return s
 
 
-def _id(v: str) -> str:
-    if not _ID.fullmatch(str(v)):
-        raise ValueError(f"{v!r} is not an id: start with a letter or digit, then "
-                         "letters, digits, _ . - (at most 63)")
-    return str(v)
+def _not_an_id(v: Any) -> str:
+    return (f"{v!r} is not an id: start with a letter or digit, then "
+            "letters, digits, _ . - (at most 63)")
+
+
+# An id is checked by pydantic-core's own regex, not a Python validator: there are
+# two per workload (100,000 Python calls cost ~0.1 s); _problem_from_pydantic words
+# its error as the validators do.
+_ID_ANCHORED = "^" + _ID.pattern + "$"
+_PATTERN_MESSAGES: dict[str, Callable[[Any], str]] = {_ID_ANCHORED: _not_an_id}
 
 
 def _str_type(fn, fmt: Optional[str] = None, pattern: Optional[str] = None,
@@ -189,7 +199,8 @@ Prefix = _str_type(_network, example="10.0.0.0/8")
 HostAddress = _str_type(_host_address, example="10.0.1.2")
 IfName = _str_type(_ifname, pattern=_IFNAME.pattern)
 CgroupPath = _str_type(_cgroup, example="system.slice/cron.service")
-Id = _str_type(_id, pattern=_ID.pattern)
+Id = Annotated[str, StringConstraints(pattern=_ID_ANCHORED),
+               WithJsonSchema({"type": "string", "pattern": _ID.pattern})]
 PortRange = Annotated[Union[int, str], AfterValidator(_port_range),
                       WithJsonSchema({"type": ["string", "integer"],
                                       "examples": ["1024-65535", 443]})]
@@ -682,6 +693,104 @@ class _FastLoader(_EventLoader):  # type: ignore[misc,valid-type]
         return m
 
 
+# --- the fast YAML path: rapidyaml, for the text whose data it surely gives ---------
+#
+# libyaml through PyYAML builds a Python Node and two Marks per value before the
+# data: ~3 s of CPU for 100,000 workloads. rapidyaml (C++) parses the same text into
+# a flat tree and writes it as JSON in ~0.2 s, which json reads in C. It is used
+# only where its data is PyYAML SafeLoader's, judged cheaply and soundly:
+# - the text: what _plainly_bounded passes (no quotes, aliases, tags, glued `#`,
+#   unbalanced brackets on a line: the bounds hold), printable ASCII without tabs,
+#   and none of `& | > % @ \x60` (anchors, block scalars, directives, reserved
+#   characters: libyaml refuses `@x`, rapidyaml takes it);
+# - the tree: one document whose root is a mapping;
+# - the JSON: rapidyaml writes a plain scalar unquoted only when it looks like a
+#   JSON number, true, false or null (json then reads it as YAML 1.1 does, but for a
+#   float without a dot or a signed exponent, which YAML 1.1 reads as a string: the
+#   parse_float hook says so); any other scalar is a JSON string, quoted or not in
+#   the YAML. So a string that YAML 1.1 would resolve to something else if it was
+#   plain (yes, ~, 0x1F, 1_000, 2001-01-01, <<, an empty key, ...) sends the file to
+#   the slow path, as does a duplicate key (_no_duplicates) or JSON that json refuses.
+# Anything else takes the libyaml path below, which stays the reference.
+
+def _yaml11_patterns() -> re.Pattern:
+    """One pattern for a JSON string whose text a YAML 1.1 resolver (SafeLoader's)
+    would not read as a string if it was a plain scalar."""
+    alternatives = set()
+    for resolvers in yaml.SafeLoader.yaml_implicit_resolvers.values():
+        for tag, regexp in resolvers:
+            body = regexp.pattern.strip()
+            assert body.startswith("^") and body.endswith("$"), body
+            alternatives.add(body[1:-1])
+    # the lookahead: a string that starts with none of the resolvers' first
+    # characters is dismissed before the alternatives are tried
+    first = "".join(sorted(c for c in yaml.SafeLoader.yaml_implicit_resolvers if c))
+    return re.compile('"(?=["' + re.escape(first) + '])(?:' + "|".join(sorted(alternatives))
+                      + ')"', re.X)
+
+
+_NOT_PLAIN_STR = _yaml11_patterns()
+_YAML11_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?")
+_NOT_FOR_RYML = re.compile(r"[&|>%@`\x00-\x09\x0b-\x1f\x7f]")
+
+
+def _yaml11_float(s: str) -> Any:
+    """A number json reads as a float: a float for YAML 1.1 too only with a dot
+    (and a signed exponent); else the plain scalar is the string as written."""
+    return float(s) if _YAML11_FLOAT.fullmatch(s) else s
+
+
+def _ryml_data(text: str) -> Any:
+    """The data of `text` through rapidyaml, or None when it may differ from
+    SafeLoader's (then the caller takes the libyaml path)."""
+    if not text.isascii() or _NOT_FOR_RYML.search(text) or not _plainly_bounded(text):
+        return None
+    js = _quiet_ryml_json(text.encode("ascii"))
+    if js is None or _NOT_PLAIN_STR.search(js):
+        return None
+    try:
+        return json.loads(js, object_pairs_hook=_no_duplicates, parse_float=_yaml11_float,
+                          parse_constant=str)
+    except (ValueError, RecursionError, _Duplicate):
+        return None
+
+
+def _ryml_json(data: bytes) -> Optional[str]:
+    tree = ryml.parse_in_arena(data)
+    if tree.empty() or not tree.is_map(tree.root_id()):
+        return None  # empty, a stream of documents or a scalar: libyaml says what it is
+    return ryml.emit_json(tree)  # refuses (ExceptionVisit) nesting past its own bound
+
+
+def _quiet_ryml_json(data: bytes) -> Optional[str]:
+    """rapidyaml's JSON of `data`, or None when it refuses it (the libyaml path then
+    says why, with its line). Its error handler writes to file descriptor 2 before
+    raising, so fd 2 goes to a temporary file meanwhile; whatever else was written
+    there in that time (another thread's log line) is passed on, only rapidyaml's
+    own report is dropped."""
+    with tempfile.TemporaryFile() as spill:
+        saved = os.dup(2)
+        os.dup2(spill.fileno(), 2)
+        refused = False
+        try:
+            js = _ryml_json(data)
+        except Exception:  # ExceptionParse, ExceptionVisit, ...: the slow path decides
+            js, refused = None, True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if spill.tell():
+            spill.seek(0)
+            others = [ln for ln in spill.read().splitlines(keepends=True)
+                      if not (refused and _RYML_REPORT.search(ln))]
+            if others:
+                os.write(2, b"".join(others))
+    return js
+
+
+_RYML_REPORT = re.compile(rb"ERROR: \[\w+\]|ERROR: \(node=|\(detected here\)\s*$")
+
+
 def _read_data(text: str, file: str, with_lines: bool) -> tuple[Any, Optional[dict[PathT, Where]]]:
     """Data, and with `with_lines` the path -> (file, line) map.
 
@@ -694,6 +803,9 @@ def _read_data(text: str, file: str, with_lines: bool) -> tuple[Any, Optional[di
                 return json.loads(text, object_pairs_hook=_no_duplicates), None
             except (ValueError, RecursionError, _Duplicate):
                 pass
+        data = _ryml_data(text)
+        if data is not None:
+            return data, None
         checked = False
         if not _plainly_bounded(text):
             _check_structure(text, file)
@@ -847,9 +959,29 @@ def watched_paths(file: str) -> dict[str, Optional[str]]:
     return out
 
 
+@contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while a config is built: its ~10^6 new dicts,
+    lists and models hold no cycles, but each 700 allocations start a young
+    collection and every tenth of those an older one over all of them (half the
+    time of a 100k-workload load). Reference counting still frees as usual."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def parse(text: str, file: str = "<config>") -> Loaded:
     """Every problem at once, sorted by file and line: the field errors, and the
     cross-field checks over whatever did validate."""
+    with _gc_paused():
+        return _parse(text, file)
+
+
+def _parse(text: str, file: str) -> Loaded:
     global _suggestions_left
     _suggestions_left = SUGGESTION_BUDGET
     data, _, included = _assemble(text, file, with_lines=False)
@@ -1012,7 +1144,10 @@ def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, Where]) -> P
     value, suggestion = err.get("input"), None
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    if err["type"] == "missing":
+    if err["type"] == "string_pattern_mismatch" and \
+            (err.get("ctx") or {}).get("pattern") in _PATTERN_MESSAGES:
+        msg = _PATTERN_MESSAGES[err["ctx"]["pattern"]](value)
+    elif err["type"] == "missing":
         msg, value = f"missing required field {loc[-1]!r}", None
     elif err["type"] == "extra_forbidden":
         value, suggestion = loc[-1], _closest(loc[-1], _fields_at(tuple(loc[:-1])))
@@ -1046,7 +1181,9 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
     out: list[tuple] = []
     known = known or {"workload": set(), "app": set(), "ip": set(), "served": set()}
 
-    def dupes(items, what: str, key, base: str):
+    def dupes(items, what: str, key, base: str, values=None):
+        if values is not None and len(set(values)) == len(values):
+            return  # all distinct, the usual case: no walk with a key function per item
         seen: dict[Any, int] = {}
         for i, it in number(base, items):
             for k, sub in key(it):
@@ -1056,12 +1193,15 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
                 else:
                     seen[k] = i
 
-    dupes(cfg.egress_ips, "id", lambda ip: [(ip.id, ("id",))], "egress_ips")
-    dupes(cfg.egress_ips, "ipv4", lambda ip: [(ip.ipv4, ("ipv4",))] if ip.ipv4 else [], "egress_ips")
-    dupes(cfg.workloads, "id", lambda w: [(w.id, ("id",))], "workloads")
-    dupes(cfg.workloads, "source",
-          lambda w: [(s, ("source", j)) for j, s in enumerate(w.source)], "workloads")
-    dupes(cfg.workloads, "cgroup", lambda w: [(w.cgroup, ("cgroup",))] if w.cgroup else [], "workloads")
+    ips_, ws = cfg.egress_ips, cfg.workloads
+    dupes(ips_, "id", lambda ip: [(ip.id, ("id",))], "egress_ips", [ip.id for ip in ips_])
+    dupes(ips_, "ipv4", lambda ip: [(ip.ipv4, ("ipv4",))] if ip.ipv4 else [], "egress_ips",
+          [ip.ipv4 for ip in ips_ if ip.ipv4])
+    dupes(ws, "id", lambda w: [(w.id, ("id",))], "workloads", [w.id for w in ws])
+    dupes(ws, "source", lambda w: [(s, ("source", j)) for j, s in enumerate(w.source)], "workloads",
+          [s for w in ws for s in w.source])
+    dupes(ws, "cgroup", lambda w: [(w.cgroup, ("cgroup",))] if w.cgroup else [], "workloads",
+          [w.cgroup for w in ws if w.cgroup])
     dupes(cfg.policies, "name", lambda p: [(p.name, ("name",))], "policies")
 
     ranges = [(i, ipaddress.ip_network(ip.ipv6)) for i, ip in number("egress_ips", cfg.egress_ips)
