@@ -828,14 +828,17 @@ class _IncludeProblem(Exception):
         self.message = message
 
 
-def _assemble(text: str, file: str, with_lines: bool):
-    data, lines = _read_data(text, file, with_lines)
+def _assemble(text: str, file: str, with_lines: bool, read=None):
+    """The main file's data with its includes appended. `read` (text, file) gives a
+    file's data where lines are not needed (a Reader's cache); _read_data else."""
+    data, lines = (read(text, file), None) if read and not with_lines \
+        else _read_data(text, file, with_lines)
     if not isinstance(data, dict):
         raise ConfigError([Problem(file, 1, "", "expected a mapping with version: 1, host:, ...")])
     if lines is None and with_lines:
         lines = {}
     try:
-        included = _include(data, lines, file, text)
+        included = _include(data, lines, file, text, read)
     except _IncludeProblem as e:
         if lines is None:  # the fast path has no lines: read again with them
             lines = _read_data(text, file, with_lines=True)[1]
@@ -890,7 +893,8 @@ def _include_paths(i: int, pattern: str, base: str, room: int) -> list[str]:
     return matches
 
 
-def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: str) -> list[str]:
+def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: str,
+             read=None) -> list[str]:
     """Append the lists of every file that `include:` names (relative to `file`)."""
     base = os.path.dirname(os.path.abspath(file))
     included: list[str] = []
@@ -909,7 +913,8 @@ def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: s
                     raise ConfigError([Problem(path, e.line, "", e.reason)]) from None
                 raise _IncludeProblem(i, f"cannot read {path}: {e.reason}") from None
             left -= len(frag_text.encode("utf-8"))
-            frag, flines = _read_data(frag_text, path, with_lines=lines is not None)
+            frag, flines = (read(frag_text, path), None) if read and lines is None \
+                else _read_data(frag_text, path, with_lines=lines is not None)
             if frag is None:
                 included.append(path)
                 continue
@@ -936,6 +941,9 @@ def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: s
                 offset = len(existing)
                 data[key] = [*existing, *items]  # a new list: the old may be a YAML alias's
                 if lines is not None:
+                    # a list only includes add is at its first fragment: a problem in it
+                    # keeps its field path (workloads[1].source[0]) and its file and line
+                    lines.setdefault((key,), flines.get((key,), (path, 1, 0, 0)))
                     for p, w in flines.items():
                         if len(p) >= 2 and p[0] == key:
                             lines[(key, p[1] + offset) + p[2:]] = w
@@ -981,9 +989,14 @@ def parse(text: str, file: str = "<config>") -> Loaded:
         return _parse(text, file)
 
 
-def _parse(text: str, file: str) -> Loaded:
+def _parse(text: str, file: str, reader: Optional["Reader"] = None) -> Loaded:
     global _suggestions_left
     _suggestions_left = SUGGESTION_BUDGET
+    if reader is not None:
+        try:
+            return reader._parse(text, file)
+        except (ConfigError, ValidationError):
+            pass  # the reader's data is load()'s; load()'s path says what is wrong, and where
     data, _, included = _assemble(text, file, with_lines=False)
     try:
         cfg = Config.model_validate(data)
@@ -1111,15 +1124,109 @@ def _model_in(t: Any) -> Any:
     return None
 
 
-def load(path: Union[str, Path]) -> Loaded:
-    """Read and validate a config file; any problem is a ConfigError with FILE:LINE."""
+def load(path: Union[str, Path], reader: Optional["Reader"] = None) -> Loaded:
+    """Read and validate a config file; any problem is a ConfigError with FILE:LINE.
+    With a `reader`, what did not change since its last load is not read again."""
     p = str(path)
     try:
         text = _read_file(p)
     except _Unreadable as e:
         raise ConfigError([Problem(p, e.line, "", e.reason if e.line
                                    else f"cannot read: {e.reason}")]) from None
-    return parse(text, p)
+    with _gc_paused():
+        return _parse(text, p, reader)
+
+
+# Lists whose entries a Reader keeps validated, and their models.
+_KEPT = {"egress_ips": EgressIP, "workloads": Workload, "policies": Policy}
+
+
+@dataclass
+class _FileSeen:
+    digest: bytes
+    text: str
+    data: dict  # the file's data, with the validated model in place of each entry of _KEPT
+
+
+class Reader:
+    """Loads one config again and again, as the daemon does on each change: a file
+    (the main one or an include) whose bytes are those of the last good load is
+    not parsed again, and in a file that changed, only the egress_ips, workloads
+    and policies entries whose data changed are validated again. Every file is
+    still read (bounded, as by load()) and hashed: an mtime has coarse ticks, and a
+    size or inode says nothing about an edit in place. The result equals load()'s;
+    a config with any problem is handed to load()'s own path, which reports it."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, _FileSeen] = {}
+        self._order: list[tuple[str, bytes, str, dict]] = []  # this load's files, in include order
+
+    def load(self, path: Union[str, Path]) -> Loaded:
+        return load(path, self)
+
+    def _read(self, text: str, file: str) -> Any:
+        """A file's data for _assemble: the cached models where the bytes or the
+        entry did not change, plain data where they did."""
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        seen = self._files.get(file)
+        if seen is not None and seen.digest == digest:
+            data = dict(seen.data)  # _include replaces the main file's lists: never the cache's
+        else:
+            data = _read_data(text, file, with_lines=False)[0]
+            if isinstance(data, dict) and seen is not None and len(seen.text) <= _REUSE_TEXT:
+                data = dict(data)
+                for key, models in self._still_valid(seen).items():
+                    if isinstance(data.get(key), list):
+                        data[key] = [models.get(_entry_key(e), e) if isinstance(e, dict) else e
+                                     for e in data[key]]
+        if isinstance(data, dict):  # a copy: _include replaces the main file's lists
+            self._order.append((file, digest, text, dict(data)))
+        return data
+
+    @staticmethod
+    def _still_valid(seen: _FileSeen) -> dict[str, dict[str, BaseModel]]:
+        """The models of a changed file's last version, by the data they came from
+        (its text read again: only a changed file pays for this)."""
+        old = _read_data(seen.text, "", with_lines=False)[0]
+        out: dict[str, dict[str, BaseModel]] = {}
+        for key in _KEPT:
+            entries, models = old.get(key), seen.data.get(key)
+            if isinstance(entries, list) and isinstance(models, list) and len(entries) == len(models):
+                out[key] = {_entry_key(e): m for e, m in zip(entries, models)}
+        return out
+
+    def _parse(self, text: str, file: str) -> Loaded:
+        self._order = []
+        data, _, included = _assemble(text, file, with_lines=False, read=self._read)
+        cfg = Config.model_validate(data)
+        if _check_semantics(cfg):
+            raise ConfigError([])
+        # Remember each file's entries as models: _include appended the lists in
+        # the order the files were read, the main file's first.
+        offsets = dict.fromkeys(_KEPT, 0)
+        files: dict[str, _FileSeen] = {}
+        for f, digest, ftext, fdata in self._order:
+            kept = dict(fdata)
+            for key in _KEPT:
+                if isinstance(fdata.get(key), list):
+                    n = len(fdata[key])
+                    kept[key] = getattr(cfg, key)[offsets[key]:offsets[key] + n]
+                    offsets[key] += n
+            files[f] = _FileSeen(digest, ftext, kept)
+        self._files, self._order = files, []
+        return Loaded(cfg, file, text, (file, *included))
+
+
+def _entry_key(entry: Any) -> str:
+    """An entry's data as one string: equal only for data that validates alike
+    (True is not 1, 1 is not 1.0, '1' is not 1; key order kept)."""
+    return repr(entry)
+
+
+# A changed file's unchanged entries keep their models when the file is at most
+# this big (an include of ~20,000 workloads): finding them means reading its last
+# version again, which for a far bigger file costs what validating it does.
+_REUSE_TEXT = 1 << 20
 
 
 def _other_union_branch(err: dict) -> bool:
