@@ -138,3 +138,19 @@ def test_a_problem_in_a_list_only_includes_add_names_its_fragment_line_and_field
     with pytest.raises(ConfigError) as e:
         load(path)
     assert str(e.value).startswith(f"{tmp_path / 'conf.d' / '00.yaml'}:3: workloads[1].source[0]: ")
+
+
+def test_the_daemons_reload_goes_through_its_reader(tmp_path):
+    from egress_agent.daemon import Daemon
+    path = make(tmp_path, fragments=3, per=4)
+    daemon = Daemon(str(path), make_reconciler=lambda cfg: object(), watch_netlink=False)
+    assert daemon.load_config()
+    first = daemon.cfg
+    write_fragment(tmp_path, "01.yaml", [100, 101, 102, 150])
+    assert daemon.load_config()
+    assert daemon.cfg == load(path).config
+    assert daemon.cfg.workloads[0] is first.workloads[0]  # 00.yaml did not change
+    write_fragment(tmp_path, "02.yaml", [200], bad=200)
+    assert not daemon.load_config()  # logged; the last good config stays
+    assert [w.id for w in daemon.cfg.workloads][4:] == ["w100", "w101", "w102", "w150",
+                                                        "w200", "w201", "w202", "w203"]
