@@ -898,6 +898,7 @@ def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: s
     """Append the lists of every file that `include:` names (relative to `file`)."""
     base = os.path.dirname(os.path.abspath(file))
     included: list[str] = []
+    grown: set[str] = set()  # the lists of `data` this call made, extended in place
     patterns = data.get("include") or []
     if not isinstance(patterns, list):
         return included  # pydantic reports the type
@@ -939,7 +940,11 @@ def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: s
                 elif not isinstance(existing, list):
                     continue  # pydantic reports the main file's wrong type, at its line
                 offset = len(existing)
-                data[key] = [*existing, *items]  # a new list: the old may be a YAML alias's
+                if key in grown:
+                    existing.extend(items)
+                else:  # a new list once: the main file's may be a YAML alias's or a cache's
+                    data[key] = [*existing, *items]
+                    grown.add(key)
                 if lines is not None:
                     # a list only includes add is at its first fragment: a problem in it
                     # keeps its field path (workloads[1].source[0]) and its file and line
