@@ -1309,9 +1309,11 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
     dupes(ips_, "id", lambda ip: [(ip.id, ("id",))], "egress_ips", [ip.id for ip in ips_])
     dupes(ips_, "ipv4", lambda ip: [(ip.ipv4, ("ipv4",))] if ip.ipv4 else [], "egress_ips",
           [ip.ipv4 for ip in ips_ if ip.ipv4])
-    dupes(ws, "id", lambda w: [(w.id, ("id",))], "workloads", [w.id for w in ws])
+    wids = [w.id for w in ws]
+    dupes(ws, "id", lambda w: [(w.id, ("id",))], "workloads", wids)
+    sources = [s for w in ws for s in w.source]
     dupes(ws, "source", lambda w: [(s, ("source", j)) for j, s in enumerate(w.source)], "workloads",
-          [s for w in ws for s in w.source])
+          sources)
     dupes(ws, "cgroup", lambda w: [(w.cgroup, ("cgroup",))] if w.cgroup else [], "workloads",
           [w.cgroup for w in ws if w.cgroup])
     dupes(cfg.policies, "name", lambda p: [(p.name, ("name",))], "policies")
@@ -1324,10 +1326,11 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
                 out.append((("egress_ips", i, "ipv6"),
                             f"range {na} overlaps {nb} of egress_ips[{j}]"))
 
-    workload_ids = {w.id for w in cfg.workloads}
-    apps = {w.app for w in cfg.workloads if w.app} | {ip.app for ip in cfg.egress_ips if ip.app}
-    out += _unserved_apps(cfg, number, known["served"])
-    out += _egress_addresses_of_workloads(cfg, ranges, number)
+    workload_ids = set(wids)
+    workload_apps = {w.app for w in ws}
+    apps = (workload_apps - {None}) | {ip.app for ip in cfg.egress_ips if ip.app}
+    out += _unserved_apps(cfg, number, known["served"], workload_apps)
+    out += _egress_addresses_of_workloads(cfg, ranges, number, sources)
     ips = {ip.id: ip for ip in cfg.egress_ips}
     lo, hi = port_bounds(cfg.defaults.port_range)
     if cfg.defaults.ports_per_workload > hi - lo + 1:
@@ -1397,12 +1400,15 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
     return out
 
 
-def _unserved_apps(cfg: Config, number: Numbering, known_apps: set[str]) -> list[tuple]:
+def _unserved_apps(cfg: Config, number: Numbering, known_apps: set[str],
+                   workload_apps: set[Optional[str]]) -> list[tuple]:
     """A workload's app that no egress IP here serves: a typo would leave with the
     host's shared address, so it is an error (a machine-scoped IP serves it anyway)."""
     here = {ip.app for ip in cfg.ips_here() if ip.app}
     owned = {ip.workload for ip in cfg.ips_here() if ip.workload}
     out: list[tuple] = []
+    if not workload_apps - here - known_apps - {None}:
+        return out  # every app is served: no walk over the workloads
     said: dict[str, tuple[str, Optional[str]]] = {}
     for i, w in number("workloads", cfg.workloads):
         if not w.app or w.app in here or w.id in owned or w.app in known_apps:
@@ -1419,12 +1425,14 @@ def _unserved_apps(cfg: Config, number: Numbering, known_apps: set[str]) -> list
     return out
 
 
-def _egress_addresses_of_workloads(cfg: Config, ranges, number: Numbering) -> list[tuple]:
+def _egress_addresses_of_workloads(cfg: Config, ranges, number: Numbering,
+                                   sources: list[str]) -> list[tuple]:
     """An egress address that is a workload's own source, or inside managed_sources,
     would be classified as a workload's traffic (or dropped as an unknown one)."""
     out: list[tuple] = []
     v4 = {ip.ipv4: i for i, ip in number("egress_ips", cfg.egress_ips) if ip.ipv4}
-    for i, w in number("workloads", cfg.workloads):
+    clash = not v4.keys().isdisjoint(sources) or bool(ranges) and any(":" in s for s in sources)
+    for i, w in number("workloads", cfg.workloads) if clash else ():
         for j, s in enumerate(w.source):
             if s in v4:
                 out.append((("egress_ips", v4[s], "ipv4"),
