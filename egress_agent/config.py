@@ -765,11 +765,19 @@ def _ryml_json(data: bytes) -> Optional[str]:
 def _quiet_ryml_json(data: bytes) -> Optional[str]:
     """rapidyaml's JSON of `data`, or None when it refuses it (the libyaml path then
     says why, with its line). Its error handler writes to file descriptor 2 before
-    raising, so fd 2 goes to a temporary file meanwhile; whatever else was written
+    raising, so fd 2 goes to a memory file meanwhile; whatever else was written
     there in that time (another thread's log line) is passed on, only rapidyaml's
-    own report is dropped."""
-    with tempfile.TemporaryFile() as spill:
+    own report is dropped. Where no such file can be made (or fd 2 is closed), the
+    report is let through rather than the fast path given up."""
+    try:
+        spill = _spill_file()
         saved = os.dup(2)
+    except OSError:
+        try:
+            return _ryml_json(data)
+        except Exception:
+            return None
+    with spill:
         os.dup2(spill.fileno(), 2)
         refused = False
         try:
@@ -786,6 +794,13 @@ def _quiet_ryml_json(data: bytes) -> Optional[str]:
             if others:
                 os.write(2, b"".join(others))
     return js
+
+
+def _spill_file():
+    try:  # no file system needed (the unit's ProtectSystem=strict, PrivateTmp=yes)
+        return os.fdopen(os.memfd_create("egress-agent-ryml", os.MFD_CLOEXEC), "w+b")
+    except (OSError, AttributeError):
+        return tempfile.TemporaryFile()
 
 
 _RYML_REPORT = re.compile(rb"ERROR: \[\w+\]|ERROR: \(node=|\(detected here\)\s*$")

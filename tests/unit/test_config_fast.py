@@ -5,6 +5,7 @@ block and flow style, with YAML 1.1's odd scalars, the fixtures and the
 generated benchmark configs."""
 
 import glob
+import json
 import os
 import sys
 from pathlib import Path
@@ -169,3 +170,11 @@ def test_a_syntax_error_prints_only_the_agents_own_problem(tmp_path, capfd):
         config.load(p)
     assert f"{p}:2: YAML syntax" in str(e.value)
     assert capfd.readouterr().err == ""
+
+
+def test_with_no_memory_file_nor_stderr_the_fast_path_still_reads(monkeypatch):
+    def no_file():
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(config, "_spill_file", no_file)
+    assert json.loads(config._quiet_ryml_json(b"a: [1, b]\n")) == {"a": [1, "b"]}
+    assert config._quiet_ryml_json(b"a: b: c\n") is None
