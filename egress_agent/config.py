@@ -705,9 +705,9 @@ class _FastLoader(_EventLoader):  # type: ignore[misc,valid-type]
 #   characters: libyaml refuses `@x`, rapidyaml takes it);
 # - the tree: one document whose root is a mapping;
 # - the JSON: rapidyaml writes a plain scalar unquoted only when it looks like a
-#   JSON number, true, false or null (json then reads it as YAML 1.1 does, but for a
-#   float without a dot or a signed exponent, which YAML 1.1 reads as a string: the
-#   parse_float hook says so); any other scalar is a JSON string, quoted or not in
+#   JSON number, true, false or null (json then reads it as YAML 1.1 does, but for
+#   some floats, which the parse_float hook declines); any other scalar is a JSON
+#   string, quoted or not in
 #   the YAML. So a string that YAML 1.1 would resolve to something else if it was
 #   plain (yes, ~, 0x1F, 1_000, 2001-01-01, <<, an empty key, ...) sends the file to
 #   the slow path, as does a duplicate key (_no_duplicates) or JSON that json refuses.
@@ -734,10 +734,23 @@ _YAML11_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?")
 _NOT_FOR_RYML = re.compile(r"[&|>%@`\x00-\x09\x0b-\x1f\x7f]")
 
 
-def _yaml11_float(s: str) -> Any:
-    """A number json reads as a float: a float for YAML 1.1 too only with a dot
-    (and a signed exponent); else the plain scalar is the string as written."""
-    return float(s) if _YAML11_FLOAT.fullmatch(s) else s
+class _Declined(Exception):
+    """A value whose YAML 1.1 reading the JSON does not tell: take the libyaml path."""
+
+
+def _yaml11_float(s: str) -> float:
+    """A number json reads as a float. rapidyaml writes some as it did not read them
+    (.5 as 0.5, -.5 as -0.5, 5. as 5.0), which YAML 1.1 reads as the same float,
+    but for -.5 (a string for YAML 1.1) and a number that is not a YAML 1.1 float
+    (an exponent without a dot or a sign: a string, whose text is then unknown):
+    those decline the fast path."""
+    if s.startswith("-0.") or not _YAML11_FLOAT.fullmatch(s):
+        raise _Declined
+    return float(s)
+
+
+def _no_constant(s: str) -> Any:
+    raise _Declined  # NaN, Infinity: YAML 1.1 reads them as strings; let libyaml say
 
 
 def _ryml_data(text: str) -> Any:
@@ -750,8 +763,8 @@ def _ryml_data(text: str) -> Any:
         return None
     try:
         return json.loads(js, object_pairs_hook=_no_duplicates, parse_float=_yaml11_float,
-                          parse_constant=str)
-    except (ValueError, RecursionError, _Duplicate):
+                          parse_constant=_no_constant)
+    except (ValueError, RecursionError, _Duplicate, _Declined):
         return None
 
 
