@@ -701,8 +701,10 @@ class _FastLoader(_EventLoader):  # type: ignore[misc,valid-type]
 # only where its data is PyYAML SafeLoader's, judged cheaply and soundly:
 # - the text: what _plainly_bounded passes (no quotes, aliases, tags, glued `#`,
 #   unbalanced brackets on a line: the bounds hold), printable ASCII without tabs,
-#   and none of `& | > % @ \x60` (anchors, block scalars, directives, reserved
-#   characters: libyaml refuses `@x`, rapidyaml takes it);
+#   and none of `? & | > % @ \x60` (complex keys, anchors, block scalars,
+#   directives, reserved characters: libyaml refuses `@x`, rapidyaml takes it), nor
+#   a `:` before `, [ ] { }` or starting a scalar (`{a:}`, `[:x]`): in a flow
+#   collection YAML 1.1 ends a plain scalar there, YAML 1.2 and rapidyaml do not;
 # - the tree: one document whose root is a mapping;
 # - the JSON: rapidyaml writes a plain scalar unquoted only when it looks like a
 #   JSON number, true, false or null (json then reads it as YAML 1.1 does, but for
@@ -731,7 +733,8 @@ def _yaml11_patterns() -> re.Pattern:
 
 _NOT_PLAIN_STR = _yaml11_patterns()
 _YAML11_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?")
-_NOT_FOR_RYML = re.compile(r"[&|>%@`\x00-\x09\x0b-\x1f\x7f]")
+_NOT_FOR_RYML = re.compile(r"[?&|>%@`\x00-\x09\x0b-\x1f\x7f]")
+_ODD_COLON = re.compile(r":(?:[,\[\]{}]|(?<=[\s,\[{]:)\S)")  # written so that re scans for ':' alone
 
 
 class _Declined(Exception):
@@ -756,7 +759,8 @@ def _no_constant(s: str) -> Any:
 def _ryml_data(text: str) -> Any:
     """The data of `text` through rapidyaml, or None when it may differ from
     SafeLoader's (then the caller takes the libyaml path)."""
-    if not text.isascii() or _NOT_FOR_RYML.search(text) or not _plainly_bounded(text):
+    if not text.isascii() or _NOT_FOR_RYML.search(text) or text.startswith(":") \
+            or _ODD_COLON.search(text) or not _plainly_bounded(text):
         return None
     js = _quiet_ryml_json(text.encode("ascii"))
     if js is None or _NOT_PLAIN_STR.search(js):

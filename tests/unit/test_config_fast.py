@@ -180,3 +180,44 @@ def test_with_no_memory_file_nor_stderr_the_fast_path_still_reads(monkeypatch):
     monkeypatch.setattr(config, "_spill_file", no_file)
     assert json.loads(config._quiet_ryml_json(b"a: [1, b]\n")) == {"a": [1, "b"]}
     assert config._quiet_ryml_json(b"a: b: c\n") is None
+
+
+@pytest.mark.parametrize("text", [
+    "a: {ports:}\n", "a: [x:, y]\n", "a: {b: c:}\n", "a: [:x]\n", "a: {b: x, :y}\n", ":x: 1\n",
+    "a: {b: dest?inations}\n", "a: {b: to? -x}\n", "? a\n: b\n",
+])
+def test_what_yaml_1_1_and_rapidyaml_read_apart_in_flow_collections_declines(text):
+    """Found by mutating configs: in a flow collection YAML 1.1 (PyYAML) ends a plain
+    scalar at `:` before `, [ ] { }` and at `?`; rapidyaml reads on."""
+    assert _ryml_data(text) is None
+
+
+PIECES = SCALARS + [" ", "\n", ":", ": ", "- ", "  ", ",", "[", "]", "{", "}", "#", " #", "?", ":x",
+                    "x:", "{a: b}", "[a, b]", "\n  - ", "~", "---\n", "...\n"]
+MUTATION = st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from(["insert", "delete", "line"]),
+                     st.one_of(st.sampled_from(PIECES), st.sampled_from([":", ":x", "?", "x:"])),
+                     st.integers(1, 10))
+
+
+@settings(max_examples=1000)
+@given(st.sampled_from([3, 5]), st.lists(MUTATION, min_size=1, max_size=3))
+def test_mutated_configs_read_the_same_or_decline(n, mutations):
+    """Mutants of a generated config (this found the flow-collection cases above)."""
+    text = config_text(n)
+    for at, op, piece, k in mutations:
+        i = int(at * (len(text) + 1))
+        if op == "insert":
+            text = text[:i] + piece + text[i:]
+        elif op == "delete":
+            text = text[:i] + text[i + k:]
+        else:
+            lines = text.split("\n")
+            lines.insert(int(at * len(lines)), lines[k % len(lines)])
+            text = "\n".join(lines)
+    fast = _ryml_data(text)
+    try:
+        reference = slow(text)
+    except ConfigError:
+        assert fast is None, text
+        return
+    assert fast is None or typed(fast) == typed(reference), text
