@@ -705,6 +705,7 @@ class _FastLoader(_EventLoader):  # type: ignore[misc,valid-type]
 #   directives, reserved characters: libyaml refuses `@x`, rapidyaml takes it), nor
 #   a `:` before `, [ ] { }` or starting a scalar (`{a:}`, `[:x]`): in a flow
 #   collection YAML 1.1 ends a plain scalar there, YAML 1.2 and rapidyaml do not;
+#   no document markers (rapidyaml skips a `...` before the first document);
 # - the tree: one document whose root is a mapping;
 # - the JSON: rapidyaml writes a plain scalar unquoted only when it looks like a
 #   JSON number, true, false or null (json then reads it as YAML 1.1 does, but for
@@ -759,8 +760,9 @@ def _no_constant(s: str) -> Any:
 def _ryml_data(text: str) -> Any:
     """The data of `text` through rapidyaml, or None when it may differ from
     SafeLoader's (then the caller takes the libyaml path)."""
-    if not text.isascii() or _NOT_FOR_RYML.search(text) or text.startswith(":") \
-            or _ODD_COLON.search(text) or not _plainly_bounded(text):
+    if not text.isascii() or _NOT_FOR_RYML.search(text) or _ODD_COLON.search(text) \
+            or text.startswith((":", "---", "...")) or "\n---" in text or "\n..." in text \
+            or not _plainly_bounded(text):
         return None
     js = _quiet_ryml_json(text.encode("ascii"))
     if js is None or _NOT_PLAIN_STR.search(js):
