@@ -229,3 +229,29 @@ def test_mutated_configs_read_the_same_or_decline(text, mutations):
         assert fast is None, text
         return
     assert fast is None or typed(fast) == typed(reference), text
+
+
+@pytest.mark.parametrize("source, column, message", [
+    ("[10.0.0.0/24]", 38, "'10.0.0.0/24' is a network; a workload source is one address"),
+    ("[x]", 38, "'x' is not an address or prefix like 192.0.2.0/24 or 2001:db8::/32"),
+    ("[123]", 38, "Input should be a valid string"),
+    ("[10.0.0.1, 300.0.0.1]", 48, "'300.0.0.1' is not an address or prefix"),
+])
+def test_a_bad_source_is_one_problem_as_the_python_validator_words_it(source, column, message):
+    """Canonical IPv4 sources are checked by pydantic-core's regex; anything else by
+    _host_address, whose error alone is reported (one problem, not one per branch)."""
+    with pytest.raises(ConfigError) as e:
+        config.parse("version: 1\nhost: {name: a, region: r}\n"
+                     "egress_ips: [{id: i, app: a, ipv4: 203.0.113.1}]\n"
+                     f"workloads: [{{id: w, app: a, source: {source}}}]\n", "f.yaml")
+    [p] = e.value.problems
+    assert (p.line, p.column, p.path) == (4, column, f"workloads[0].source[{source.count(',')}]")
+    assert p.message.startswith(message)
+
+
+def test_sources_keep_their_canonical_form():
+    cfg = config.parse("version: 1\nhost: {name: a, region: r}\n"
+                       "egress_ips: [{id: i, app: a, ipv4: 203.0.113.1}]\n"
+                       "workloads: [{id: w, app: a, source: [10.0.0.1, 10.0.0.2/32, '2001:db8::1/128']}]\n"
+                       ).config
+    assert cfg.workloads[0].source == ["10.0.0.1", "10.0.0.2", "2001:db8::1"]
