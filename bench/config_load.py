@@ -127,11 +127,11 @@ def main() -> None:
     rows = list(next(iter(results.values())))
     print(f"config load + validation, median of {args.runs}: wall and CPU seconds, "
           "x = pyyaml's wall / this wall")
-    print(f"{'path':<18}" + "".join(f"{f'{n:,} wall':>12}{'cpu':>8}{'x':>8}" for n in sizes))
+    print(f"{'path':<16}" + "".join(f"{f'{n:,}: wall':>16}{'cpu':>8}{'x':>8}" for n in sizes))
     for row in rows:
-        cells = "".join(f"{results[n][row][0]:>12.3f}{results[n][row][1]:>8.3f}"
+        cells = "".join(f"{results[n][row][0]:>16.3f}{results[n][row][1]:>8.3f}"
                         f"{results[n]['pyyaml'][0] / results[n][row][0]:>7.1f}x" for n in sizes)
-        print(f"{row:<18}{cells}")
+        print(f"{row:<16}{cells}")
     for n in sizes:
         r = {k: v[0] for k, v in results[n].items()}
         print(f"{n:,}: load() {r['pyyaml'] / r['load()']:.1f}x faster than pyyaml; "
