@@ -717,10 +717,10 @@ class _FastLoader(_EventLoader):  # type: ignore[misc,valid-type]
 # - the JSON: rapidyaml writes a plain scalar unquoted only when it looks like a
 #   JSON number, true, false or null (json then reads it as YAML 1.1 does, but for
 #   some floats, which the parse_float hook declines); any other scalar is a JSON
-#   string, quoted or not in
-#   the YAML. So a string that YAML 1.1 would resolve to something else if it was
-#   plain (yes, ~, 0x1F, 1_000, 2001-01-01, <<, an empty key, ...) sends the file to
-#   the slow path, as does a duplicate key (_no_duplicates) or JSON that json refuses.
+#   string, quoted or not in the YAML. So a string that YAML 1.1 would resolve to
+#   something else if it was plain (yes, ~, 0x1F, 1_000, 2001-01-01, <<, an empty
+#   key, ...) sends the file to the slow path, as does a duplicate key
+#   (_no_duplicates) or JSON that json refuses.
 # Anything else takes the libyaml path below, which stays the reference.
 
 def _yaml11_patterns() -> re.Pattern:
@@ -1183,8 +1183,8 @@ def load(path: Union[str, Path], reader: Optional["Reader"] = None) -> Loaded:
         return _parse(text, p, reader)
 
 
-# Lists whose entries a Reader keeps validated, and their models.
-_KEPT = {"egress_ips": EgressIP, "workloads": Workload, "policies": Policy}
+# Lists whose entries a Reader keeps as validated models.
+_KEPT = ("egress_ips", "workloads", "policies")
 
 
 @dataclass
@@ -1249,7 +1249,7 @@ class Reader:
             raise ConfigError([])
         # Remember each file's entries as models: _include appended the lists in
         # the order the files were read, the main file's first.
-        offsets = dict.fromkeys(_KEPT, 0)
+        offsets = {key: 0 for key in _KEPT}
         files: dict[str, _FileSeen] = {}
         for f, digest, ftext, fdata in self._order:
             kept = dict(fdata)
