@@ -9,19 +9,24 @@ it is about, found through the path -> line map built while parsing.
 from __future__ import annotations
 
 import difflib
+import gc
 import glob
+import hashlib
 import ipaddress
 import json
 import os
 import re
 import stat
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Optional, Union, get_args
 
+import ryml
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints,
                       ValidationError, WithJsonSchema, model_validator)
 
 from . import names
@@ -161,11 +166,16 @@ def _cgroup(v: str) -> str:
     return s
 
 
-def _id(v: str) -> str:
-    if not _ID.fullmatch(str(v)):
-        raise ValueError(f"{v!r} is not an id: start with a letter or digit, then "
-                         "letters, digits, _ . - (at most 63)")
-    return str(v)
+def _not_an_id(v: Any) -> str:
+    return (f"{v!r} is not an id: start with a letter or digit, then "
+            "letters, digits, _ . - (at most 63)")
+
+
+# An id is checked by pydantic-core's own regex, not a Python validator: there are
+# two per workload (100,000 Python calls cost ~0.1 s); _problem_from_pydantic words
+# its error as the validators do.
+_ID_ANCHORED = "^" + _ID.pattern + "$"
+_PATTERN_MESSAGES: dict[str, Callable[[Any], str]] = {_ID_ANCHORED: _not_an_id}
 
 
 def _str_type(fn, fmt: Optional[str] = None, pattern: Optional[str] = None,
@@ -186,10 +196,18 @@ IPv4 = _str_type(_ipv4, "ipv4", example="203.0.113.10")
 IPv6 = _str_type(_ipv6, "ipv6", example="2001:db8::1")
 IPv6Range = _str_type(_ipv6_range, example="2001:db8:10::/64")
 Prefix = _str_type(_network, example="10.0.0.0/8")
-HostAddress = _str_type(_host_address, example="10.0.1.2")
+# A workload source: pydantic-core's regex takes a canonical IPv4 address (100,000
+# Python calls saved), the Python validator whatever else; only its errors are
+# reported (_other_union_branch drops the regex branch's).
+_CANONICAL_IPV4 = "^" + _DOTTED.pattern + "$"
+HostAddress = Annotated[Union[Annotated[str, StringConstraints(pattern=_CANONICAL_IPV4)],
+                              Annotated[str, AfterValidator(_host_address)]],
+                        Field(union_mode="left_to_right"),
+                        WithJsonSchema({"type": "string", "examples": ["10.0.1.2"]})]
 IfName = _str_type(_ifname, pattern=_IFNAME.pattern)
 CgroupPath = _str_type(_cgroup, example="system.slice/cron.service")
-Id = _str_type(_id, pattern=_ID.pattern)
+Id = Annotated[str, StringConstraints(pattern=_ID_ANCHORED),
+               WithJsonSchema({"type": "string", "pattern": _ID.pattern})]
 PortRange = Annotated[Union[int, str], AfterValidator(_port_range),
                       WithJsonSchema({"type": ["string", "integer"],
                                       "examples": ["1024-65535", 443]})]
@@ -687,6 +705,138 @@ class _FastLoader(_EventLoader):  # type: ignore[misc,valid-type]
         return m
 
 
+# --- the fast YAML path: rapidyaml, for the text whose data it surely gives ---------
+#
+# libyaml through PyYAML builds a Python Node and two Marks per value before the
+# data: ~3 s of CPU for 100,000 workloads. rapidyaml (C++) parses the same text into
+# a flat tree and writes it as JSON in ~0.2 s, which json reads in C. It is used
+# only where its data is PyYAML SafeLoader's, judged cheaply and soundly:
+# - the text: what _plainly_bounded passes (no quotes, aliases, tags, glued `#`,
+#   unbalanced brackets on a line: the bounds hold), printable ASCII without tabs,
+#   and none of `? & | > % @ \x60` (complex keys, anchors, block scalars,
+#   directives, reserved characters: libyaml refuses `@x`, rapidyaml takes it), nor
+#   a `:` before `, [ ] { }` or starting a scalar (`{a:}`, `[:x]`): in a flow
+#   collection YAML 1.1 ends a plain scalar there, YAML 1.2 and rapidyaml do not;
+#   no document markers (rapidyaml skips a `...` before the first document);
+# - the tree: one document whose root is a mapping;
+# - the JSON: rapidyaml writes a plain scalar unquoted only when it looks like a
+#   JSON number, true, false or null (json then reads it as YAML 1.1 does, but for
+#   some floats, which the parse_float hook declines); any other scalar is a JSON
+#   string, quoted or not in the YAML. So a string that YAML 1.1 would resolve to
+#   something else if it was plain (yes, ~, 0x1F, 1_000, 2001-01-01, <<, an empty
+#   key, ...) sends the file to the slow path, as does a duplicate key
+#   (_no_duplicates) or JSON that json refuses.
+# Anything else takes the libyaml path below, which stays the reference.
+
+def _yaml11_patterns() -> re.Pattern:
+    """One pattern for a JSON string whose text a YAML 1.1 resolver (SafeLoader's)
+    would not read as a string if it was a plain scalar."""
+    alternatives = set()
+    for resolvers in yaml.SafeLoader.yaml_implicit_resolvers.values():
+        for tag, regexp in resolvers:
+            body = regexp.pattern.strip()
+            assert body.startswith("^") and body.endswith("$"), body
+            alternatives.add(body[1:-1])
+    # the lookahead: a string that starts with none of the resolvers' first
+    # characters is dismissed before the alternatives are tried
+    first = "".join(sorted(c for c in yaml.SafeLoader.yaml_implicit_resolvers if c))
+    return re.compile('"(?=["' + re.escape(first) + '])(?:' + "|".join(sorted(alternatives))
+                      + ')"', re.X)
+
+
+_NOT_PLAIN_STR = _yaml11_patterns()
+_YAML11_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?")
+_NOT_FOR_RYML = re.compile(r"[?&|>%@`\x00-\x09\x0b-\x1f\x7f]")
+_ODD_COLON = re.compile(r":(?:[,\[\]{}]|(?<=[\s,\[{]:)\S)")  # written so that re scans for ':' alone
+
+
+class _Declined(Exception):
+    """A value whose YAML 1.1 reading the JSON does not tell: take the libyaml path."""
+
+
+def _yaml11_float(s: str) -> float:
+    """A number json reads as a float. rapidyaml writes some as it did not read them
+    (.5 as 0.5, -.5 as -0.5, 5. as 5.0), which YAML 1.1 reads as the same float,
+    but for -.5 (a string for YAML 1.1) and a number that is not a YAML 1.1 float
+    (an exponent without a dot or a sign: a string, whose text is then unknown):
+    those decline the fast path."""
+    if s.startswith("-0.") or not _YAML11_FLOAT.fullmatch(s):
+        raise _Declined
+    return float(s)
+
+
+def _no_constant(s: str) -> Any:
+    raise _Declined  # NaN, Infinity: YAML 1.1 reads them as strings; let libyaml say
+
+
+def _ryml_data(text: str) -> Any:
+    """The data of `text` through rapidyaml, or None when it may differ from
+    SafeLoader's (then the caller takes the libyaml path)."""
+    if not text.isascii() or _NOT_FOR_RYML.search(text) or _ODD_COLON.search(text) \
+            or text.startswith((":", "---", "...")) or "\n---" in text or "\n..." in text \
+            or not _plainly_bounded(text):
+        return None
+    js = _quiet_ryml_json(text.encode("ascii"))
+    if js is None or _NOT_PLAIN_STR.search(js):
+        return None
+    try:
+        return json.loads(js, object_pairs_hook=_no_duplicates, parse_float=_yaml11_float,
+                          parse_constant=_no_constant)
+    except (ValueError, RecursionError, _Duplicate, _Declined):
+        return None
+
+
+def _ryml_json(data: bytes) -> Optional[str]:
+    tree = ryml.parse_in_arena(data)
+    if tree.empty() or not tree.is_map(tree.root_id()):
+        return None  # empty, a stream of documents or a scalar: libyaml says what it is
+    return ryml.emit_json(tree)  # refuses (ExceptionVisit) nesting past its own bound
+
+
+def _quiet_ryml_json(data: bytes) -> Optional[str]:
+    """rapidyaml's JSON of `data`, or None when it refuses it (the libyaml path then
+    says why, with its line). Its error handler writes to file descriptor 2 before
+    raising, so fd 2 goes to a memory file meanwhile; whatever else was written
+    there in that time (another thread's log line) is passed on, only rapidyaml's
+    own report is dropped. Where no such file can be made (or fd 2 is closed), the
+    report is let through rather than the fast path given up."""
+    try:
+        spill = _spill_file()
+        saved = os.dup(2)
+    except OSError:
+        try:
+            return _ryml_json(data)
+        except Exception:
+            return None
+    with spill:
+        os.dup2(spill.fileno(), 2)
+        refused = False
+        try:
+            js = _ryml_json(data)
+        except Exception:  # ExceptionParse, ExceptionVisit, ...: the slow path decides
+            js, refused = None, True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if spill.tell():
+            spill.seek(0)
+            others = [ln for ln in spill.read().splitlines(keepends=True)
+                      if not (refused and _RYML_REPORT.search(ln))]
+            if others:
+                os.write(2, b"".join(others))
+    return js
+
+
+def _spill_file():
+    try:  # no file system needed (the unit's ProtectSystem=strict, PrivateTmp=yes)
+        return os.fdopen(os.memfd_create("egress-agent-ryml", os.MFD_CLOEXEC), "w+b")
+    except (OSError, AttributeError):
+        return tempfile.TemporaryFile()
+
+
+_RYML_REPORT = re.compile(rb"ERROR: \[\w+\]|ERROR: \(node=|\(detected here\)\s*$")
+
+
 def _read_data(text: str, file: str, with_lines: bool) -> tuple[Any, Optional[dict[PathT, Where]]]:
     """Data, and with `with_lines` the path -> (file, line) map.
 
@@ -699,6 +849,9 @@ def _read_data(text: str, file: str, with_lines: bool) -> tuple[Any, Optional[di
                 return json.loads(text, object_pairs_hook=_no_duplicates), None
             except (ValueError, RecursionError, _Duplicate):
                 pass
+        data = _ryml_data(text)
+        if data is not None:
+            return data, None
         checked = False
         if not _plainly_bounded(text):
             _check_structure(text, file)
@@ -721,14 +874,17 @@ class _IncludeProblem(Exception):
         self.message = message
 
 
-def _assemble(text: str, file: str, with_lines: bool):
-    data, lines = _read_data(text, file, with_lines)
+def _assemble(text: str, file: str, with_lines: bool, read=None):
+    """The main file's data with its includes appended. `read` (text, file) gives a
+    file's data where lines are not needed (a Reader's cache); _read_data else."""
+    data, lines = (read(text, file), None) if read and not with_lines \
+        else _read_data(text, file, with_lines)
     if not isinstance(data, dict):
         raise ConfigError([Problem(file, 1, "", "expected a mapping with version: 1, host:, ...")])
     if lines is None and with_lines:
         lines = {}
     try:
-        included = _include(data, lines, file, text)
+        included = _include(data, lines, file, text, read)
     except _IncludeProblem as e:
         if lines is None:  # the fast path has no lines: read again with them
             lines = _read_data(text, file, with_lines=True)[1]
@@ -783,10 +939,12 @@ def _include_paths(i: int, pattern: str, base: str, room: int) -> list[str]:
     return matches
 
 
-def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: str) -> list[str]:
+def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: str,
+             read=None) -> list[str]:
     """Append the lists of every file that `include:` names (relative to `file`)."""
     base = os.path.dirname(os.path.abspath(file))
     included: list[str] = []
+    grown: set[str] = set()  # the lists of `data` this call made, extended in place
     patterns = data.get("include") or []
     if not isinstance(patterns, list):
         return included  # pydantic reports the type
@@ -802,7 +960,8 @@ def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: s
                     raise ConfigError([Problem(path, e.line, "", e.reason)]) from None
                 raise _IncludeProblem(i, f"cannot read {path}: {e.reason}") from None
             left -= len(frag_text.encode("utf-8"))
-            frag, flines = _read_data(frag_text, path, with_lines=lines is not None)
+            frag, flines = (read(frag_text, path), None) if read and lines is None \
+                else _read_data(frag_text, path, with_lines=lines is not None)
             if frag is None:
                 included.append(path)
                 continue
@@ -827,8 +986,15 @@ def _include(data: dict, lines: Optional[dict[PathT, Where]], file: str, text: s
                 elif not isinstance(existing, list):
                     continue  # pydantic reports the main file's wrong type, at its line
                 offset = len(existing)
-                data[key] = [*existing, *items]  # a new list: the old may be a YAML alias's
+                if key in grown:
+                    existing.extend(items)
+                else:  # a new list once: the main file's may be a YAML alias's or a cache's
+                    data[key] = [*existing, *items]
+                    grown.add(key)
                 if lines is not None:
+                    # a list only includes add is at its first fragment: a problem in it
+                    # keeps its field path (workloads[1].source[0]) and its file and line
+                    lines.setdefault((key,), flines.get((key,), (path, 1, 0, 0)))
                     for p, w in flines.items():
                         if len(p) >= 2 and p[0] == key:
                             lines[(key, p[1] + offset) + p[2:]] = w
@@ -852,11 +1018,36 @@ def watched_paths(file: str) -> dict[str, Optional[str]]:
     return out
 
 
+@contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while a config is built: its ~10^6 new dicts,
+    lists and models hold no cycles, but each 700 allocations start a young
+    collection and every tenth of those an older one over all of them (half the
+    time of a 100k-workload load). Reference counting still frees as usual."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def parse(text: str, file: str = "<config>") -> Loaded:
     """Every problem at once, sorted by file and line: the field errors, and the
     cross-field checks over whatever did validate."""
+    with _gc_paused():
+        return _parse(text, file)
+
+
+def _parse(text: str, file: str, reader: Optional["Reader"] = None) -> Loaded:
     global _suggestions_left
     _suggestions_left = SUGGESTION_BUDGET
+    if reader is not None:
+        try:
+            return reader._parse(text, file)
+        except (ConfigError, ValidationError):
+            pass  # the reader's data is load()'s; load()'s path says what is wrong, and where
     data, _, included = _assemble(text, file, with_lines=False)
     try:
         cfg = Config.model_validate(data)
@@ -984,20 +1175,116 @@ def _model_in(t: Any) -> Any:
     return None
 
 
-def load(path: Union[str, Path]) -> Loaded:
-    """Read and validate a config file; any problem is a ConfigError with FILE:LINE."""
+def load(path: Union[str, Path], reader: Optional["Reader"] = None) -> Loaded:
+    """Read and validate a config file; any problem is a ConfigError with FILE:LINE.
+    With a `reader`, what did not change since its last load is not read again."""
     p = str(path)
     try:
         text = _read_file(p)
     except _Unreadable as e:
         raise ConfigError([Problem(p, e.line, "", e.reason if e.line
                                    else f"cannot read: {e.reason}")]) from None
-    return parse(text, p)
+    with _gc_paused():
+        return _parse(text, p, reader)
+
+
+# Lists whose entries a Reader keeps as validated models.
+_KEPT = ("egress_ips", "workloads", "policies")
+
+
+@dataclass
+class _FileSeen:
+    digest: bytes
+    text: str
+    data: dict  # the file's data, with the validated model in place of each entry of _KEPT
+
+
+class Reader:
+    """Loads one config again and again, as the daemon does on each change: a file
+    (the main one or an include) whose bytes are those of the last good load is
+    not parsed again, and in a file that changed, only the egress_ips, workloads
+    and policies entries whose data changed are validated again. Every file is
+    still read (bounded, as by load()) and hashed: an mtime has coarse ticks, and a
+    size or inode says nothing about an edit in place. The result equals load()'s;
+    a config with any problem is handed to load()'s own path, which reports it."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, _FileSeen] = {}
+        self._order: list[tuple[str, bytes, str, dict]] = []  # this load's files, in include order
+
+    def load(self, path: Union[str, Path]) -> Loaded:
+        return load(path, self)
+
+    def _read(self, text: str, file: str) -> Any:
+        """A file's data for _assemble: the cached models where the bytes or the
+        entry did not change, plain data where they did."""
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        seen = self._files.get(file)
+        if seen is not None and seen.digest == digest:
+            data = dict(seen.data)  # _include replaces the main file's lists: never the cache's
+        else:
+            data = _read_data(text, file, with_lines=False)[0]
+            if isinstance(data, dict) and seen is not None and len(seen.text) <= _REUSE_TEXT:
+                data = dict(data)
+                for key, models in self._still_valid(seen).items():
+                    if isinstance(data.get(key), list):
+                        data[key] = [models.get(_entry_key(e), e) if isinstance(e, dict) else e
+                                     for e in data[key]]
+        if isinstance(data, dict):  # a copy: _include replaces the main file's lists
+            self._order.append((file, digest, text, dict(data)))
+        return data
+
+    @staticmethod
+    def _still_valid(seen: _FileSeen) -> dict[str, dict[str, BaseModel]]:
+        """The models of a changed file's last version, by the data they came from
+        (its text read again: only a changed file pays for this)."""
+        old = _read_data(seen.text, "", with_lines=False)[0]
+        out: dict[str, dict[str, BaseModel]] = {}
+        for key in _KEPT:
+            entries, models = old.get(key), seen.data.get(key)
+            if isinstance(entries, list) and isinstance(models, list) and len(entries) == len(models):
+                out[key] = {_entry_key(e): m for e, m in zip(entries, models)}
+        return out
+
+    def _parse(self, text: str, file: str) -> Loaded:
+        self._order = []
+        data, _, included = _assemble(text, file, with_lines=False, read=self._read)
+        cfg = Config.model_validate(data)
+        if _check_semantics(cfg):
+            raise ConfigError([])
+        # Remember each file's entries as models: _include appended the lists in
+        # the order the files were read, the main file's first.
+        offsets = {key: 0 for key in _KEPT}
+        files: dict[str, _FileSeen] = {}
+        for f, digest, ftext, fdata in self._order:
+            kept = dict(fdata)
+            for key in _KEPT:
+                if isinstance(fdata.get(key), list):
+                    n = len(fdata[key])
+                    kept[key] = getattr(cfg, key)[offsets[key]:offsets[key] + n]
+                    offsets[key] += n
+            files[f] = _FileSeen(digest, ftext, kept)
+        self._files, self._order = files, []
+        return Loaded(cfg, file, text, (file, *included))
+
+
+def _entry_key(entry: Any) -> str:
+    """An entry's data as one string: equal only for data that validates alike
+    (True is not 1, 1 is not 1.0, '1' is not 1; key order kept)."""
+    return repr(entry)
+
+
+# A changed file's unchanged entries keep their models when the file is at most
+# this big (an include of ~20,000 workloads): finding them means reading its last
+# version again, which for a far bigger file costs what validating it does.
+_REUSE_TEXT = 1 << 20
 
 
 def _other_union_branch(err: dict) -> bool:
     """For `egress: default | drop | {ipv4: ...}`, report only the branch the user wrote."""
     inp = err.get("input")
+    if err["loc"][-1:] == ("constrained-str",) and "source" in err["loc"]:
+        return True  # a source that is not a canonical IPv4: what _host_address says counts
     if not any(isinstance(part, str) and ("[" in part or "(" in part) for part in err["loc"]):
         return False  # not inside a union: a plain field (version: {}) must be reported
     return ((err["type"] == "literal_error" and isinstance(inp, dict))
@@ -1017,7 +1304,10 @@ def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, Where]) -> P
     value, suggestion = err.get("input"), None
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    if err["type"] == "missing":
+    if err["type"] == "string_pattern_mismatch" and \
+            (err.get("ctx") or {}).get("pattern") in _PATTERN_MESSAGES:
+        msg = _PATTERN_MESSAGES[err["ctx"]["pattern"]](value)
+    elif err["type"] == "missing":
         msg, value = f"missing required field {loc[-1]!r}", None
     elif err["type"] == "extra_forbidden":
         value, suggestion = loc[-1], _closest(loc[-1], _fields_at(tuple(loc[:-1])))
@@ -1051,7 +1341,9 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
     out: list[tuple] = []
     known = known or {"workload": set(), "app": set(), "ip": set(), "served": set()}
 
-    def dupes(items, what: str, key, base: str):
+    def dupes(items, what: str, key, base: str, values=None):
+        if values is not None and len(set(values)) == len(values):
+            return  # all distinct, the usual case: no walk with a key function per item
         seen: dict[Any, int] = {}
         for i, it in number(base, items):
             for k, sub in key(it):
@@ -1061,12 +1353,17 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
                 else:
                     seen[k] = i
 
-    dupes(cfg.egress_ips, "id", lambda ip: [(ip.id, ("id",))], "egress_ips")
-    dupes(cfg.egress_ips, "ipv4", lambda ip: [(ip.ipv4, ("ipv4",))] if ip.ipv4 else [], "egress_ips")
-    dupes(cfg.workloads, "id", lambda w: [(w.id, ("id",))], "workloads")
-    dupes(cfg.workloads, "source",
-          lambda w: [(s, ("source", j)) for j, s in enumerate(w.source)], "workloads")
-    dupes(cfg.workloads, "cgroup", lambda w: [(w.cgroup, ("cgroup",))] if w.cgroup else [], "workloads")
+    ips_, ws = cfg.egress_ips, cfg.workloads
+    dupes(ips_, "id", lambda ip: [(ip.id, ("id",))], "egress_ips", [ip.id for ip in ips_])
+    dupes(ips_, "ipv4", lambda ip: [(ip.ipv4, ("ipv4",))] if ip.ipv4 else [], "egress_ips",
+          [ip.ipv4 for ip in ips_ if ip.ipv4])
+    wids = [w.id for w in ws]
+    dupes(ws, "id", lambda w: [(w.id, ("id",))], "workloads", wids)
+    sources = [s for w in ws for s in w.source]
+    dupes(ws, "source", lambda w: [(s, ("source", j)) for j, s in enumerate(w.source)], "workloads",
+          sources)
+    dupes(ws, "cgroup", lambda w: [(w.cgroup, ("cgroup",))] if w.cgroup else [], "workloads",
+          [w.cgroup for w in ws if w.cgroup])
     dupes(cfg.policies, "name", lambda p: [(p.name, ("name",))], "policies")
 
     ranges = [(i, ipaddress.ip_network(ip.ipv6)) for i, ip in number("egress_ips", cfg.egress_ips)
@@ -1077,10 +1374,11 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
                 out.append((("egress_ips", i, "ipv6"),
                             f"range {na} overlaps {nb} of egress_ips[{j}]"))
 
-    workload_ids = {w.id for w in cfg.workloads}
-    apps = {w.app for w in cfg.workloads if w.app} | {ip.app for ip in cfg.egress_ips if ip.app}
-    out += _unserved_apps(cfg, number, known["served"])
-    out += _egress_addresses_of_workloads(cfg, ranges, number)
+    workload_ids = set(wids)
+    workload_apps = {w.app for w in ws}
+    apps = (workload_apps - {None}) | {ip.app for ip in cfg.egress_ips if ip.app}
+    out += _unserved_apps(cfg, number, known["served"], workload_apps)
+    out += _egress_addresses_of_workloads(cfg, ranges, number, sources)
     ips = {ip.id: ip for ip in cfg.egress_ips}
     lo, hi = port_bounds(cfg.defaults.port_range)
     if cfg.defaults.ports_per_workload > hi - lo + 1:
@@ -1150,12 +1448,15 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
     return out
 
 
-def _unserved_apps(cfg: Config, number: Numbering, known_apps: set[str]) -> list[tuple]:
+def _unserved_apps(cfg: Config, number: Numbering, known_apps: set[str],
+                   workload_apps: set[Optional[str]]) -> list[tuple]:
     """A workload's app that no egress IP here serves: a typo would leave with the
     host's shared address, so it is an error (a machine-scoped IP serves it anyway)."""
     here = {ip.app for ip in cfg.ips_here() if ip.app}
     owned = {ip.workload for ip in cfg.ips_here() if ip.workload}
     out: list[tuple] = []
+    if not workload_apps - here - known_apps - {None}:
+        return out  # every app is served: no walk over the workloads
     said: dict[str, tuple[str, Optional[str]]] = {}
     for i, w in number("workloads", cfg.workloads):
         if not w.app or w.app in here or w.id in owned or w.app in known_apps:
@@ -1172,12 +1473,14 @@ def _unserved_apps(cfg: Config, number: Numbering, known_apps: set[str]) -> list
     return out
 
 
-def _egress_addresses_of_workloads(cfg: Config, ranges, number: Numbering) -> list[tuple]:
+def _egress_addresses_of_workloads(cfg: Config, ranges, number: Numbering,
+                                   sources: list[str]) -> list[tuple]:
     """An egress address that is a workload's own source, or inside managed_sources,
     would be classified as a workload's traffic (or dropped as an unknown one)."""
     out: list[tuple] = []
     v4 = {ip.ipv4: i for i, ip in number("egress_ips", cfg.egress_ips) if ip.ipv4}
-    for i, w in number("workloads", cfg.workloads):
+    clash = not v4.keys().isdisjoint(sources) or bool(ranges) and any(":" in s for s in sources)
+    for i, w in number("workloads", cfg.workloads) if clash else ():
         for j, s in enumerate(w.source):
             if s in v4:
                 out.append((("egress_ips", v4[s], "ipv4"),

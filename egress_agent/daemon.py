@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 from . import log as logmod
 from . import metrics as metrics_mod
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, Reader
 from .inbox import Inbox, Trigger
 from .nft import NftError
 from .hoststate import usable_from
@@ -96,6 +96,7 @@ class Daemon:
         self.inbox = Inbox()
         self.log = logmod.get()
         self.cfg: Optional[Config] = None
+        self.reader = Reader()  # a reload parses only changed files, validates only changed entries
         self.rec: Optional[Reconciler] = None
         self.stopping = threading.Event()  # tells the watcher threads to end
         self.last_usable = None
@@ -120,7 +121,7 @@ class Daemon:
     # --- config ----------------------------------------------------------------
     def load_config(self) -> bool:
         try:
-            cfg = load(self.config_path).config
+            cfg = self.reader.load(self.config_path).config
         except ConfigError as e:
             for p in e.problems:
                 self.log.error("config invalid, keeping the last good state", problem=str(p),
