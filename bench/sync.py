@@ -39,6 +39,30 @@ def rss_mb() -> float:
     return 0.0
 
 
+FRAGMENT = 1000
+
+
+def fragments(text: str, d: str) -> tuple[str, list[str]]:
+    """The config with its workloads in conf.d/NNNN.yaml, FRAGMENT each: the main
+    file and the fragments, in order."""
+    main, workloads = [], []
+    for line in text.splitlines():
+        if line.startswith("  - {id: ") and ", source: [" in line:
+            workloads.append(line)
+        elif line != "workloads:":
+            main.append(line)
+    os.makedirs(os.path.join(d, "conf.d"))
+    frags = []
+    for k in range(0, len(workloads), FRAGMENT):
+        frags.append(os.path.join(d, "conf.d", f"{k // FRAGMENT:04}.yaml"))
+        with open(frags[-1], "w") as f:
+            f.write("workloads:\n" + "\n".join(workloads[k:k + FRAGMENT]) + "\n")
+    path = os.path.join(d, "main.yaml")
+    with open(path, "w") as f:
+        f.write("\n".join(main) + "\ninclude: [conf.d/*.yaml]\n")
+    return path, frags
+
+
 def measure(n: int) -> dict:
     """Runs inside the bench namespace, in its own process."""
     from gen_config import config_text, source
@@ -107,15 +131,57 @@ def measure(n: int) -> dict:
     warm = lines[:wl_at] + [f"  - {{id: warm, app: app, source: [{source(n + 3)}]}}"] + lines[wl_at:]
     text = incremental("first_after_full", "\n".join(warm) + "\n")
     lines = text.splitlines()
+    # one file: every entry of a changed file over 1 MiB is validated anew, so the
+    # sync compares every workload by value
     added = lines[:wl_at] + [f"  - {{id: extra, app: app, source: [{source(n + 5)}]}}"] + lines[wl_at:]
-    text = incremental("add_one_workload", "\n".join(added) + "\n")
-    text = incremental("remove_one_workload", text.replace(lines[wl_at + 1] + "\n", "", 1))
-    moved = lines[wl_at + 2]
-    text = incremental("move_one_workload", text.replace(moved, moved.replace(
-        source(1), source(n + 7))))
-    other = text.replace("  - {id: w5, app: app,", "  - {id: w5, app: other,").replace(
-        "egress_ips:\n", "egress_ips:\n  - {id: other-ip, app: other, ipv4: 192.0.2.250}\n")
-    text = incremental("add_one_egress_ip", other)  # a whole plan, from memory
+    text = incremental("one_file_add", "\n".join(added) + "\n")
+
+    # the same workloads in include: fragments of 1,000 (what a big host should use):
+    # an edit re-reads one fragment and the others' entries stay the same objects
+    main, frags = fragments(text, state)
+    write_to = path
+    path = main
+    out["to_fragments_reload_s"] = 0.0
+    c = reader.load(path).config
+    r = rec.sync(c, "config")
+    assert not r.changed, r.to_json()  # the same config, laid out otherwise
+
+    def frag_edit(name, k, old, new):
+        with open(frags[k]) as f:
+            t = f.read()
+        assert old in t, (old, frags[k])
+        with open(frags[k] + ".tmp", "w") as f:
+            f.write(t.replace(old, new, 1))
+        os.replace(frags[k] + ".tmp", frags[k])
+        t0 = time.perf_counter()
+        c = reader.load(path).config
+        t1 = time.perf_counter()
+        res = rec.sync(c, "config")
+        t2 = time.perf_counter()
+        out[f"{name}_reload_s"], out[f"{name}_s"] = t1 - t0, t2 - t1
+        assert res.changed and res.mode == "incremental", (name, res.to_json())
+        out[f"{name}_replanned"] = res.replanned
+
+    mid = len(frags) // 2
+    with open(frags[mid]) as f:
+        first, nxt = f.read().splitlines()[1:3]
+    frag_edit("add_one_workload", mid, first + "\n", first + "\n"
+              + f"  - {{id: extra2, app: app, source: [{source(n + 9)}]}}\n")
+    frag_edit("remove_one_workload", mid, first + "\n", "")
+    addr = nxt.split("source: [")[1].split("]")[0]
+    frag_edit("move_one_workload", mid, nxt, nxt.replace(addr, source(n + 11)))
+    with open(main) as f:
+        t = f.read()
+    with open(main, "w") as f:  # a whole plan, from memory
+        f.write(t.replace("egress_ips:\n", "egress_ips:\n  - {id: other-ip, app: other, "
+                          "ipv4: 192.0.2.250}\n  - {id: w-ip, workload: w3, ipv4: 192.0.2.251}\n"))
+    t0 = time.perf_counter()
+    c = reader.load(path).config
+    t1 = time.perf_counter()
+    res = rec.sync(c, "config")
+    out["add_one_egress_ip_reload_s"], out["add_one_egress_ip_s"] = t1 - t0, time.perf_counter() - t1
+    out["add_one_egress_ip_replanned"] = res.replanned
+    del write_to
     gc.collect()
     out["steady_rss_mb"] = rss_mb()
 
@@ -172,6 +238,7 @@ def main() -> None:
     keys = [("load_s", "config load (s)"), ("full_sync_s", "full sync from empty (s)"),
             ("noop_resync_s", "no-op resync (s)"), ("resync_read_kernel_s", "resync, table read (s)"),
             ("first_after_full_s", "1st sync after full (s)"),
+            ("one_file_add_s", "one file: add 1 (s)"), ("one_file_add_reload_s", "one file: reload (s)"),
             ("add_one_workload_s", "add 1 workload (s)"), ("remove_one_workload_s", "remove 1 (s)"),
             ("move_one_workload_s", "move 1 (s)"), ("add_one_workload_reload_s", "reload for add 1 (s)"),
             ("add_one_egress_ip_s", "add 1 egress IP (s)"),

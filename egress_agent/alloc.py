@@ -640,14 +640,14 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
                 and linger_wid[w] not in taken:
             wids[w] = linger_wid[w]
             taken.add(wids[w])
-    busy = holders.wids | set(linger_wid.values()) | taken
+    lingering_wids = set(linger_wid.values())
     cursor = holders.free_from
     for w in present:
         if w not in wids:
-            while cursor in busy:
+            while cursor in holders.wids or cursor in lingering_wids or cursor in taken:
                 cursor += 1
             wids[w] = cursor
-            busy.add(cursor)
+            taken.add(cursor)
             if cursor > names.WID_MAX:
                 raise CapacityError(w, "-", f"more than {names.WID_MAX} workloads")
     eids = dict(prev.eids)
@@ -688,10 +688,12 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
     # 2-4. as allocate() does, for the changed workloads alone
     def no_room(e: CapacityError) -> None:
         raise e
+    app_choice, app_choice6 = dict(prev.app_choice), dict(prev.app_choice6)
+    for w in changed:
+        app_choice.pop(w, None)
+        app_choice6.pop(w, None)
     app_choice, app_choice6, borrowed = _place(
-        cfg, ws, prev, here, usable, rooms, leases, need, load, no_room,
-        {w: c for w, c in prev.app_choice.items() if w not in changed},
-        {w: c for w, c in prev.app_choice6.items() if w not in changed})
+        cfg, ws, prev, here, usable, rooms, leases, need, load, no_room, app_choice, app_choice6)
     leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
 
     merged = dict(prev.leases)

@@ -21,6 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from operator import attrgetter
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Optional, Union, get_args
 
@@ -359,7 +360,12 @@ class Config(_Model):
     @cached_property
     def workload_positions(self) -> dict[str, int]:
         """Workload id -> its index in `workloads` (the order allocation follows)."""
-        return dict(zip([w.id for w in self.workloads], range(len(self.workloads))))
+        return dict(zip(map(attrgetter("id"), self.workloads), range(len(self.workloads))))
+
+    @cached_property
+    def workloads_by_object(self) -> dict[int, "Workload"]:
+        """id(workload) -> workload: which entries a reload kept (applied.py)."""
+        return dict(zip(map(id, self.workloads), self.workloads))
 
     @cached_property
     def _by_owner(self) -> dict[tuple[str, str], list[EgressIP]]:
