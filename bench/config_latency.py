@@ -197,7 +197,7 @@ class DaemonLog:
 
 def inner(args) -> int:
     import nftables
-    from gen_config import config_text
+    from gen_config import config_text, fragments
     from egress_agent.config import load
     from egress_agent.daemon import CONFIG_DEBOUNCE
 
@@ -212,6 +212,9 @@ def inner(args) -> int:
         text = config_text(n, state)
         with open(cfg, "w") as f:
             f.write(text)
+        frags: list[str] = []
+        if args.include:  # the workloads in include: fragments of 1,000
+            cfg, frags = fragments(text, etc)
         egress = [line.split("ipv4: ")[1].rstrip("}") for line in text.splitlines() if "ipv4: " in line]
         subprocess.run(["ip", "-batch", "-"], check=True, text=True, input="link set lo up\n"
                        + "".join(f"addr add {a}/32 dev lo\n" for a in egress))
@@ -248,6 +251,11 @@ def inner(args) -> int:
         if not probe.has(str(ipaddress.IPv4Address("10.0.1.0") + 256)):
             raise RuntimeError("probe does not see workload w0's element after the first sync")
 
+        target = cfg
+        if frags:  # edit the middle fragment
+            target = frags[len(frags) // 2]
+            with open(target) as f:
+                text = f.read()
         lines = text.splitlines(keepends=True)
         at = lines.index("workloads:\n") + 1
         samples = []
@@ -265,12 +273,12 @@ def inner(args) -> int:
                 body = lines[:at] + [added_line] + lines[at:]
             else:
                 body = lines
-            tmpname = os.path.join(etc, ".config.yaml.new")
+            tmpname = os.path.join(os.path.dirname(target), ".config.yaml.new")
             with open(tmpname, "w") as f:
                 f.write("".join(body))
             before = len(log.syncs())
             t0 = time.perf_counter()
-            os.rename(tmpname, cfg)
+            os.rename(tmpname, target)
             live = None
             deadline = t0 + args.timeout
             polls = 0
@@ -340,7 +348,8 @@ def run_size(n: int, args) -> dict:
         cmd = ["ip", "netns", "exec", ns, PYTHON, os.path.abspath(__file__), "--inner", str(n),
                "--changes", str(args.changes), "--timeout", str(args.timeout),
                "--budget", str(args.budget), "--seed", str(args.seed),
-               "--start-timeout", str(args.start_timeout)] + (["--profile"] if args.profile else [])
+               "--start-timeout", str(args.start_timeout)] + (["--profile"] if args.profile else []) \
+            + (["--include"] if args.include else [])
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
                            timeout=args.start_timeout + args.budget + args.timeout + 120)
         if p.returncode != 0:
@@ -380,6 +389,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7, help="seed of the gaps between changes")
     ap.add_argument("--profile", action="store_true",
                     help="run the daemon of the largest size under cProfile and print the hot spots")
+    ap.add_argument("--include", action="store_true",
+                    help="the workloads in include: fragments of 1,000; each change edits one")
     ap.add_argument("--inner", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -36,9 +36,7 @@ sys.path.insert(0, HERE)
 import yaml  # noqa: E402
 
 from egress_agent import config  # noqa: E402
-from gen_config import config_text, source  # noqa: E402
-
-FRAGMENT = 1000
+from gen_config import FRAGMENT, config_text, fragments, source  # noqa: E402
 
 
 def pyyaml_load(path: str) -> config.Config:
@@ -65,24 +63,6 @@ def timed(fn, runs: int, before=None) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
-def split_into_fragments(text: str, d: str) -> str:
-    """The same config with its workloads in conf.d/NNNN.yaml, 1,000 each."""
-    main, workloads = [], []
-    for line in text.splitlines():
-        if line.startswith("  - {id: w"):
-            workloads.append(line)
-        elif line != "workloads:":
-            main.append(line)
-    os.makedirs(os.path.join(d, "conf.d"))
-    for k in range(0, len(workloads), FRAGMENT):
-        with open(os.path.join(d, "conf.d", f"{k // FRAGMENT:04}.yaml"), "w") as f:
-            f.write("workloads:\n" + "\n".join(workloads[k:k + FRAGMENT]) + "\n")
-    path = os.path.join(d, "main.yaml")
-    with open(path, "w") as f:
-        f.write("\n".join(main) + "\ninclude: [conf.d/*.yaml]\n")
-    return path
-
-
 def bench(n: int, runs: int) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="egress-yaml-bench-") as d:
@@ -98,7 +78,8 @@ def bench(n: int, runs: int) -> dict[str, tuple[float, float]]:
         out["load()"] = timed(lambda: config.load(yml), runs)
         out["json"] = timed(lambda: config.load(js), runs)
 
-        main = split_into_fragments(text, os.path.join(d, "inc"))
+        os.makedirs(os.path.join(d, "inc"))
+        main = fragments(text, os.path.join(d, "inc"))[0]
         out["include, cold"] = timed(lambda: config.load(main), runs)
         reader = config.Reader()
         reader.load(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import sys
 
 PORTS = 64
@@ -42,6 +43,30 @@ def config_text(n: int, state_dir: str = "/tmp/egress-bench-state", extra_ips: i
               "  - {name: to-partner, match: {destinations: [192.0.2.0/24], ports: [443]}, egress: default}",
               "  - {name: block-smtp, match: {ports: [25]}, egress: drop}"]
     return "\n".join(lines) + "\n"
+
+
+FRAGMENT = 1000
+
+
+def fragments(text: str, d: str) -> tuple[str, list[str]]:
+    """The config with its workloads in conf.d/NNNN.yaml, FRAGMENT each: the main
+    file and the fragments, in order."""
+    main, workloads = [], []
+    for line in text.splitlines():
+        if line.startswith("  - {id: ") and ", source: [" in line:
+            workloads.append(line)
+        elif line != "workloads:":
+            main.append(line)
+    os.makedirs(os.path.join(d, "conf.d"))
+    frags = []
+    for k in range(0, len(workloads), FRAGMENT):
+        frags.append(os.path.join(d, "conf.d", f"{k // FRAGMENT:04}.yaml"))
+        with open(frags[-1], "w") as f:
+            f.write("workloads:\n" + "\n".join(workloads[k:k + FRAGMENT]) + "\n")
+    path = os.path.join(d, "main.yaml")
+    with open(path, "w") as f:
+        f.write("\n".join(main) + "\ninclude: [conf.d/*.yaml]\n")
+    return path, frags
 
 
 if __name__ == "__main__":

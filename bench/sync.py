@@ -39,33 +39,9 @@ def rss_mb() -> float:
     return 0.0
 
 
-FRAGMENT = 1000
-
-
-def fragments(text: str, d: str) -> tuple[str, list[str]]:
-    """The config with its workloads in conf.d/NNNN.yaml, FRAGMENT each: the main
-    file and the fragments, in order."""
-    main, workloads = [], []
-    for line in text.splitlines():
-        if line.startswith("  - {id: ") and ", source: [" in line:
-            workloads.append(line)
-        elif line != "workloads:":
-            main.append(line)
-    os.makedirs(os.path.join(d, "conf.d"))
-    frags = []
-    for k in range(0, len(workloads), FRAGMENT):
-        frags.append(os.path.join(d, "conf.d", f"{k // FRAGMENT:04}.yaml"))
-        with open(frags[-1], "w") as f:
-            f.write("workloads:\n" + "\n".join(workloads[k:k + FRAGMENT]) + "\n")
-    path = os.path.join(d, "main.yaml")
-    with open(path, "w") as f:
-        f.write("\n".join(main) + "\ninclude: [conf.d/*.yaml]\n")
-    return path, frags
-
-
 def measure(n: int) -> dict:
     """Runs inside the bench namespace, in its own process."""
-    from gen_config import config_text, source
+    from gen_config import FRAGMENT, config_text, fragments, source
     from egress_agent import hoststate
     from egress_agent.alloc import Usable
     from egress_agent.config import Reader

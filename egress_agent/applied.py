@@ -179,11 +179,14 @@ def plan_change(applied: Applied, cfg: Config, usable: alloc_mod.Usable,
                          and cgroup_exists(cfg.workloads[positions[w]].cgroup))
     changed |= {w for w in look if (w in applied.missing_cgroups)
                 == (cfg.workloads[positions[w]].cgroup in existing)}
-    try:
-        new_alloc, events = alloc_mod.allocate_changed(cfg, applied.alloc, usable, changed,
-                                                       applied.holders, positions)
-    except alloc_mod.NeedsFullAllocation:
-        return None
+    if not changed:  # nothing to allocate: the allocations stay the same object
+        new_alloc, events = applied.alloc, []
+    else:
+        try:
+            new_alloc, events = alloc_mod.allocate_changed(cfg, applied.alloc, usable, changed,
+                                                           applied.holders, positions)
+        except alloc_mod.NeedsFullAllocation:
+            return None
     facts = HostFacts(usable, existing, addresses)
     placed, missing, notes = {}, set(), []
     for w in sorted((w for w in changed if w in positions), key=positions.__getitem__):

@@ -49,7 +49,7 @@ from .watchers import watch_config, watch_links
 
 __all__ = ["Daemon", "Trigger", "EXIT_WATCHER_FAILED"]
 
-CONFIG_DEBOUNCE = 0.1  # editors write in several steps
+CONFIG_DEBOUNCE = 0.02  # editors write in several steps (create, write, close, rename: microseconds apart)
 NETLINK_DEBOUNCE = 0.005
 STORE_RETRY = (0.5, 30.0)  # first and longest delay before retrying a failed store write
 # `run` exits with this when a watcher cannot recover (or the loop itself

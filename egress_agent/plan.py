@@ -7,6 +7,7 @@ the ruleset does.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -226,6 +227,11 @@ def egress_prefixes(cfg: Config) -> list[str]:
 
 
 def _collapse(prefixes: list[str], fam: int) -> frozenset[Element]:
+    return _collapsed(tuple(prefixes), fam)
+
+
+@functools.lru_cache(maxsize=64)  # the same prefixes every sync: ipaddress is slow
+def _collapsed(prefixes: tuple[str, ...], fam: int) -> frozenset[Element]:
     nets = [ipaddress.ip_network(p) for p in prefixes if ipaddress.ip_network(p).version == fam]
     out = set()
     for n in ipaddress.collapse_addresses(nets):

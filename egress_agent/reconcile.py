@@ -196,9 +196,10 @@ class Reconciler:
             # every time: the kernel drops them when a link goes down.
             routes, rules = self.routing.dump()
             reuse = trigger == DRIFT_ROUTES
-            facts = self.facts(cfg, reuse)
-            assert self.index is not None and self.host is not None
-            change = plan_change(self.index, cfg, facts.usable, self.host.addresses,
+            if not reuse or self.host is None:
+                self.host = self.read_host()
+            assert self.index is not None
+            change = plan_change(self.index, cfg, usable_from(cfg, self.host), self.host.addresses,
                                  cgroup_exists(self.cgroup_root), all_cgroups=trigger == RESYNC)
             if change is not None:
                 return self._apply_change(change, trigger, routes, rules, reuse, t0)
