@@ -463,21 +463,30 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
                                                leases, need, load, no_room, {}, {})
     leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
 
+    lingering, events = _outcome(prev, sorted(prev.leases), leases, leases)
+    return Allocations(wids, eids, app_choice, leases, app_choice6, lingering), events
+
+
+def _outcome(prev: Allocations, keys: list, now: dict, held: dict
+             ) -> tuple[dict[BlockKey, Lingering], list[Event]]:
+    """The lingering blocks and the events once `now` replaced the previous leases
+    `keys` (sorted); `held`: every lease after the change."""
     # A released lease lingers unless its workload holds all of it again.
     lingering = {k: l for k, l in prev.lingering.items()
-                 if l.rest(leases.get((l.lease.workload, l.lease.ip))) is not None}
+                 if l.rest(held.get((l.lease.workload, l.lease.ip))) is not None}
     events = []
-    for k, l in sorted(prev.leases.items()):
-        if leases.get(k) != l:
+    for k in keys:
+        l = prev.leases[k]
+        if now.get(k) != l:
             events.append(Event("release", l))
             wid, eid = prev.wids.get(l.workload), prev.eids.get(l.ip)
             gone = Lingering(replace(l, temporary=False), names.lease_mark(wid, eid)) \
                 if wid and eid else None
-            if gone and gone.rest(leases.get(k)) is not None:
+            if gone and gone.rest(now.get(k)) is not None:
                 lingering[block_key(l)] = gone
                 events.append(Event("linger", l))
-    events += [Event("assign", l) for k, l in sorted(leases.items()) if prev.leases.get(k) != l]
-    return Allocations(wids, eids, app_choice, leases, app_choice6, lingering), events
+    events += [Event("assign", l) for k, l in sorted(now.items()) if prev.leases.get(k) != l]
+    return lingering, events
 
 
 def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
@@ -700,20 +709,7 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
     for key in prev_keys:
         del merged[key]
     merged.update(leases)
-    lingering = {k: l for k, l in prev.lingering.items()
-                 if l.rest(merged.get((l.lease.workload, l.lease.ip))) is not None}
-    events = []
-    for k in prev_keys:
-        l = prev.leases[k]
-        if leases.get(k) != l:
-            events.append(Event("release", l))
-            wid, eid = prev.wids.get(l.workload), prev.eids.get(l.ip)
-            gone = Lingering(replace(l, temporary=False), names.lease_mark(wid, eid)) \
-                if wid and eid else None
-            if gone and gone.rest(leases.get(k)) is not None:
-                lingering[block_key(l)] = gone
-                events.append(Event("linger", l))
-    events += [Event("assign", l) for k, l in sorted(leases.items()) if prev.leases.get(k) != l]
+    lingering, events = _outcome(prev, prev_keys, leases, merged)
     return Allocations(wids, eids, app_choice, merged, app_choice6, lingering), events
 
 

@@ -223,11 +223,7 @@ class Reconciler:
             else:
                 plan, events, adopted, facts = self.plan(cfg, observed, reuse_facts=reuse)
             d = plan.desired
-            drift = (findings(applied, d, observed, self.expected_shape, self._link_up(fresh=reuse))
-                     if applied is not None else [])
-            ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
-            tx = transaction(d, observed, self.expected_shape)
-            self._commit(ops, tx)
+            drift, ops, tx = self._commit(applied, d, observed, reuse)
         except Exception:
             self.full_next = True
             raise
@@ -250,10 +246,7 @@ class Reconciler:
             observed = change.before(self.index, routes, rules)
             applied = replace(observed, routes=self.index.shared.routes,
                               rules=self.index.shared.rules)
-            drift = findings(applied, d, observed, self.expected_shape, self._link_up(fresh=reuse))
-            ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
-            tx = transaction(d, observed, self.expected_shape)
-            self._commit(ops, tx)
+            drift, ops, tx = self._commit(applied, d, observed, reuse)
         except Exception:
             self.full_next = True
             raise
@@ -263,11 +256,18 @@ class Reconciler:
                            change.events, False, False, drift, t0, len(change.workloads),
                            change.workloads)
 
-    def _commit(self, ops, tx) -> None:
-        """Routes and rules the batch will mark for, the batch, then (after) the rest."""
+    def _commit(self, applied: Optional[Observed], d: Desired, observed: Observed, reuse: bool):
+        """What drifted, the route ops and the batch that turn `observed` into `d`;
+        the routes and rules the batch will mark for go in first, then the batch (the
+        rest of the route ops go after it: _after)."""
+        drift = (findings(applied, d, observed, self.expected_shape, self._link_up(fresh=reuse))
+                 if applied is not None else [])
+        ops = diff_routes(d.routes, d.rules, observed.routes, observed.rules)
+        tx = transaction(d, observed, self.expected_shape)
         before, self._after_ops = split_ops(ops)
         self.routing.apply(before)
         self.nft.run(tx.text)
+        return drift, ops, tx
 
     def _after(self, trigger, mode, ops, tx, notes, usable, events, adopted, replaced, drift,
                t0, replanned, changed: Optional[set[str]] = None) -> SyncResult:
