@@ -110,6 +110,8 @@ class Reconciler:
         self.index: Optional[Applied] = None  # what the kernel accepted last, per workload
         self.alloc: Optional[alloc_mod.Allocations] = None  # the allocations it accepted with it
         self.generation: Optional[int] = None  # nftables' generation after our last batch
+        self.trusted = False  # memory is what the kernel held at that generation
+        self._gen_start: Optional[int] = None
         self._after_ops: list = []
         self.full_next = True
         self.quarantine = True  # move a corrupt store aside (False: plan only, touch nothing)
@@ -188,10 +190,15 @@ class Reconciler:
     def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
         t0 = time.perf_counter()
         self._quarantined = None
-        if full and trigger == RESYNC and self._nft_unchanged():
-            full = False  # nothing was committed to nftables since our batch: memory is the kernel
+        self._gen_start = self._generation()
+        # The periodic resync, or events the drift watch lost (a big batch of our own
+        # overflows its socket): if nothing was committed to nftables since our last
+        # batch, memory is the kernel, and only routes and host facts are read.
+        unchanged = trigger in (RESYNC, DRIFT_NFT) and self._nft_unchanged()
+        if unchanged:
+            full = False
         mode = "full" if (full or self.full_next or self.index is None) else "incremental"
-        if mode == "incremental" and trigger != DRIFT_NFT:
+        if mode == "incremental" and (trigger != DRIFT_NFT or unchanged):
             # nft state from memory (the kernel said yes to it); routes are read
             # every time: the kernel drops them when a link goes down.
             routes, rules = self.routing.dump()
@@ -285,7 +292,7 @@ class Reconciler:
             self.routing.apply(self._after_ops)
             if (tx.full or tx.repaired) and not self.shape_checked:
                 self._learn_shape(notes)
-            self.generation = self._generation()
+            self._learn_generation(mode, not tx.empty)
         except Exception:
             self.full_next = True
             raise
@@ -312,10 +319,22 @@ class Reconciler:
         except OSError:
             return None
 
+    def _learn_generation(self, mode: str, sent: bool) -> None:
+        """After a batch: nftables' generation now, and whether memory is known to be
+        what the kernel holds at it. It is when this sync read the kernel (full, drift)
+        or started from such a state, and no other commit came between the sync's
+        start and now (ours adds exactly one, or none for an empty batch)."""
+        g0, g1 = self._gen_start, self._generation()
+        before = mode != "incremental" or (self.trusted and g0 == self.generation)
+        step = 1 if sent else 0
+        self.trusted = (before and g0 is not None and g1 is not None
+                        and g1 == (g0 + step) % (1 << 32))
+        self.generation = g1
+
     def _nft_unchanged(self) -> bool:
-        """Is nftables as this process left it (its generation number the same)?"""
-        return (self.index is not None and not self.full_next and self.generation is not None
-                and self._generation() == self.generation)
+        """Is nftables as this process left it (trusted, its generation number the same)?"""
+        return (self.index is not None and not self.full_next and self.trusted
+                and self.generation is not None and self._gen_start == self.generation)
 
     @property
     def applied(self) -> Observed:

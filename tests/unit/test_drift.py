@@ -137,12 +137,14 @@ def test_flushed_skeleton_chain_is_rewritten_in_place_and_plan_sees_it(synced):
 def test_a_missing_set_or_a_moved_hook_replaces_the_table(synced):
     cfg, nft, _, rec = synced
     del nft.table.sets["snat4"]
+    nft.gen += 1  # a commit by another process: nftables' generation moves
     p, _, _, _ = rec.plan(cfg, rec.observe())
     assert transaction(p.desired, rec.observe()).full
     r = repaired(cfg, nft, rec)
     assert [str(f) for f in r.drift][0] == "map snat4 missing"
     hook = nft.table.chains["prerouting"].hook
     nft.table.chains["prerouting"].hook = hook[:2] + (0,) + hook[3:]
+    nft.gen += 1
     assert transaction(p.desired, rec.observe()).full
     repaired(cfg, nft, rec)
 
@@ -150,6 +152,7 @@ def test_a_missing_set_or_a_moved_hook_replaces_the_table(synced):
 def test_a_deleted_skeleton_chain_is_declared_again(synced):
     cfg, nft, _, rec = synced
     del nft.table.chains["refuse"]
+    nft.gen += 1  # a commit by another process: nftables' generation moves
     p, _, _, _ = rec.plan(cfg, rec.observe())
     tx = transaction(p.desired, rec.observe())
     assert tx.repaired == ["refuse"] and f"flush chain {T} refuse" not in tx.lines
@@ -179,6 +182,7 @@ def test_flushed_map_is_refilled_without_replacing_the_table(synced):
 def test_foreign_element_and_deleted_ip_rule_are_named(synced):
     cfg, nft, routing, rec = synced
     nft.elements("snat6")[0x12345] = "2001:db8:10::99"
+    nft.gen += 1  # a commit by another process: nftables' generation moves
     rule = next(iter(routing.rules))
     routing.rules.discard(rule)
     r = repaired(cfg, nft, rec)

@@ -208,3 +208,52 @@ def test_incremental_syncs_equal_a_whole_plan(tmp_path_factory, edits, seed):
     for edit, k in edits:
         kind = edit(world, k)
         check_step(rec, world, cgroot, kind, rec.alloc)
+
+
+# --- the resync trusts memory only while nftables' generation says nothing else committed ---
+
+def _synced(tmp_path):
+    world = World(cgroot=str(tmp_path))
+    for i in range(3):
+        add(world, i)
+    nft = FakeNft()
+    rec = Reconciler(nft, FakeRouting(), Store(tmp_path / "state"), world.host,
+                     cgroup_root=str(tmp_path))
+    cfg = parse(world.config_text()).config
+    rec.sync(cfg, trigger="start", full=True)
+    return rec, nft, cfg
+
+
+def test_a_resync_with_nothing_committed_since_reads_no_table(tmp_path):
+    rec, nft, cfg = _synced(tmp_path)
+    listed = []
+    nft.list_table = lambda terse=False, _l=nft.list_table: listed.append(1) or _l(terse)
+    r = rec.sync(cfg, trigger="resync", full=True)
+    assert r.mode == "incremental" and not r.changed and listed == []
+
+
+def test_a_commit_by_anyone_else_makes_the_resync_read_and_repair(tmp_path):
+    rec, nft, cfg = _synced(tmp_path)
+    nft.elements("snat4").clear()
+    nft.gen += 1  # another process committed (to any table)
+    r = rec.sync(cfg, trigger="resync", full=True)
+    assert r.mode == "full" and r.added and [f.kind for f in r.drift] == ["elements"]
+    assert rec.sync(cfg, trigger="resync", full=True).mode == "incremental"
+
+
+def test_a_commit_by_another_process_during_a_sync_is_not_trusted(tmp_path):
+    """Damage committed between the start of a sync and its own batch: the batch's
+    generation is one too far, so the next resync reads the table."""
+    rec, nft, cfg = _synced(tmp_path)
+    run = nft.run
+
+    def foreign_first(batch):
+        nft.elements("managed4").clear()  # a set this batch does not touch
+        nft.gen += 1
+        run(batch)
+    nft.run = foreign_first
+    world_cfg = cfg.model_copy(update={"workloads": cfg.workloads[:-1]})
+    assert rec.sync(world_cfg, trigger="config").mode == "incremental"
+    nft.run = run
+    r = rec.sync(world_cfg, trigger="resync", full=True)
+    assert r.mode == "full" and r.added, r.to_json()
