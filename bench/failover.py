@@ -49,8 +49,8 @@ from egress_agent.lab.netns import ns_exec  # noqa: E402
 from egress_agent.lab.topology import HOST_ADDRESSES, Lab  # noqa: E402
 
 from daemon_helpers import (  # noqa: E402
-    LEGACY_POLICY, M43_WORKLOAD, Agent, Prober, demo_text, flush_conntrack, host, lease, status,
-    wait_until, write_by_rename,
+    LEGACY_POLICY, M43_WORKLOAD, Agent, Prober, demo_text, flush_conntrack, host, wait_until,
+    write_by_rename,
 )
 
 ECHO, ECHO_UDP_PORT = "192.0.2.10", 8081
@@ -161,21 +161,20 @@ def window(pr: Prober, agent: Agent, since: float) -> dict:
 def series(lab: Lab, agent: Agent, runs: int, timeout: float, label: str,
            jitter: float = 0.1) -> dict:
     from pyroute2 import IPRoute
-    cfg = agent.config
-    st = status(lab, cfg)
-    m42 = lease(st, "m42")
-    original = m42["ipv4"]
-    others = [l for w in st["workloads"] if w["id"] == "m42" for l in w["leases"]]
-    dev, cidr = HOST_ADDRESSES[original]
-    prefixlen = int(cidr.split("/")[1])
     billing = {"203.0.113.10", "203.0.113.11"}
-    fallback = (billing - {original}).pop()
     results = []
     ipr = IPRoute(netns=lab.host, flags=0)
     try:
-        ifindex = ipr.link_lookup(ifname=dev)[0]
         with Prober(lab, "m42", ECHO, ECHO_UDP_PORT, proto="udp", interval=0.002,
                     max_duration=60.0 + runs * (4 * timeout + 2 * jitter + 2)) as pr:
+            # m42's app IP, as the echo server sees it (`status` would tell too, but
+            # takes minutes at 10k workloads)
+            original = pr.wait_first(lambda a: a["src"] in billing, timeout=timeout,
+                                     what="m42's first answer from billing's IPs")["src"]
+            fallback = (billing - {original}).pop()
+            dev, cidr = HOST_ADDRESSES[original]
+            prefixlen = int(cidr.split("/")[1])
+            ifindex = ipr.link_lookup(ifname=dev)[0]
             for i in range(runs):
                 t_run = time.time()
                 fail_ms, back_ms, call_ms = measure(lab, agent, ipr, ifindex, pr, original,
@@ -196,7 +195,7 @@ def series(lab: Lab, agent: Agent, runs: int, timeout: float, label: str,
     fail = [r["failover_ms"] for r in results if r["failover_ms"] is not None]
     back = [r["return_ms"] for r in results if r["return_ms"] is not None]
     return {"label": label, "original": original, "fallback": fallback,
-            "leases_m42": others, "failover": stats(fail), "return": stats(back),
+            "failover": stats(fail), "return": stats(back),
             "timeouts": sum(r["failover_ms"] is None for r in results)
             + sum(r["return_ms"] is None for r in results),
             "probes_sent": summary.get("sent"), "probes_answered": summary.get("answers"),
@@ -367,6 +366,12 @@ def idle_bench(lab: Lab, counts: list[int], runs: int, timeout: float, resync: f
                     raise AssertionError(f"idle {n}: no first sync; errors: {agent.errors()}") from e
                 fo = series(lab, agent, runs, timeout, f"idle {n}")
                 ed = edit_series(lab, agent, path, with_m43, without, runs, timeout, f"idle {n}")
+                # the daemon's own share: sync durations by trigger (config: after the
+                # debounce and the reload)
+                by_trigger: dict[str, list[float]] = {}
+                for _, r in agent.timed_syncs(changed=True):
+                    if r.get("trigger") != "start":
+                        by_trigger.setdefault(r.get("trigger"), []).append(r["duration_ms"])
         finally:
             remove_idle_addresses(lab)
         out[str(n)] = {"idle_workloads": n, "idle_ips": len(addresses),
@@ -377,6 +382,7 @@ def idle_bench(lab: Lab, counts: list[int], runs: int, timeout: float, resync: f
                        "failover_timeouts": fo["timeouts"],
                        "edit_add": ed["add"], "edit_remove": ed["remove"],
                        "edit_failures": ed["failures"],
+                       "daemon_sync_ms": {k: stats(v) for k, v in by_trigger.items()},
                        "runs": {"failover": fo["runs"], "edit": ed["runs"]}}
     return out
 
@@ -408,6 +414,11 @@ def print_idle(by_count: dict, ratios: dict) -> None:
             print(f"  idle {k:>6}: " + ("no successful measurement" if not s.get("n") else
                   f"median {s['median_ms']:7.1f} ms  p90 {s['p90_ms']:7.1f} ms  "
                   f"p99 {s['p99_ms']:7.1f} ms  max {s['max_ms']:7.1f} ms  (n={s['n']})"))
+    print("the daemon's changing syncs (duration_ms), by trigger")
+    for k, r in by_count.items():
+        for trig, st in r["daemon_sync_ms"].items():
+            print(f"  idle {k:>6} {trig:>8}: median {st['median_ms']:7.1f} ms  "
+                  f"p90 {st['p90_ms']:7.1f} ms  max {st['max_ms']:7.1f} ms  (n={st['n']})")
     for k, r in ratios.items():
         print(f"ratio {k}: " + ", ".join(f"{m} {v}" for m, v in r.items()))
 
