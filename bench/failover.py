@@ -2,6 +2,7 @@
 """Failover latency of `egress-agent run`, measured in a namespace lab.
 
     sudo .venv/bin/python bench/failover.py --runs 10 [--poll-runs 3]
+    sudo .venv/bin/python bench/failover.py --idle 0,10000 --runs 10
 
 Builds one lab (prefix eabench<hex>, torn down in `finally`), starts the
 daemon in its host namespace, and runs one long-lived prober inside m42's
@@ -23,6 +24,15 @@ The naive alternative is a daemon that only polls. `egress-agent run` cannot
 turn its netlink watch off, so the poll-only daemon is the same Daemon class
 started with watch_netlink=False and resync_interval=--poll-resync (5 s):
 its failover time is up to one polling interval. --poll-runs 0 skips it.
+
+With --idle 0,10000 (one invocation): for each count, the lab config plus that many
+idle machine workloads of their own app (sources in 10.128.0.0/16, from which
+nothing sends; their egress IPs on a veth in the lab's host namespace), a fresh
+daemon, the failover and return runs above, then config edits: m43's entry
+removed (by rename, as an editor writes) -> the last answer to m43's prober from
+billing's pool, and written back -> the first answer from the pool. Medians, p90
+and p99 per count, the ratios of each count to the first, the daemon's sync
+durations by trigger, and the load average. The poll-only daemon is not run.
 
 Only the lab's namespaces are touched; every process started is stopped by pid.
 """
@@ -366,12 +376,13 @@ def idle_bench(lab: Lab, counts: list[int], runs: int, timeout: float, resync: f
                     raise AssertionError(f"idle {n}: no first sync; errors: {agent.errors()}") from e
                 fo = series(lab, agent, runs, timeout, f"idle {n}")
                 ed = edit_series(lab, agent, path, with_m43, without, runs, timeout, f"idle {n}")
-                # the daemon's own share: sync durations by trigger (config: after the
-                # debounce and the reload)
+                # the daemon's own share: sync durations by trigger/mode (config: after
+                # the debounce and the reload)
                 by_trigger: dict[str, list[float]] = {}
                 for _, r in agent.timed_syncs(changed=True):
                     if r.get("trigger") != "start":
-                        by_trigger.setdefault(r.get("trigger"), []).append(r["duration_ms"])
+                        by_trigger.setdefault(f"{r.get('trigger')}/{r.get('mode')}",
+                                              []).append(r["duration_ms"])
         finally:
             remove_idle_addresses(lab)
         out[str(n)] = {"idle_workloads": n, "idle_ips": len(addresses),
@@ -414,10 +425,10 @@ def print_idle(by_count: dict, ratios: dict) -> None:
             print(f"  idle {k:>6}: " + ("no successful measurement" if not s.get("n") else
                   f"median {s['median_ms']:7.1f} ms  p90 {s['p90_ms']:7.1f} ms  "
                   f"p99 {s['p99_ms']:7.1f} ms  max {s['max_ms']:7.1f} ms  (n={s['n']})"))
-    print("the daemon's changing syncs (duration_ms), by trigger")
+    print("the daemon's changing syncs (duration_ms), by trigger/mode")
     for k, r in by_count.items():
         for trig, st in r["daemon_sync_ms"].items():
-            print(f"  idle {k:>6} {trig:>8}: median {st['median_ms']:7.1f} ms  "
+            print(f"  idle {k:>6} {trig:>20}: median {st['median_ms']:7.1f} ms  "
                   f"p90 {st['p90_ms']:7.1f} ms  max {st['max_ms']:7.1f} ms  (n={st['n']})")
     for k, r in ratios.items():
         print(f"ratio {k}: " + ", ".join(f"{m} {v}" for m, v in r.items()))
