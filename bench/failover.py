@@ -298,7 +298,8 @@ def edit_run(agent: Agent, pr: Prober, path: str, with_m43: str, without: str,
     elif other is not None:
         out["remove_ms"] = (other["recv"] - t0) * 1000
     elif pooled and pooled[-1]["sent"] > synced + 0.1:
-        out["remove_error"] = f"answers from the pool {pooled[-1]['sent'] - synced:.3f} s after the sync"
+        late = pooled[-1]["sent"] - synced
+        out["remove_error"] = f"answers from the pool {late:.3f} s after the sync"
     elif pooled:
         out["remove_ms"] = (pooled[-1]["recv"] - t0) * 1000
     else:  # faster than one probe interval; cannot be told apart from 0
@@ -373,7 +374,8 @@ def idle_bench(lab: Lab, counts: list[int], runs: int, timeout: float, resync: f
                 try:
                     start = agent.wait_syncs(1, timeout=start_timeout, trigger="start")
                 except AssertionError as e:
-                    raise AssertionError(f"idle {n}: no first sync; errors: {agent.errors()}") from e
+                    raise AssertionError(f"idle {n}: no first sync; errors: "
+                                         f"{agent.errors()}") from e
                 fo = series(lab, agent, runs, timeout, f"idle {n}")
                 ed = edit_series(lab, agent, path, with_m43, without, runs, timeout, f"idle {n}")
                 # the daemon's own share: sync durations by trigger/mode (config: after
