@@ -313,14 +313,22 @@ def cmd_status(args) -> int:
     host = read_host_state()
     usable = usable_from(cfg, host)
     a = Store(cfg.state_dir).load()
+    # grouped once: per workload and per IP lookups stay O(workloads) at 100k
+    per_ip: dict[str, int] = {}
+    per_workload: dict[str, list] = {}
+    for (w, i), lease in sorted(a.leases.items()):
+        per_ip[i] = per_ip.get(i, 0) + 1
+        per_workload.setdefault(w, []).append(lease.to_json())
+    lingering_by_ip: dict[str, list] = {}
+    for k in sorted(a.lingering, key=lingering_order):
+        lingering_by_ip.setdefault(k[1], []).append(a.lingering[k].to_json())
     ips = []
     for ip in cfg.ips_here():
-        n = len({w for (w, i) in a.leases if i == ip.id})
+        n = per_ip.get(ip.id, 0)
         present = bool(ip.ipv4 and host.has_address(ip.ipv4))
         state = ip.state if usable.ok(ip, 4) or usable.ok(ip, 6) or ip.state != "active" else "failed-over"
         # released blocks whose connections still live: not free, not reused
-        lingering = [a.lingering[k].to_json() for k in sorted(a.lingering, key=lingering_order)
-                     if k[1] == ip.id]
+        lingering = lingering_by_ip.get(ip.id, [])
         ips.append({"id": ip.id, "ipv4": ip.ipv4, "ipv6": ip.ipv6, "present": present,
                     "state": state, "workloads": n, "max_workloads": ip.limits.max_workloads,
                     "lingering": lingering})
@@ -335,7 +343,7 @@ def cmd_status(args) -> int:
         have_usage = False
     wls = []
     for w in cfg.workloads:
-        leases = [l.to_json() for (wid, _), l in sorted(a.leases.items()) if wid == w.id]
+        leases = per_workload.get(w.id, [])
         wls.append({"id": w.id, "app": w.app, "source": w.source, "cgroup": w.cgroup,
                     "app_ip": a.app_choice.get(w.id), "leases": leases,
                     "app_ip6": a.app_choice6.get(w.id),  # IPv6 from another app IP
