@@ -77,7 +77,7 @@ class Change:
     missing_cgroups: set[str]
     notes: list[str]
 
-    def desired(self, applied: Applied) -> Desired:
+    def desired(self) -> Desired:
         """The part of the new plan that can differ from `applied`: its elements
         of the changed workloads, every shared element, chains, routes and rules."""
         return Desired(_elements(self.shared, self.placed.values()), self.shared.chains,

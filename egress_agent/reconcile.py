@@ -249,7 +249,7 @@ class Reconciler:
         """An incremental sync: only what `change` re-planned is compared and sent."""
         assert self.index is not None
         try:
-            d = change.desired(self.index)
+            d = change.desired()
             observed = change.before(self.index, routes, rules)
             applied = replace(observed, routes=self.index.shared.routes,
                               rules=self.index.shared.rules)
