@@ -95,7 +95,7 @@ class Daemon:
                  watch_netlink: bool = True, state_dir: Optional[str] = None,
                  metrics: Optional[metrics_mod.State] = None,
                  usage_interval: Optional[float] = None,
-                 collect_usage: Optional[Callable[[Config], object]] = None,
+                 collect_usage: Optional[Callable[..., object]] = None,
                  translation_log: Optional[str] = None,
                  watchers: Optional[dict[str, Callable[[], None]]] = None):
         self.config_path = os.path.abspath(config_path)
@@ -479,7 +479,8 @@ class Daemon:
             if cfg is None:
                 continue
             try:
-                snap = self.collect_usage(cfg)
+                # what the kernel holds (memory), as the translation log reads it
+                snap = self.collect_usage(cfg, self.rec.alloc if self.rec else None)
             except Exception as e:
                 self.log.error("usage collection failed", error=f"{type(e).__name__}: {e}")
                 continue
