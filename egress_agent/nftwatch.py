@@ -99,21 +99,28 @@ def netlink_socket(proto: int) -> socket.socket:
     return s
 
 
-def generation() -> int:
+def generation_socket() -> socket.socket:
+    """A socket for generation(); keep it: closing a netlink socket costs ~6 ms."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    s.settimeout(5)
+    return s
+
+
+def generation(s: Optional[socket.socket] = None) -> int:
     """The nftables generation now (NFT_MSG_GETGEN): every commit, to any table,
     increments it, so an unchanged number means nothing in nftables changed."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       NETLINK_NETFILTER) as s:
-        s.settimeout(5)
-        nfgenmsg = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
-        s.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(nfgenmsg),
-                              (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, 1, 1, 0) + nfgenmsg)
-        for mtype, payload in messages(s.recv(65536)):
-            if mtype == NLMSG_ERROR:
-                err = -struct.unpack_from("=i", payload)[0]
-                raise OSError(err, f"NFT_MSG_GETGEN: {os.strerror(err)}")
-            if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
-                return struct.unpack(">I", attrs(payload, 4)[NFTA_GEN_ID])[0]
+    if s is None:
+        with generation_socket() as own:
+            return generation(own)
+    nfgenmsg = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+    s.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(nfgenmsg),
+                          (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, 1, 1, 0) + nfgenmsg)
+    for mtype, payload in messages(s.recv(65536)):
+        if mtype == NLMSG_ERROR:
+            err = -struct.unpack_from("=i", payload)[0]
+            raise OSError(err, f"NFT_MSG_GETGEN: {os.strerror(err)}")
+        if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+            return struct.unpack(">I", attrs(payload, 4)[NFTA_GEN_ID])[0]
     raise OSError("NFT_MSG_GETGEN: no generation in the answer")
 
 

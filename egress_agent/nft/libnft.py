@@ -23,6 +23,7 @@ BIG_BATCH_BYTES = 1 << 20
 class Libnft:
     def __init__(self) -> None:
         self._nft = self._context()
+        self._gen_socket = None  # NETLINK_NETFILTER, for generation()
 
     @staticmethod
     def _context() -> "nftables.Nftables":
@@ -51,8 +52,15 @@ class Libnft:
             self._nft.set_dry_run(False)
 
     def generation(self) -> int:
-        from ..nftwatch import generation
-        return generation()
+        from ..nftwatch import generation, generation_socket
+        if self._gen_socket is None:
+            self._gen_socket = generation_socket()
+        try:
+            return generation(self._gen_socket)
+        except OSError:
+            self._gen_socket.close()
+            self._gen_socket = None
+            raise
 
     def list_table(self, terse: bool = False) -> dict:
         """`terse`: without set elements (`nft -t`), to read the skeleton cheaply."""
