@@ -30,7 +30,7 @@ for k in 1 2; do
   n w$k ip link set m$k up; n w$k ip addr add 10.1.$k.1/24 dev m$k
   n w$k sysctl -qw net.ipv4.ip_forward=1
   # overlay to the gateway pair's fabric VIP; the app's traffic goes there untranslated
-  n w$k ip link add gw0 type vxlan id 10$k remote 10.200.0.100 local 10.200.0.1$k dstport 4789 dev fabr0
+  n w$k ip link add gw0 type vxlan id 10$k remote 10.200.0.100 local 10.200.0.1$k dstport 4789 dev fabr0 nolearning
   n w$k ip link set gw0 up; n w$k ip addr add 10.250.$k.1/30 dev gw0
   n w$k ip rule add from 10.1.$k.2 lookup 100 pref 100
   n w$k ip route add default via 10.250.$k.2 dev gw0 table 100
@@ -39,7 +39,7 @@ for g in g1 g2; do
   n $g sysctl -qw net.ipv4.ip_forward=1
   n $g sysctl -qw net.netfilter.nf_conntrack_tcp_loose=0 || { n $g modprobe nf_conntrack; n $g sysctl -qw net.netfilter.nf_conntrack_tcp_loose=0; }
   for k in 1 2; do
-    n $g ip link add w$k type vxlan id 10$k remote 10.200.0.1$k dstport 4789 dev fabr0
+    n $g ip link add w$k type vxlan id 10$k remote 10.200.0.1$k dstport 4789 dev fabr0 nolearning
     n $g ip link set w$k address 02:ea:00:00:00:0$k   # same MAC on both gateways
     n $g ip link set w$k up; n $g ip addr add 10.250.$k.2/30 dev w$k
     n $g ip route add 10.1.$k.0/24 via 10.250.$k.1 dev w$k
