@@ -1300,8 +1300,10 @@ def _other_union_branch(err: dict) -> bool:
 def _problem_from_pydantic(err: dict, file: str, lines: dict[PathT, Where]) -> Problem:
     # pydantic adds union/validator tags to loc; keep the parts that are config paths.
     loc: list[Union[str, int]] = []
-    for part in err["loc"]:
-        if isinstance(part, str) and ("[" in part or "(" in part):
+    for i, part in enumerate(err["loc"]):
+        # an unknown key is the user's, whatever its characters (`state_di[r:`)
+        user_key = err["type"] == "extra_forbidden" and i == len(err["loc"]) - 1
+        if isinstance(part, str) and ("[" in part or "(" in part) and not user_key:
             continue  # a union or validator tag, not a config key
         if (tuple(loc) + (part,)) in lines or isinstance(part, int) or err["type"] == "missing" \
                 or err["type"] == "extra_forbidden":

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from egress_agent.config import ConfigError, parse, schema
+from egress_agent.config import ConfigError, load, parse, schema
 
 HEAD = "version: 1\nhost: {name: h, region: ams}\n"
 DESIGN = Path(__file__).parent.parent / "configs" / "design.yaml"
@@ -233,3 +233,13 @@ def test_merge_keys_are_read_and_written_keys_override_them():
 def test_an_error_beside_merge_keys_is_reported_at_its_line():
     p = one(MERGED.replace("SOURCE", "10.0.0.300"))
     assert (p.line, p.path) == (8, "workloads[1].source[0]"), str(p)
+
+
+def test_an_unknown_key_with_brackets_is_reported_not_a_crash(tmp_path):
+    # found by the fuzzer: pydantic's union tags contain "[", and a user's key may too
+    p = tmp_path / "c.yaml"
+    p.write_text("version: 1\nhost: {name: h, region: r}\nstate_di[r: /x\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(p))
+    assert any(pr.line == 3 and "unknown field 'state_di[r'" in pr.message
+               for pr in e.value.problems), e.value.problems
