@@ -250,7 +250,7 @@ def cmd_run(args) -> int:
     from . import log, metrics, nslock
     log.configure(json_lines={"json": True, "console": False}.get(args.log_format))
     lock = nslock.acquire(serve=True)  # for the daemon's life; Busy is reported by main()
-    state = metrics.State()
+    state = metrics.State(detail=args.metrics_detail)
     if args.metrics != "off":
         try:
             metrics.serve(args.metrics, state, nonlocal_=args.metrics_nonlocal)
@@ -322,6 +322,12 @@ def cmd_status(args) -> int:
     lingering_by_ip: dict[str, list] = {}
     for k in sorted(a.lingering, key=lingering_order):
         lingering_by_ip.setdefault(k[1], []).append(a.lingering[k].to_json())
+    from . import cgroupfs, health
+    from .hoststate import cgroup_exists
+    daemon = health.read(cfg.state_dir)
+    known = daemon["conditions"] if daemon else {}
+    ip_conds = {i: health.with_since("egress_ip", i, c, known)
+                for i, c in health.ip_conditions(cfg, usable, host).items()}
     ips = []
     for ip in cfg.ips_here():
         n = per_ip.get(ip.id, 0)
@@ -331,7 +337,7 @@ def cmd_status(args) -> int:
         lingering = lingering_by_ip.get(ip.id, [])
         ips.append({"id": ip.id, "ipv4": ip.ipv4, "ipv6": ip.ipv6, "present": present,
                     "state": state, "workloads": n, "max_workloads": ip.limits.max_workloads,
-                    "lingering": lingering})
+                    "lingering": lingering, "conditions": ip_conds[ip.id]})
     from .alloc import policy_matches
     ratios: dict[str, float] = {}
     try:  # usage needs root (a ctnetlink dump); status works without it
@@ -342,20 +348,28 @@ def cmd_status(args) -> int:
     except (PermissionError, OSError):
         have_usage = False
     wls = []
+    cgroup_ok = health.cgroup_check(daemon, cgroup_exists(cgroupfs.VIEW))
     for w in cfg.workloads:
         leases = per_workload.get(w.id, [])
         wls.append({"id": w.id, "app": w.app, "source": w.source, "cgroup": w.cgroup,
                     "app_ip": a.app_choice.get(w.id), "leases": leases,
                     "app_ip6": a.app_choice6.get(w.id),  # IPv6 from another app IP
                     "policies": [p.name for p in cfg.policies if policy_matches(p, w)],
-                    "highest_ratio": round(ratios.get(w.id, 0.0), 4) if have_usage else None})
+                    "highest_ratio": round(ratios.get(w.id, 0.0), 4) if have_usage else None,
+                    "conditions": health.with_since("workload", w.id, health.workload_conditions(
+                        cfg, w, a.app_choice.get(w.id), leases, ip_conds, cgroup_ok), known)})
+    d = daemon["daemon"] if daemon else {"running": False}
     if args.json:
-        print(json.dumps({"egress_ips": ips, "workloads": wls}, indent=2))
+        print(json.dumps({"daemon": d, "egress_ips": ips, "workloads": wls}, indent=2))
         return Exit.OK
+    for line in health.daemon_lines(d, cfg.state_dir):
+        print(line)
+    print()
     print(f"{'EGRESS IP':12} {'IPV4':16} {'PRESENT':8} {'STATE':12} WORKLOADS")
     for i in ips:
         print(f"{i['id']:12} {i['ipv4'] or '-':16} {'yes' if i['present'] else 'NO':8} "
               f"{i['state']:12} {i['workloads']}/{i['max_workloads'] or '-'}"
+              + "".join(f"\n  {line}" for line in health.condition_lines(i["conditions"]))
               + (f" (+{len(i['lingering'])} released, connections still open: "
                  + ", ".join(f"{l['workload']} {l['ports'][0]}-{l['ports'][1]}" if l["ports"]
                              else f"{l['workload']} {l['ipv6']}" for l in i["lingering"]) + ")"
@@ -372,6 +386,9 @@ def cmd_status(args) -> int:
                   f"{ratio:>6}  {','.join(w['policies']) or '-'}")
     if any(l.get("temporary") for w in wls for l in w["leases"]):
         print("* a temporary block while the workload's own IP is unusable")
+    for w in wls:
+        for line in health.condition_lines(w["conditions"]):
+            print(f"{w['id']}: {line}")
     return Exit.OK
 
 
@@ -487,6 +504,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics-nonlocal", action="store_true",
                     help="allow a --metrics address that is not loopback: anyone who reaches "
                          "it reads every workload's name, addresses and usage")
+    sp.add_argument("--metrics-detail", action="store_true",
+                    help="add series per workload and per destination (connections, usage "
+                         "ratio, refusals): one per workload, IPv6 address and origin port, "
+                         "so unbounded on a big host; by default metrics are per egress IP")
     sp.add_argument("--translation-log", metavar="PATH",
                     help="write one JSON line per start and end of each translated connection "
                          "(workload, inside and outside address:port, destination), rotated at "
@@ -547,6 +568,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"egress-agent {args.cmd}: {e}; the next apply or daemon sync moves it aside "
               "and adopts the kernel's live state", file=sys.stderr)
         return Exit.INVALID
+    except BrokenPipeError:  # `egress-agent status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return Exit.OK
     except CapacityError as e:
         where = load(args.config).where(e.workload) if getattr(args, "config", None) else ""
         print(f"{where}: workloads: capacity: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ import time
 import traceback
 from typing import Callable, Optional
 
+from . import health
 from . import log as logmod
 from . import metrics as metrics_mod
 from .config import Config, ConfigError, Reader
@@ -128,16 +129,23 @@ class Daemon:
         self._hups = 0
         self._hups_seen = 0
         self.fatal: Optional[str] = None  # why the daemon gave up
+        # for `status` (health.py): its own state, and when each condition last changed
+        self.tracker = health.Tracker()
+        self.state = {"pid": os.getpid(), "started": time.time(), "config": self.config_path,
+                      "config_load": None, "last_sync": None, "last_error": None}
+        self._state_write_error: Optional[str] = None
 
     # --- config ----------------------------------------------------------------
     def load_config(self) -> bool:
         try:
             cfg = self.reader.load(self.config_path).config
         except ConfigError as e:
+            self._config_loaded(False, [str(p) for p in e.problems])
             for p in e.problems:
                 self.log.error("config invalid, keeping the last good state", problem=str(p),
                                file=p.file, line=p.line, field=p.path, reason=p.message)
             return False
+        self._config_loaded(True, [])
         if self.state_dir:
             cfg = cfg.model_copy(update={"state_dir": self.state_dir})
         if self.rec is None:
@@ -283,6 +291,7 @@ class Daemon:
             self.log.error("sync failed; the next sync is a full one", trigger=t.kind,
                            error=str(e), batch_excerpt=detail or None)
             self.notify(f"STATUS=sync failed: {str(e).splitlines()[0][:200]}")
+            self._synced(t.kind, None, str(e))
             return
         except Exception as e:  # a capacity error or a bug: keep the last good state
             self.metrics.record_sync(t.kind, False, time.perf_counter() - t0)
@@ -290,6 +299,7 @@ class Daemon:
             self.log.error("sync failed; the kernel keeps the last good state", trigger=t.kind,
                            error=f"{type(e).__name__}: {e}")
             self.notify(f"STATUS=sync failed: {e}")
+            self._synced(t.kind, None, f"{type(e).__name__}: {e}")
             return
         self.syncs += 1
         if r.mode != "incremental":
@@ -320,8 +330,50 @@ class Daemon:
                      if self.last_usable.ok(ip, 4) or self.last_usable.ok(ip, 6))
         self.notify(f"STATUS={len(self.cfg.workloads)} workloads, {usable}/{n_ips} egress IPs "
                     f"usable, last sync {r.trigger} {r.duration_ms:.0f} ms")
+        self._synced(t.kind, r, None)
         for fn in self.on_sync:
             fn(r)
+
+    # --- what `status` reads (health.py) -------------------------------------------
+    def _config_loaded(self, ok: bool, problems: list[str]) -> None:
+        prev = self.state["config_load"] or {}
+        now = time.time()
+        self.metrics.record_reload(ok, now)
+        self.state["config_load"] = {"ok": ok, "time": now, "problems": problems[:20],
+                                     "last_ok_time": now if ok else prev.get("last_ok_time")}
+        if not ok:
+            self.state["last_error"] = {"time": now, "message": "config invalid: "
+                                        + (problems[0] if problems else "?")}
+        self._write_state()
+
+    def _synced(self, trigger: str, r: Optional[SyncResult], error: Optional[str]) -> None:
+        now = time.time()
+        self.state["last_sync"] = {"time": now, "trigger": trigger, "ok": error is None,
+                                   "mode": r.mode if r else None,
+                                   "duration_ms": round(r.duration_ms, 2) if r else None,
+                                   "error": error}
+        if error:
+            self.state["last_error"] = {"time": now, "message": f"sync failed: {error}"}
+        if r is not None and self.cfg is not None:
+            self.tracker.observe("egress_ip", health.ip_conditions(self.cfg, r.usable), now)
+            missing = self.rec.index.missing_cgroups if self.rec and self.rec.index else ()
+            self.tracker.observe("workload", {w: [health.condition(
+                "CgroupPresent", False, "CgroupMissing", "")] for w in missing}, now)
+        self._write_state()
+
+    def _write_state(self) -> None:
+        state_dir = self.state_dir or (self.cfg.state_dir if self.cfg else None)
+        if not state_dir:
+            return
+        try:
+            os.makedirs(state_dir, exist_ok=True)
+            health.write(state_dir, self.state, self.tracker)
+            self._state_write_error = None
+        except OSError as e:
+            if self._state_write_error != str(e):  # once per distinct error
+                self.log.warning("cannot write status.json; `status` will not show the "
+                                 "daemon's state", error=str(e))
+            self._state_write_error = str(e)
 
     def _store_retry(self, r: SyncResult) -> None:
         """The kernel took the sync but the store write failed: retry it with a full
@@ -457,21 +509,40 @@ class Daemon:
         log = TranslationLog(self.translation_log,
                              workload_lookup(lambda: rec.alloc or rec.store.load()))
         self.log.info("translation log", path=self.translation_log)
-        log.run(self.stopping, lambda msg, n: self.log.warning(msg, overruns=n))
+        def overrun(msg: str, n: int) -> None:
+            with self.metrics.lock:
+                self.metrics.translation_overruns = n
+            self.log.warning(msg, overruns=n)
+        log.run(self.stopping, overrun)
 
     # --- usage and metrics ---------------------------------------------------------
     def _record_usable(self, before, after) -> None:
+        """Per egress IP and family: usable or not, a failover counted and logged at
+        warning when an active IP loses a family, a note when it comes back."""
         assert self.cfg is not None
-        now = {ip.id: after.ok(ip, 4) or after.ok(ip, 6) for ip in self.cfg.ips_here()}
+        now: dict[tuple[str, str], bool] = {}
+        info = []
         with self.metrics.lock:
-            for ip, ok in now.items():
-                if before is not None and self.metrics.usable.get(ip) and not ok:
-                    self.metrics.failovers += 1
-                    self.log.warning("egress IP unusable: its workloads follow their fallback",
-                                     egress_ip=ip)
-                elif before is not None and self.metrics.usable.get(ip) is False and ok:
-                    self.log.info("egress IP usable again: workloads return to it", egress_ip=ip)
+            was = self.metrics.usable
+            for ip in self.cfg.ips_here():
+                info.append((ip.id, ip.ipv4 or "", ip.ipv6 or "", ip.app or "", ip.state))
+                for fam, name in metrics_mod.FAMILIES.items():
+                    if (ip.ipv4 if fam == 4 else ip.ipv6) is None:
+                        continue
+                    key = (ip.id, name)
+                    ok = now[key] = after.ok(ip, fam)
+                    if before is None or ip.state != "active" or was.get(key) is None:
+                        continue
+                    if was[key] and not ok:
+                        self.metrics.failovers[key] = self.metrics.failovers.get(key, 0) + 1
+                        self.log.warning("egress IP unusable for new connections: its "
+                                         "workloads follow their fallback",
+                                         egress_ip=ip.id, family=name)
+                    elif not was[key] and ok:
+                        self.log.info("egress IP usable again: workloads return to it",
+                                      egress_ip=ip.id, family=name)
             self.metrics.usable = now
+            self.metrics.ip_info = info
 
     def _watch_usage(self) -> None:
         while not self.stopping.wait(self.usage_interval):

@@ -11,7 +11,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_helpers import agent, agent_json, apply, demo_config, edited, write_variant
+from agent_helpers import agent, agent_json, app_lease, apply, demo_config, edited, status, write_variant
 from daemon_helpers import Agent, wait_until
 
 ECHO4, ECHO6, PARTNER = "192.0.2.10", "2001:db8:ff::10", "198.51.100.10"
@@ -112,7 +112,8 @@ def test_full_port_block_refuses_the_next_connection_at_once(lab):
 def test_metrics_endpoint_is_scraped_and_parsed(lab):
     config = demo_config(lab)
     port = 19000 + int(lab.prefix[-3:], 16) % 1000
-    with Agent(lab, config, extra=("--metrics", f"127.0.0.1:{port}", "--usage-interval", "0.5")) as a:
+    with Agent(lab, config, extra=("--metrics", f"127.0.0.1:{port}", "--metrics-detail",
+                                   "--usage-interval", "0.5")) as a:
         a.wait_syncs(1)
         held = lab.hold_many("m42", ECHO4, 8080, 9)
         try:
@@ -137,14 +138,19 @@ def test_metrics_endpoint_is_scraped_and_parsed(lab):
     assert fams["egress_agent_conntrack_max"].samples[0].value > 0
     assert {s.labels["egress_ip"] for s in fams["egress_agent_egress_ip_usable"].samples} >= \
         {"billing-1", "billing-2", "m44-ip", "partner-link", "legacy"}
-    usable = {s.labels["egress_ip"]: s.value for s in fams["egress_agent_egress_ip_usable"].samples}
-    assert usable["legacy"] == 0 and usable["billing-1"] == 1
+    usable = {(s.labels["egress_ip"], s.labels["family"]): s.value
+              for s in fams["egress_agent_egress_ip_usable"].samples}
+    assert usable["legacy", "ipv4"] == 0 and usable["billing-1", "ipv4"] == 1
+    assert usable["billing-1", "ipv6"] == 1
+    # per egress IP too (the default; --metrics-detail adds the per-workload series)
+    ip_conns = {(s.labels["egress_ip"], s.labels["protocol"]): s.value
+                for s in fams["egress_agent_egress_ip_connections"].samples}
+    assert ip_conns[app_lease(status(lab, config), "m42")["ip"], "tcp"] >= 9
 
 
 def test_translation_log_names_workload_inside_and_outside(lab):
     import json as _json
     import os as _os
-    from agent_helpers import app_lease, status
     config = demo_config(lab)
     path = _os.path.join(lab.state_dir, "translations.jsonl")
     with Agent(lab, config, extra=("--translation-log", path, "--metrics", "off")) as a:

@@ -3,7 +3,7 @@
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from egress_agent import names
+from egress_agent import __version__, names
 from egress_agent.alloc import Allocations, allocate
 from egress_agent.config import parse
 from egress_agent.metrics import Collector, State, parse_listen
@@ -66,30 +66,72 @@ def test_ip_rows_and_refusals():
                   "protocol": "tcp", "reason": "port_block_full", "refused": 5}]
 
 
-def test_metrics_exposition():
-    a, m1, groups = setup()
-    state = State()
-    state.record_sync("start", True, 0.02)
-    state.record_sync("netlink", False, 0.01)
-    state.usable = {"a": True}
-    state.snapshot = Snapshot(rows(CFG, a, groups), ip_rows(CFG, a), refusals(CFG, a, [(m1, "tcp", 5)]),
-                              {"count": 98, "max": 1000, "ratio": 0.098,
-                               "stats": {"insert_failed": 2, "drop": 1}})
+def _scrape(state):
     reg = CollectorRegistry()
     reg.register(Collector(state))
     text = generate_latest(reg).decode()
-    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    return text, {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _snapshot():
+    a, m1, groups = setup()
+    return Snapshot(rows(CFG, a, groups), ip_rows(CFG, a), refusals(CFG, a, [(m1, "tcp", 5)]),
+                    {"count": 98, "max": 1000, "ratio": 0.098,
+                     "stats": {"insert_failed": 2, "drop": 1}})
+
+
+def test_metrics_exposition():
+    state = State()
+    state.record_sync("start", True, 0.02)
+    state.record_sync("netlink", False, 0.004)
+    state.record_sync("netlink", True, 0.3)
+    state.record_reload(False, 1.8e9)
+    state.usable = {("a", "ipv4"): True, ("a", "ipv6"): False}
+    state.failovers = {("a", "ipv6"): 1}
+    state.ip_info = [("a", "203.0.113.10", "", "billing", "active")]
+    state.snapshot = _snapshot()
+    text, fams = _scrape(state)
     val = lambda fam, **labels: next(s.value for s in fams[fam].samples
                                      if all(s.labels.get(k) == v for k, v in labels.items()))
     assert val("egress_agent_syncs", trigger="start", result="ok") == 1
     assert val("egress_agent_syncs", trigger="netlink", result="error") == 1
+    # a histogram by trigger: 0.004 s and 0.3 s fall in their buckets, the sum adds up
+    assert val("egress_agent_sync_duration_seconds", trigger="netlink", le="0.005") == 1
+    assert val("egress_agent_sync_duration_seconds", trigger="netlink", le="0.25") == 1
+    assert val("egress_agent_sync_duration_seconds", trigger="netlink", le="0.5") == 2
+    assert val("egress_agent_sync_duration_seconds", trigger="netlink", le="+Inf") == 2
+    assert abs(next(s.value for s in fams["egress_agent_sync_duration_seconds"].samples
+                    if s.name.endswith("_sum") and s.labels["trigger"] == "netlink") - 0.304) < 1e-9
+    assert val("egress_agent_last_sync_success_timestamp_seconds") > 1.7e9
+    assert val("egress_agent_config_last_reload_successful") == 0
+    assert "egress_agent_config_last_reload_success_timestamp_seconds" not in fams  # never ok
+    assert val("egress_agent_egress_ip_usable", egress_ip="a", family="ipv4") == 1
+    assert val("egress_agent_egress_ip_usable", egress_ip="a", family="ipv6") == 0
+    assert val("egress_agent_failovers", egress_ip="a", family="ipv6") == 1
+    assert val("egress_agent_egress_ip_info", egress_ip="a", app="billing", state="active") == 1
+    assert val("egress_agent_build_info", version=__version__) == 1
     assert val("egress_agent_conntrack_entries") == 98
     assert val("egress_agent_conntrack_insert_failed") == 2
+    # by default, per egress IP only: bounded whatever the workloads and destinations
+    # w1's 60 and w2's 30 on its IPv4, w1's 7 on its IPv6 address in a's range
+    assert val("egress_agent_egress_ip_connections", egress_ip="a", protocol="tcp") == 60 + 30 + 7
+    assert val("egress_agent_egress_ip_connections", egress_ip="a", protocol="udp") == 1
+    assert val("egress_agent_egress_ip_usage_ratio_max", egress_ip="a") == 0.6
+    assert val("egress_agent_egress_ip_refused", egress_ip="a", reason="port_block_full") == 5
+    assert val("egress_agent_egress_ip_free_port_blocks", egress_ip="a") == 8
+    assert "workload=" not in text and "destination=" not in text
+
+
+def test_metrics_detail_adds_per_workload_and_destination_series():
+    state = State(detail=True)
+    state.snapshot = _snapshot()
+    _, fams = _scrape(state)
+    val = lambda fam, **labels: next(s.value for s in fams[fam].samples
+                                     if all(s.labels.get(k) == v for k, v in labels.items()))
     assert val("egress_agent_refused", workload="w1", reason="port_block_full") == 5
     assert val("egress_agent_usage_ratio_max", workload="w1") == 0.6
     assert val("egress_agent_connections", workload="w1", egress_address="203.0.113.10",
                protocol="tcp") == 60
-    assert val("egress_agent_egress_ip_free_port_blocks", egress_ip="a") == 8
     assert val("egress_agent_destination_usage_ratio", destination="192.0.2.1") == 0.75
 
 
