@@ -68,7 +68,7 @@ ECHO, ECHO_UDP_PORT = "192.0.2.10", 8081
 POLL_ONLY = r"""
 import sys
 from egress_agent import log, wiring
-log.configure(json_lines=True)
+log.configure("json")
 sys.exit(wiring.daemon(sys.argv[1], resync_interval=float(sys.argv[2]), watch_netlink=False,
                        collect_usage=None).run())
 """

@@ -16,7 +16,7 @@ import sys
 from enum import IntEnum
 from typing import Optional
 
-from . import __version__, argtypes, names, verify, wiring
+from . import __version__, argtypes, log, names, verify, wiring
 from .alloc import CapacityError
 from .config import ConfigError, load, schema
 
@@ -111,8 +111,7 @@ def cmd_plan(args) -> int:
     from .nft.diff import transaction
     from .routing.diff import diff_routes
     if args.against_running:  # what apply would change on this host now (root)
-        from . import log
-        log.configure(json_lines=False)  # a corrupt store's warning on stderr, not in the plan
+        log.configure("console")  # a corrupt store's warning on stderr, not in the plan
         rec = wiring.reconciler(cfg)
         rec.quarantine = False  # a plan moves no file
         observed = rec.observe()
@@ -207,10 +206,10 @@ def cmd_who(args) -> int:
 
 def cmd_apply(args) -> int:
     cfg = _load(args)
-    from . import log, nslock
+    from . import nslock
     from .nft import NftError
     from .routing import RoutingError
-    log.configure(json_lines=False)  # warnings (a quarantined store) on stderr
+    log.configure("console")  # warnings (a quarantined store) on stderr
     with nslock.acquire():
         rec = wiring.reconciler(cfg)
         try:
@@ -247,8 +246,8 @@ def cmd_apply(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import log, metrics, nslock
-    log.configure(json_lines={"json": True, "console": False}.get(args.log_format))
+    from . import metrics, nslock
+    log.configure(args.log_format)
     lock = nslock.acquire(serve=True)  # for the daemon's life; Busy is reported by main()
     state = metrics.State(detail=args.metrics_detail)
     if args.metrics != "off":
@@ -495,8 +494,11 @@ def parser() -> argparse.ArgumentParser:
              "kernel state in place (systemd Type=notify)", json_=False)
     sp.add_argument("--resync", type=argtypes.seconds, default=60.0, metavar="SECONDS",
                     help="full resync interval that repairs drift (default 60)")
-    sp.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
-                    help="auto: JSON lines unless stderr is a terminal")
+    sp.add_argument("--log-format", choices=log.FORMATS, default="auto",
+                    help="console (readable), json (one object a line, the message under "
+                         "'event'), journal (message, then key=value); auto: console on a "
+                         "terminal, journal when stderr is journald, else json. On journald "
+                         "each line carries its priority: journalctl -p warning works")
     sp.add_argument("--metrics", default="127.0.0.1:9469", metavar="ADDR:PORT",
                     type=argtypes.listen,
                     help="Prometheus metrics endpoint (default 127.0.0.1:9469; loopback only "

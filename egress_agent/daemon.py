@@ -120,6 +120,7 @@ class Daemon:
         self.usage_interval = usage_interval
         self.collect_usage = collect_usage
         self.warned: set = set()
+        self.noted: set[str] = set()  # the notes the log has said (_sync)
         self.translation_log = translation_log
         self.store_retry: Optional[threading.Timer] = None
         self.store_retry_delay = 0.0
@@ -141,8 +142,13 @@ class Daemon:
             cfg = self.reader.load(self.config_path).config
         except ConfigError as e:
             self._config_loaded(False, [str(p) for p in e.problems])
+            # true at start too: nothing of this run was applied yet, and whatever a
+            # previous run left in the kernel stays until a valid config replaces it
+            keeping = ("config invalid, keeping the last good state" if self.cfg is not None
+                       else "config invalid: nothing applied; the kernel keeps what it has "
+                            "(a previous run's state, or none); waiting for a valid config")
             for p in e.problems:
-                self.log.error("config invalid, keeping the last good state", problem=str(p),
+                self.log.error(keeping, problem=str(p),
                                file=p.file, line=p.line, field=p.path, reason=p.message)
             return False
         self._config_loaded(True, [])
@@ -317,12 +323,18 @@ class Daemon:
                              found=[str(f) for f in r.drift])
             self.metrics.record_drift(f.kind for f in r.drift)
         count, cmax = conntrack_numbers()
+        # a note (a cgroup not there yet) is said once, not at every full sync
+        notes = [n for n in r.notes if n not in self.noted]
+        self.noted = set(r.notes) if r.mode == "full" else self.noted | set(notes)
+        more = r.workloads_touched - len(r.workloads)
         self.log.info("sync", trigger=r.trigger, mode=r.mode, changed=r.changed,
+                      **({"workloads": list(r.workloads)} if r.workloads else {}),
+                      **({"workloads_more": more} if more else {}),
                       elements_added=r.added, elements_removed=r.removed,
                       route_ops=len(r.route_ops), policies_changed=r.policies_changed,
                       adopted=r.adopted, duration_ms=round(r.duration_ms, 2),
                       conntrack_count=count, conntrack_max=cmax,
-                      **({"notes": r.notes} if r.notes else {}),
+                      **({"notes": notes} if notes else {}),
                       **({"store_error": r.store_error} if r.store_error else {}),
                       **({"quarantined": r.quarantined} if r.quarantined else {}))
         n_ips = len(self.cfg.ips_here())

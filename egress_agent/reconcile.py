@@ -19,6 +19,7 @@ kernel's live maps are adopted (adopt.py), with history for what was adopted.
 from __future__ import annotations
 
 import ctypes
+import heapq
 import errno as errno_mod
 import time
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,10 @@ class SyncResult:
     store_error: Optional[str] = None  # the kernel took the change, the store write failed
     drift: list[Finding] = field(default_factory=list)  # what the kernel lost or gained
     replanned: int = 0  # workloads allocated and planned again: what the sync cost
+    # the workloads it touched, by name, sorted and at most NAMED of them (the log's
+    # sync line): re-planned by an incremental sync, given or losing a block by a full one
+    workloads: tuple[str, ...] = ()
+    workloads_touched: int = 0
 
     @property
     def changed(self) -> bool:
@@ -75,7 +80,8 @@ class SyncResult:
                 "skeleton_replaced": self.skeleton_replaced, "adopted": self.adopted,
                 "quarantined": self.quarantined, "store_error": self.store_error,
                 "duration_ms": round(self.duration_ms, 2), "notes": self.notes,
-                "drift": [str(f) for f in self.drift], "workloads_replanned": self.replanned}
+                "drift": [str(f) for f in self.drift], "workloads_replanned": self.replanned,
+                "workloads": list(self.workloads), "workloads_touched": self.workloads_touched}
 
 
 # Triggers of a drift check (nftwatch.py), each reading only what it is about:
@@ -89,6 +95,7 @@ DRIFT_NFT, DRIFT_ROUTES = "drift", "drift-routes"
 # nothing was committed since, and memory is compared with the kernel's routes
 # only; otherwise the whole table is read and compared.
 RESYNC = "resync"
+NAMED = 20  # workloads a sync result names (SyncResult.workloads)
 # elements in a batch past which SyncResult keeps only a summary of it, and the
 # memory the sync used is given back (_trim)
 BIG_BATCH = 10_000
@@ -299,13 +306,15 @@ class Reconciler:
         finally:
             store_error = self.persist()
         self.full_next = store_error is not None
+        touched = changed if changed is not None else {e.lease.workload for e in events}
         return SyncResult(trigger, mode, tx.added, tx.removed, [op.describe() for op in ops],
                           tx.policies_changed and not tx.full, replaced or bool(tx.repaired),
                           adopted, (time.perf_counter() - t0) * 1000, notes,
                           tx.text if tx.added + tx.removed <= BIG_BATCH else
                           f"# {len(tx.lines)} statements ({tx.added} elements added, "
                           f"{tx.removed} removed): not kept\n",
-                          usable, self._quarantined, store_error, drift, replanned)
+                          usable, self._quarantined, store_error, drift, replanned,
+                          tuple(heapq.nsmallest(NAMED, touched)), len(touched))
 
     def _replay(self) -> Plan:
         """The last applied plan, whole, without allocating or planning again."""

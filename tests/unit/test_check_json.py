@@ -163,7 +163,7 @@ def test_plan_json_says_whether_anything_would_change(capsys, tmp_path, monkeypa
     monkeypatch.setattr("egress_agent.wiring.reconciler", lambda cfg: rec)
     monkeypatch.setattr("egress_agent.cli.has_net_admin", lambda: True)
     # plan points structlog at stderr, here capsys's: later tests would log to a closed file
-    monkeypatch.setattr("egress_agent.log.configure", lambda **kw: None)
+    monkeypatch.setattr("egress_agent.log.configure", lambda *a, **kw: None)
     code, out, _ = run(capsys, "plan", "-c", p, "--json", "--against-running")
     assert code == 0 and json.loads(out)["changed"] is True
     from egress_agent.config import load

@@ -134,7 +134,7 @@ def test_apply_refused_route_is_one_message_and_exit_3(capsys, design, monkeypat
     host = HostState(frozenset({"203.0.113.10", "203.0.113.20", "2001:db8:10::1"}),
                      frozenset({"eth1"}))
     monkeypatch.setattr(cli, "has_net_admin", lambda: True)
-    monkeypatch.setattr(log, "configure", lambda **kw: None)  # global: keep the suite's
+    monkeypatch.setattr(log, "configure", lambda *a, **kw: None)  # global: keep the suite's
     monkeypatch.setattr(nslock, "acquire", contextlib.nullcontext)
     monkeypatch.setattr(wiring, "reconciler", lambda cfg: Reconciler(
         FakeNft(), Refusing(), Store(cfg.state_dir), lambda: host))

@@ -588,3 +588,58 @@ def test_sighup_storm_coalesces_and_sigterm_still_stops(tmp_path):
     assert not [r for r in logs if r["log_level"] == "error"], logs
     assert events(logs, "stopped; kernel state left in place")
     assert handlers_after == {s: stray for s in before}, "`run` did not restore the handlers"
+
+
+def test_the_log_names_what_a_sync_changed_says_a_note_once_and_an_invalid_start_truly(tmp_path):
+    """The journal an operator reads: a start on an invalid config does not claim a
+    last good state; a sync line names the workloads it touched; the note about a
+    cgroup that is not there yet comes once, not at every full sync."""
+    lab = Lab(tmp_path)
+    good = demo_text()
+    with open(lab.config, "w") as f:
+        f.write("version: 1\nworkloads: [\n")
+    with capture_logs() as logs:
+        lab.start()
+        try:
+            wait_until(lambda: events(logs, "config invalid: nothing applied; the kernel keeps "
+                                      "what it has (a previous run's state, or none); waiting "
+                                      "for a valid config"), "the invalid start's error")
+            assert not [r for r in logs if "last good state" in r["event"]], logs
+            with open(lab.config + ".tmp", "w") as f:
+                f.write(good.replace(M43, "").replace(LEGACY_POLICY, ""))
+            os.rename(lab.config + ".tmp", lab.config)
+            lab.daemon.post(Trigger("config", reload=True))
+            lab.sync(lambda r: r.trigger == "config", "the sync of the valid config")
+            lab.daemon.post(Trigger("sighup", full=True, reload=True))
+            lab.sync(lambda r: r.trigger == "sighup", "a full sync (systemctl reload)")
+            with open(lab.config + ".tmp", "w") as f:
+                f.write(good)
+            os.rename(lab.config + ".tmp", lab.config)
+            lab.daemon.post(Trigger("config", reload=True))
+            r = lab.sync(lambda r: r.trigger == "config" and r.mode == "incremental",
+                         "the sync that adds m43")
+        finally:
+            assert lab.stop() == 0
+    first, resync, add = events(logs, "sync", trigger="config")[0], \
+        events(logs, "sync", trigger="sighup")[0], events(logs, "sync", trigger="config")[1]
+    assert first["mode"] == "full" and "m42" in first["workloads"], first
+    assert any("cgroup" in n for n in first["notes"]), first  # demo's `batch` has no cgroup here
+    assert resync["mode"] == "full" and "notes" not in resync, resync
+    assert add["workloads"] == ["m43"] == list(r.workloads) and "workloads_more" not in add, add
+
+
+def test_a_sync_names_at_most_twenty_workloads_and_counts_the_rest(tmp_path):
+    lab = Lab(tmp_path)
+    extra = "".join(f"  - {{id: x{i:03}, app: billing, source: [10.9.{i // 200}.{i % 200 + 2}], "
+                    f"interface: vm-m43}}\n" for i in range(30))
+    lab.start()
+    try:
+        lab.sync(lambda r: r.trigger == "start", "the first sync")
+        with open(lab.config + ".tmp", "w") as f:
+            f.write(demo_text().replace(M43, M43 + extra))
+        os.rename(lab.config + ".tmp", lab.config)
+        lab.daemon.post(Trigger("config", reload=True))
+        r = lab.sync(lambda r: r.trigger == "config", "the sync that adds 30 workloads")
+    finally:
+        assert lab.stop() == 0
+    assert r.workloads == tuple(f"x{i:03}" for i in range(20)) and r.workloads_touched == 30
