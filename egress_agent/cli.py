@@ -4,7 +4,9 @@ Exit status: 0 ok; 1 the config is invalid (or a check failed); 2 usage
 error; 3 the kernel refused a change (nothing of it was applied); 4 a
 verification found a mismatch; 5 another egress-agent holds this network
 namespace (nothing was done); 6 the kernel took the change but the state dir
-could not be written.
+could not be written; 8 this network namespace has no egress-agent table
+(`status`, `usage`, `explain`: run them where the agent runs); 9 `apply`: the
+kernel took the config, but no egress IP of this host is usable.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Exit(IntEnum):
     MISMATCH = 4
     BUSY = 5
     STORE = 6
+    NOT_HERE = 8  # 7 is the daemon's (a watcher that cannot recover)
+    UNUSABLE = 9
 
 
 def _out(args, data, human: str) -> None:
@@ -40,6 +44,24 @@ def _out(args, data, human: str) -> None:
 
 def _load(args):
     return wiring.load_config(args.config, getattr(args, "state_dir", None))
+
+
+def _not_here(args) -> Optional[int]:
+    """Exit.NOT_HERE, said on stderr (and as JSON with --json), when this network
+    namespace has no agent table: what `status`, `usage` and `explain` would say
+    here is about some other namespace's traffic. None when the table is here, or
+    when nftables cannot be read without root (the command goes on)."""
+    if wiring.table_here() is not False:
+        return None
+    from .nslock import netns
+    msg = (f"no table {names.TABLE} in this network namespace ({netns()}): the agent has "
+           f"not applied here. Run this where the agent runs (e.g. nsenter "
+           f"--net=/run/netns/NAME egress-agent {args.cmd} ...), or start the agent here "
+           f"(systemctl start egress-agent, or egress-agent apply)")
+    if getattr(args, "json", False):
+        print(json.dumps({"error": msg, "table": False}, indent=2))
+    print(f"egress-agent {args.cmd}: {msg}", file=sys.stderr)
+    return Exit.NOT_HERE
 
 
 # --- pure commands (no root) ----------------------------------------------------
@@ -159,6 +181,8 @@ def cmd_explain(args) -> int:
     cfg = _load(args)
     from .hoststate import Usable
     from .plan import explain
+    if not args.assume_usable and (code := _not_here(args)):
+        return code
     p, _ = _offline_plan(cfg)
     # this host's addresses and links decide what is usable (no root needed)
     usable = Usable() if args.assume_usable else wiring.usable_here(cfg)
@@ -238,11 +262,36 @@ def cmd_apply(args) -> int:
             print(f"  ip {op}")
     for n in r.notes:
         print(f"note: {n}", file=sys.stderr)
+    unusable = _unusable(cfg, r.usable)
+    if unusable:
+        print(f"egress-agent apply: not usable on this host (address absent or link down): "
+              f"{', '.join(unusable)}; their workloads follow their fallback (drop, or the "
+              f"host's own address), and the daemon moves them back when the address "
+              f"returns", file=sys.stderr)
     if r.store_error:
         print(f"egress-agent apply: the kernel has the change, but the state dir could not be "
               f"written ({r.store_error}); fix it and apply again", file=sys.stderr)
         return Exit.STORE
+    active = [ip for ip in cfg.ips_here() if ip.state == "active"]
+    if active and not any(r.usable.ok(ip, 4) or r.usable.ok(ip, 6) for ip in active):
+        print("egress-agent apply: no egress IP of this host is usable: is this the agent's "
+              "network namespace, are its addresses configured?", file=sys.stderr)
+        return Exit.UNUSABLE
     return Exit.OK
+
+
+def _unusable(cfg, usable) -> list[str]:
+    """The active egress IPs of this host unusable in a family they have, as `ID
+    (IPv4)`, `ID (IPv6)` or `ID` (both)."""
+    out = []
+    for ip in cfg.ips_here():
+        if ip.state != "active":
+            continue
+        lost = [f"IPv{f}" for f, a in ((4, ip.ipv4), (6, ip.ipv6)) if a and not usable.ok(ip, f)]
+        if lost:
+            out.append(ip.id if len(lost) == 2 or not (ip.ipv4 and ip.ipv6)
+                       else f"{ip.id} ({lost[0]})")
+    return out
 
 
 def cmd_run(args) -> int:
@@ -267,7 +316,8 @@ def cmd_run(args) -> int:
 
 def cmd_usage(args) -> int:
     cfg = _load(args)
-    from .store import Store
+    if code := _not_here(args):
+        return code
     snap = wiring.usage_collector()(cfg)
     if args.json:
         print(json.dumps(snap.to_json(args.top), indent=2))
@@ -312,6 +362,8 @@ def cmd_status(args) -> int:
     host = read_host_state()
     usable = usable_from(cfg, host)
     a = Store(cfg.state_dir).load()
+    if code := _not_here(args):
+        return code
     # grouped once: per workload and per IP lookups stay O(workloads) at 100k
     per_ip: dict[str, int] = {}
     per_workload: dict[str, list] = {}

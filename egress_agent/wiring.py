@@ -30,6 +30,16 @@ def usable_here(cfg: Config) -> Usable:
     return usable_from(cfg, read_host_state())
 
 
+def table_here() -> Optional[bool]:
+    """Is the agent's table in this network namespace? None: cannot tell (nftables
+    needs CAP_NET_ADMIN to be read)."""
+    from .nft.libnft import Libnft
+    try:
+        return Libnft().has_table()
+    except PermissionError:
+        return None
+
+
 def reconciler(cfg: Optional[Config] = None):
     """The reconciler of this host: libnftables, pyroute2, the config's state dir,
     the host's addresses and links, live conntrack leases, cgroup2 at cgroupfs.VIEW.

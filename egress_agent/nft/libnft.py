@@ -72,6 +72,18 @@ class Libnft:
         finally:
             self._nft.set_terse_output(False)
 
+    def has_table(self) -> bool:
+        """Is the agent's table in this network namespace? PermissionError when
+        nftables cannot be read (no CAP_NET_ADMIN)."""
+        try:
+            doc = self._list(f"list tables {names.TABLE_FAMILY}")
+        except NftError as e:
+            if "Operation not permitted" in e.message:
+                raise PermissionError(e.message) from e
+            raise
+        return any(i.get("table", {}).get("name") == names.TABLE_NAME
+                   for i in doc.get("nftables", []))
+
     def list_set(self, name: str) -> dict:
         return self._list(f"list set {names.TABLE} {name}")
 

@@ -4,14 +4,16 @@ a draining IP; and `promtool check metrics` accepts the scrape."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_helpers import demo_config, status, write_variant
+from agent_helpers import demo_config, edited, status, write_variant
 from daemon_helpers import Agent, wait_until, write_by_rename
+from egress_agent.lab.echo import child_env
 from egress_agent.lab.netns import nsenter_prefix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,3 +122,36 @@ def test_family_failover_reload_and_drain_in_status_and_metrics(lab):
                      family="ipv4") is None
     st = status(lab, config)
     assert st["daemon"]["running"] is False  # stopped: the file stays, the pid is gone
+
+
+def run_in(lab, ns: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(nsenter_prefix(ns) + [sys.executable, "-m", "egress_agent.cli", *args],
+                          capture_output=True, text=True, timeout=60, env=child_env(), cwd="/")
+
+
+def test_outside_the_agents_namespace_commands_say_so_and_apply_names_unusable_ips(lab):
+    """`status`, `usage` and `explain` where no agent table is: exit 8 and one line
+    saying where to run them, instead of a report about nothing; `apply` names the
+    egress IPs it cannot use, and exits 9 when it can use none."""
+    config = demo_config(lab)
+    for args in (("status",), ("usage",), ("explain", "10.0.1.2", "198.51.100.1:8080/tcp")):
+        p = run_in(lab, lab.host, args[0], "-c", config, *args[1:], "--json")
+        assert p.returncode == 8, (args, p.returncode, p.stdout, p.stderr)
+        assert json.loads(p.stdout)["table"] is False
+        assert f"{args[0]}: no table inet egress_agent in this network namespace" in p.stderr
+        assert "nsenter --net=/run/netns/NAME" in p.stderr and len(p.stderr.splitlines()) == 1
+    # on the host: the demo's `legacy` IP is not provisioned (on purpose): named, exit 0
+    p = run_in(lab, lab.host, "apply", "-c", config)
+    assert p.returncode == 0, p.stderr
+    assert "not usable on this host (address absent or link down): legacy;" in p.stderr
+    assert run_in(lab, lab.host, "status", "-c", config, "--json").returncode == 0
+    # the origin has none of the host's addresses: every workload would fall back (and
+    # no up1: a route through a link that does not exist is a config error, exit 3)
+    elsewhere = write_variant(lab, "elsewhere.yaml", edited(
+        lab, (f"{lab.prefix}/state\n", f"{lab.prefix}/state-elsewhere\n"),
+        (",\n     via: {dev: up1, gateway: 203.0.113.129}}", "}")))
+    p = run_in(lab, lab.origin, "apply", "-c", elsewhere)
+    assert p.returncode == 9, (p.returncode, p.stdout, p.stderr)
+    assert ("not usable on this host (address absent or link down): billing-1, billing-2, "
+            "m44-ip, partner-link, legacy;") in p.stderr
+    assert "no egress IP of this host is usable" in p.stderr

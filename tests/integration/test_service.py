@@ -10,8 +10,8 @@ root) with CAP_NET_ADMIN only, the security score <= 2.0, the hardening
 really applied and not in the way (ProtectSystem=strict + StateDirectory,
 netlink, the syscall filter, systemd's cgroup2 bind mount on hybrid hosts),
 the /etc/default options, an upgrade restarting the daemon with its state kept,
-reload (SIGHUP) and config edits (inotify) each giving a sync, JSON journal
-lines, the watchdog over more than WatchdogSec, stop keeping the kernel state
+reload (SIGHUP) and config edits (inotify) each giving a sync, journal lines
+with the message first and their priority (journalctl -p warning), the watchdog over more than WatchdogSec, stop keeping the kernel state
 and teardown removing it.
 
 When this machine cannot boot a container the script exits 77: the test skips
@@ -70,7 +70,8 @@ def test_unit_boots_and_behaves_under_systemd_in_nspawn():
                       "allocations.json written under StateDirectory",
                       "systemctl reload egress-agent -> a sync with trigger sighup",
                       "a config edit (inotify) -> a sync with trigger config",
-                      "JSON lines with \"event\": \"sync\"",
+                      "the message first, then key=value",
+                      "journalctl -p warning: the invalid config at start",
                       "after 40 s: same MainPID, no restart, watchdog pinged",
                       "systemctl stop: inactive (not failed), the table stays",
                       "egress-agent teardown removes the table"):
