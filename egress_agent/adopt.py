@@ -14,21 +14,13 @@ from . import names
 from .alloc import Allocations, Lease
 from .config import Config
 from .model import Observed
+from .programmed import raw
 
 
 def adopt(cfg: Config, observed: Observed) -> Allocations:
-    el = observed.elements
-    by_source: dict[str, int] = {}
-    for fam in (4, 6):
-        for key, wid in el.get(names.SOURCE_MAP[fam], ()):
-            by_source[key] = wid
-        for (addr, _ifname), wid in el.get(names.SOURCE_IF_MAP[fam], ()):
-            by_source[addr] = wid
-    by_cgroup: dict[str, int] = {}
-    for level in names.CGROUP_LEVELS:
-        for path, wid in el.get(names.cgroup_map(level), ()):
-            if isinstance(path, str):
-                by_cgroup[path] = wid
+    maps = raw(observed.elements)
+    by_source = {addr: wid for wid, found in maps.sources.items() for addr, _ in found}
+    by_cgroup = {path: wid for wid, paths in maps.cgroups.items() for path in paths}
 
     wids: dict[str, int] = {}
     for w in cfg.workloads:
@@ -42,12 +34,7 @@ def adopt(cfg: Config, observed: Observed) -> Allocations:
     ip_of_v4 = {ip.ipv4: ip.id for ip in cfg.ips_here() if ip.ipv4}
     ranges = [(ipaddress.ip_network(ip.ipv6), ip.id) for ip in cfg.ips_here() if ip.ipv6]
     eids: dict[str, int] = {}
-    v4: dict[int, tuple[str, tuple[int, int] | None]] = {}
-    for mark, addr in el.get(names.SNAT4_ADDR_MAP, ()):
-        v4[mark] = (addr, None)
-    for mark, (addr, ports) in el.get(names.SNAT4_PORTS_MAP, ()):
-        v4[mark] = (addr, ports)
-    v6 = dict(el.get(names.SNAT6_MAP, ()))
+    v4, v6 = maps.v4, maps.v6
     for mark, (addr, _) in v4.items():
         if addr in ip_of_v4:
             eids.setdefault(ip_of_v4[addr], names.split_mark(mark)[1])
@@ -69,7 +56,7 @@ def adopt(cfg: Config, observed: Observed) -> Allocations:
     app_choice: dict[str, str] = {}
     app_choice6: dict[str, str] = {}
     for fam in (4, 6):
-        for wid, mark in el.get(names.ASSIGN_MAP[fam], ()):
+        for wid, mark in maps.assign[fam].items():
             w = workload_of.get(wid)
             ip_id = ip_of_eid.get(names.split_mark(mark)[1])
             if w and ip_id and cfg.ip(ip_id).app is not None:

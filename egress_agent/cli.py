@@ -5,7 +5,7 @@ error; 3 the kernel refused a change (nothing of it was applied); 4 a
 verification found a mismatch; 5 another egress-agent holds this network
 namespace (nothing was done); 6 the kernel took the change but the state dir
 could not be written; 8 this network namespace has no egress-agent table
-(`status`, `usage`, `explain`: run them where the agent runs); 9 `apply`: the
+(`status`, `usage`, `list`, `explain`: run them where the agent runs); 9 `apply`: the
 kernel took the config, but no egress IP of this host is usable.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import os
 import sys
 from enum import IntEnum
@@ -128,42 +129,69 @@ def _offline_plan(cfg):
 
 
 def cmd_plan(args) -> int:
+    """What apply would change, workload by workload in names (`~ m43: billing-2
+    203.0.113.11:1024-2047 → partner-link 203.0.113.140:2048-3071`), then the route
+    ops and what else the batch does; `--nft` prints the batch itself."""
     cfg = _load(args)
     from .model import Observed
     from .nft.diff import transaction
+    from .programmed import changes, decode
     from .routing.diff import diff_routes
     if args.against_running:  # what apply would change on this host now (root)
         log.configure("console")  # a corrupt store's warning on stderr, not in the plan
         rec = wiring.reconciler(cfg)
         rec.quarantine = False  # a plan moves no file
         observed = rec.observe()
+        running = _running_ids(cfg, observed)
         p, _, _, _ = rec.plan(cfg, observed)
     else:
         p, _ = _offline_plan(cfg)
-        observed = Observed()
+        observed, running = Observed(), p.alloc
     tx = transaction(p.desired, observed)
     ops = diff_routes(p.desired.routes, p.desired.rules, observed.routes, observed.rules)
     changed = not tx.empty or bool(ops)
     damage = _skeleton_damage(observed) if args.against_running else []
+    moved = changes(decode(observed.elements, running.wids, running.eids),
+                    decode(p.desired.elements, p.alloc.wids, p.alloc.eids))
     if args.json:
-        print(json.dumps({"changed": changed, "nft": tx.text, "skeleton_damage": damage,
+        print(json.dumps({"changed": changed, "workloads": [c.to_json() for c in moved],
+                          "policies_changed": tx.policies_changed, "skeleton_damage": damage,
                           "route_ops": [o.describe() for o in ops],
                           "elements_added": tx.added, "elements_removed": tx.removed,
-                          "notes": p.notes, "allocations": p.alloc.to_json()}, indent=2))
+                          "nft": tx.text, "notes": p.notes,
+                          "allocations": p.alloc.to_json()}, indent=2))
         return Exit.OK
     if args.against_running and not changed:
         print("no change: the running host already has this config")
         return Exit.OK
-    for d in damage:
-        print(f"# skeleton damaged: {d}")
-    print("# route ops, applied before the nft batch")
-    for o in ops:
-        print(f"ip {o.describe()}")
-    print("# nft batch (one transaction)")
-    print(tx.text, end="")
+    if args.nft:
+        print("# route ops, applied before the nft batch")
+        for o in ops:
+            print(f"ip {o.describe()}")
+        print("# nft batch (one transaction)")
+        print(tx.text, end="")
+    else:
+        for c in moved:
+            print(c.text())
+        for d in damage:
+            print(f"skeleton damaged: {d}")
+        if tx.policies_changed:
+            print("policies: rewritten")
+        for o in ops:
+            print(f"ip {o.describe()}")
+        print(f"# {tx.added} elements added, {tx.removed} removed in one nft batch "
+              f"(--nft prints it)")
     for n in p.notes:
         print(f"# note: {n}")
     return Exit.OK
+
+
+def _running_ids(cfg, observed):
+    """The workload and egress ids the running kernel's maps use: the store's,
+    or what the kernel itself says when the store is gone (adopt.py)."""
+    from .adopt import adopt
+    stored = _readable_store(cfg)
+    return stored if stored.wids or not observed.table else adopt(cfg, observed)
 
 
 def _skeleton_damage(observed) -> list[str]:
@@ -345,6 +373,36 @@ def cmd_usage(args) -> int:
     return Exit.OK
 
 
+def cmd_list(args) -> int:
+    """What the kernel holds, by workload and egress IP: the running table's maps,
+    named by the store's ids (programmed.py)."""
+    cfg = _load(args)
+    if code := _not_here(args):
+        return code
+    from .programmed import decode
+    observed = wiring.running_table()
+    ids = _running_ids(cfg, observed)
+    rows = [p for p in decode(observed.elements, ids.wids, ids.eids).values()
+            if not args.workload or p.workload in args.workload]
+    if args.ip:  # only the leases on those IPs, of the workloads that have one
+        rows = [r for p in rows if (r := replace(p, leases=tuple(
+            x for x in p.leases if x.ip in args.ip))).leases]
+    if args.json:
+        print(json.dumps([p.to_json() for p in rows], indent=2))
+        return Exit.OK
+    print(f"{'WORKLOAD':12} {'EGRESS IP':13} {'IPV4:PORTS':26} {'IPV6':24} {'ROUTE':8} FROM")
+    for p in rows:
+        for x in p.leases or [None]:
+            v4 = "-" if x is None or not x.ipv4 else \
+                f"{x.ipv4}:{x.ports[0]}-{x.ports[1]}" if x.ports else x.ipv4
+            print(f"{p.workload:12} {x.ip if x else '-':13} {v4:26} "
+                  f"{(x.ipv6 if x else None) or '-':24} "
+                  f"{'-' if x is None else 'default' if x.default else 'policy':8} {p.from_text()}")
+    if not rows:
+        print("(nothing programmed" + (" that matches" if args.workload or args.ip else "") + ")")
+    return Exit.OK
+
+
 def cmd_teardown(args) -> int:
     from . import nslock
     with nslock.acquire():
@@ -472,7 +530,7 @@ class _Parser(argparse.ArgumentParser):
 
 # Commands that change or read the kernel: without CAP_NET_ADMIN they are refused
 # at once with exit 2, not after a partial run (or as "the kernel refused", exit 3).
-ROOT_COMMANDS = {"apply", "run", "usage", "teardown", "verify", "lab"}
+ROOT_COMMANDS = {"apply", "run", "usage", "list", "teardown", "verify", "lab"}
 CAP_NET_ADMIN = 12
 
 
@@ -517,10 +575,15 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     add("check", cmd_check, "validate a config: exit 0, or 1 with FILE:LINE: reason per problem")
-    sp = add("plan", cmd_plan, "print the nft batch and route ops a first apply would run (no "
-             "root), or with --against-running what apply would change on this host (root)")
+    sp = add("plan", cmd_plan, "what a first apply would program, workload by workload (no "
+             "root), or with --against-running what apply would change on this host (root): "
+             "'+', '-' or '~' per workload with its egress IP, address:ports and IPv6, then "
+             "the route ops; --nft prints the nft batch itself")
     sp.add_argument("--against-running", action="store_true",
                     help="diff against this host's kernel state and allocations")
+    sp.add_argument("--nft", action="store_true",
+                    help="print the route ops and the nft batch itself instead of the "
+                         "changes by workload")
     sp = add("explain", cmd_explain,
              "say which workload, policy, action, source address, port block and route "
              "table a packet would get")
@@ -575,6 +638,14 @@ def parser() -> argparse.ArgumentParser:
              "refusals (root)")
     sp.add_argument("--top", type=argtypes.positive_int, metavar="N",
                     help="only the N most saturated rows")
+    sp = add("list", cmd_list,
+             "what the kernel holds now, by workload and egress IP: each lease's address, "
+             "port block and IPv6 address, whether it is the workload's default route or a "
+             "policy's, and the sources or cgroup it is for (root)")
+    sp.add_argument("--workload", action="append", metavar="ID",
+                    help="only this workload (repeatable)")
+    sp.add_argument("--ip", action="append", metavar="ID",
+                    help="only the leases on this egress IP (repeatable)")
     add("teardown", cmd_teardown, "remove every kernel object the agent owns, nothing else (root)",
         config=False)
     add("status", cmd_status, "egress IPs (present, state, workloads) and each workload's leases")

@@ -40,6 +40,13 @@ def table_here() -> Optional[bool]:
         return None
 
 
+def running_table():
+    """The agent's table in this network namespace, read whole (an `Observed`)."""
+    from .nft.libnft import Libnft
+    from .nft.listing import observed_from_json
+    return observed_from_json(Libnft().list_table())
+
+
 def reconciler(cfg: Optional[Config] = None):
     """The reconciler of this host: libnftables, pyroute2, the config's state dir,
     the host's addresses and links, live conntrack leases, cgroup2 at cgroupfs.VIEW.

@@ -431,3 +431,46 @@ def test_a_recreated_cgroup_is_matched_again(lab):
     assert result["changed"], result
     assert in_block(lab.probe_cgroup(lab.cgroup, "192.0.2.10", 8080), lease)
     assert apply(lab, config)["changed"] is False
+
+
+# --- 8. reading the kernel by name (issue 12) ------------------------------------
+
+def test_list_and_plan_against_running_name_workloads_and_ips(lab: Lab) -> None:
+    """`list` decodes the running table's maps into workloads and egress IPs (what
+    the store's leases say); `plan --against-running` says a move between apps as
+    `~ m43: billing-2 ... → partner-link ...` and, once applied, `no change`."""
+    config = demo_config(lab)
+    apply(lab, config)
+    st = status(lab, config)
+    listed = {p["workload"]: p for p in agent_json(lab, "list", "-c", config)}
+    assert sorted(listed) == ["batch", "m42", "m43", "m44"]
+    m42 = listed["m42"]
+    assert {(s["address"], s["interface"]) for s in m42["sources"]} == {
+        ("10.0.1.2", "vm-m42"), ("fd00:1::2", "vm-m42")}
+    default = [x for x in m42["leases"] if x["default"]]
+    lease = app_lease(st, "m42")
+    assert [(x["ip"], x["ipv4"], x["ports"], x["ipv6"]) for x in default] == [
+        (lease["ip"], lease["ipv4"], lease["ports"], lease["ipv6"])]
+    assert listed["batch"]["cgroups"] == [lab.cgroup]
+    text = agent(lab, "list", "-c", config, "--ip", "m44-ip").stdout.splitlines()
+    assert text[0].split()[:3] == ["WORKLOAD", "EGRESS", "IP"] and len(text) == 2, text
+    assert text[1].split()[:5] == ["m44", "m44-ip", "203.0.113.20:1024-2047", "-", "default"]
+
+    assert agent(lab, "plan", "-c", config, "--against-running").stdout.strip() == \
+        "no change: the running host already has this config"
+    moved = write_variant(lab, "m43-partners.yaml", edited(
+        lab, ("{id: m43, app: billing,", "{id: m43, app: partners,")))
+    out = agent(lab, "plan", "-c", moved, "--against-running").stdout.splitlines()
+    m43 = app_lease(st, "m43")
+    partner = next(x["ports"] for x in listed["m43"]["leases"] if x["ip"] == "partner-link")
+    assert out[0] == (f"~ m43: {m43['ip']} {m43['ipv4']}:{m43['ports'][0]}-{m43['ports'][1]} "
+                      f"{m43['ipv6']} → partner-link 203.0.113.140:{partner[0]}-{partner[1]}"), out
+    assert not [line for line in out if line[:2] in ("+ ", "- ", "~ ") and "m43" not in line]
+    plan = agent_json(lab, "plan", "-c", moved, "--against-running")
+    assert [(c["change"], c["workload"]) for c in plan["workloads"]] == [("~", "m43")]
+    after = plan["workloads"][0]["after"]["leases"]
+    assert [x["ip"] for x in after if x["default"]] == ["partner-link"]
+    apply(lab, moved)
+    assert agent_json(lab, "plan", "-c", moved, "--against-running")["changed"] is False
+    assert agent(lab, "plan", "-c", moved, "--against-running", "--nft").stdout.startswith(
+        "no change")
