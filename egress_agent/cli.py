@@ -403,6 +403,23 @@ def cmd_list(args) -> int:
     return Exit.OK
 
 
+def cmd_gateway(args) -> int:
+    """keepalived's notify on a gateway host: conntrackd's replica and the gate."""
+    cfg = _load(args)
+    from .gateway import set_role
+    if cfg.host.role != "gateway":
+        print(f"egress-agent gateway: {args.config}: host.role is {cfg.host.role!r}, not "
+              f"'gateway'; only a gateway host has a gate", file=sys.stderr)
+        return Exit.INVALID
+    problems = set_role(cfg, args.role, wiring.nft_runner(), args.conntrackd_config)
+    for p in problems:
+        print(f"egress-agent gateway {args.role}: {p}", file=sys.stderr)
+    _out(args, {"role": args.role, "gate": "open" if args.role == "primary" else "closed",
+                "problems": problems},
+         f"gateway {args.role}: gate {'open' if args.role == 'primary' else 'closed'}")
+    return Exit.KERNEL if problems else Exit.OK
+
+
 def cmd_teardown(args) -> int:
     from . import nslock
     with nslock.acquire():
@@ -530,7 +547,7 @@ class _Parser(argparse.ArgumentParser):
 
 # Commands that change or read the kernel: without CAP_NET_ADMIN they are refused
 # at once with exit 2, not after a partial run (or as "the kernel refused", exit 3).
-ROOT_COMMANDS = {"apply", "run", "usage", "list", "teardown", "verify", "lab"}
+ROOT_COMMANDS = {"apply", "run", "usage", "list", "gateway", "teardown", "verify", "lab"}
 CAP_NET_ADMIN = 12
 
 
@@ -646,6 +663,14 @@ def parser() -> argparse.ArgumentParser:
                     help="only this workload (repeatable)")
     sp.add_argument("--ip", action="append", metavar="ID",
                     help="only the leases on this egress IP (repeatable)")
+    sp = add("gateway", cmd_gateway,
+             "on a gateway host (host.role: gateway), keepalived's notify: primary commits "
+             "conntrackd's replica, then opens the gate to new connections; backup and fault "
+             "close it, then ask for a resync (docs/gateway.md) (root)")
+    sp.add_argument("role", choices=("primary", "backup", "fault"))
+    sp.add_argument("--conntrackd-config", metavar="FILE",
+                    help="conntrackd.conf of this host (egress_agent.pair renders it); "
+                         "without it only the gate changes")
     add("teardown", cmd_teardown, "remove every kernel object the agent owns, nothing else (root)",
         config=False)
     add("status", cmd_status, "egress IPs (present, state, workloads) and each workload's leases")

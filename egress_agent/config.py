@@ -228,6 +228,11 @@ class _Model(BaseModel):
 class Host(_Model):
     name: str = Field(description="this host's name, for logs and status")
     region: Id = Field(description="egress IPs of other regions are ignored here")
+    role: Literal["workload", "gateway"] = Field(
+        "workload", description="gateway: one host of a gateway pair (docs/gateway.md): its "
+                                "egress IPs are programmed whether or not it holds their "
+                                "addresses now (keepalived moves them), and nothing local "
+                                "answers on them")
 
 
 class Defaults(_Model):

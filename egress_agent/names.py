@@ -14,6 +14,9 @@ from __future__ import annotations
 TABLE_FAMILY = "inet"
 TABLE_NAME = "egress_agent"
 TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
+# a gateway host's gate (gateway.py): keepalived's notify owns it, not the daemon
+GATE_TABLE_NAME = "egress_agent_gate"
+GATE_TABLE = f"{TABLE_FAMILY} {GATE_TABLE_NAME}"
 
 # --- packet / conntrack mark layout -------------------------------------------
 # bits  0-19  workload id (wid), 1..WID_MAX; 0 means "not a workload"
@@ -128,6 +131,7 @@ SOURCE_IF_MAP = {4: "source4_if", 6: "source6_if"}    # saddr . iifname : wid-ma
 BOUND_SET = {4: "bound4", 6: "bound6"}                # sources bound to an interface
 MANAGED_SET = {4: "managed4", 6: "managed6"}          # managed networks (intervals)
 EGRESS_SET = {4: "egress4", 6: "egress6"}             # every egress address/range (intervals)
+GATEWAY_SET = {4: "gw_egress4", 6: "gw_egress6"}      # a gateway host's egress addresses (intervals)
 EXCLUDE_SET = {4: "exclude4", 6: "exclude6"}          # excluded destinations
 EXCLUDE_SERVICES_SET = "exclude_services"             # proto . port (DNS)
 EXCLUDE_PROTOCOLS_SET = "exclude_protocols"           # proto (ICMP)

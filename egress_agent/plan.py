@@ -328,6 +328,9 @@ def build_shared(cfg: Config, alloc: Allocations, facts: HostFacts) -> Desired:
         el[names.MANAGED_SET[fam]] |= _collapse(cfg.managed_sources, fam)
         el[names.EGRESS_SET[fam]] |= _collapse(egress_prefixes(cfg), fam)
         el[names.EXCLUDE_SET[fam]] |= _collapse(cfg.exclude.destinations, fam)
+        if cfg.host.role == "gateway":
+            el[names.GATEWAY_SET[fam]] |= _collapse(
+                [a for ip in cfg.ips_here() for a in (ip.ipv4, ip.ipv6) if a], fam)
     if cfg.exclude.dns:
         el[names.EXCLUDE_SERVICES_SET] |= {(("tcp", 53), None), (("udp", 53), None)}
     if cfg.exclude.icmp:
@@ -389,7 +392,7 @@ def _choice_mark_or(alloc: Allocations, c: Optional[Choice]) -> Union[None, str,
 _ALL_SETS = (
     list(names.SOURCE_MAP.values()) + list(names.SOURCE_IF_MAP.values())
     + list(names.BOUND_SET.values()) + list(names.MANAGED_SET.values())
-    + list(names.EGRESS_SET.values())
+    + list(names.EGRESS_SET.values()) + list(names.GATEWAY_SET.values())
     + list(names.EXCLUDE_SET.values()) + list(names.ASSIGN_MAP.values())
     + [names.cgroup_map(l) for l in names.CGROUP_LEVELS]
     + [names.SNAT4_PORTS_MAP, names.SNAT4_ADDR_MAP, names.SNAT6_MAP,

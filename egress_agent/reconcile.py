@@ -428,8 +428,9 @@ class Reconciler:
         ops = diff_routes(frozenset(), frozenset(), observed.routes, observed.rules)
         before, after = split_ops(ops)  # the guard rules go before the table
         self.routing.apply(before)
-        if observed.table:
-            self.nft.run(f"delete table {names.TABLE}\n")
+        # the gate of a gateway host (gateway.py) goes too, whether or not it is there
+        self.nft.run((f"delete table {names.TABLE}\n" if observed.table else "")
+                     + f"add table {names.GATE_TABLE}\ndelete table {names.GATE_TABLE}\n")
         self.routing.apply(after)
         removed = sum(len(v) for v in observed.elements.values())
         self.index, self.alloc, self.full_next = None, None, True

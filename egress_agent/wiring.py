@@ -40,6 +40,12 @@ def table_here() -> Optional[bool]:
         return None
 
 
+def nft_runner() -> Callable[[str], None]:
+    """Run one nft batch in this network namespace (NftError when refused)."""
+    from .nft.libnft import Libnft
+    return Libnft().run
+
+
 def running_table():
     """The agent's table in this network namespace, read whole (an `Observed`)."""
     from .nft.libnft import Libnft

@@ -35,6 +35,7 @@ from .. import names, shape
 from . import NftError
 
 T = names.TABLE
+GATE = names.GATE_TABLE  # a gateway's gate (gateway.py): kept as text
 
 
 @dataclass
@@ -68,6 +69,7 @@ class FakeNft:
         self.journal = journal
         self.refusals: list[str] = []  # the next batches are refused with these messages
         self.gen = 0  # the ruleset generation: +1 per accepted batch (tests bump it for foreign ones)
+        self.gate: Optional[str] = None  # a gateway's gate table (gateway.py), as text
 
     # --- the port ---------------------------------------------------------------
     def run(self, batch: str) -> None:
@@ -75,7 +77,7 @@ class FakeNft:
             return
         if self.refusals:
             raise NftError(f"batch:1:1-1: Error: {self.refusals.pop(0)}", batch)
-        state = copy.deepcopy(self.table)
+        state, gate = copy.deepcopy(self.table), self.gate
         lines = batch.splitlines()
         i = 0
         while i < len(lines):
@@ -85,7 +87,7 @@ class FakeNft:
             if not line or line.startswith("#"):
                 continue
             try:
-                if line.startswith(f"table {T} {{"):
+                if line.startswith((f"table {T} {{", f"table {GATE} {{")):
                     depth, block = 1, [line]
                     while depth:
                         if i >= len(lines):
@@ -93,13 +95,22 @@ class FakeNft:
                         block.append(lines[i])
                         depth += lines[i].count("{") - lines[i].count("}")
                         i += 1
-                    state = self._declare(state, "\n".join(block))
+                    if line.startswith(f"table {GATE} "):
+                        gate = "\n".join(block)
+                    else:
+                        state = self._declare(state, "\n".join(block))
+                elif line == f"add table {GATE}":
+                    gate = gate or ""
+                elif line == f"delete table {GATE}":
+                    if gate is None:
+                        raise NftError("Could not process rule: No such file or directory (table)")
+                    gate = None
                 else:
                     state = self._statement(state, line)
             except NftError as e:
                 raise NftError(f"batch:{start + 1}:1-{len(line)}: Error: {e.message}\n{line}",
                                batch) from None
-        self.table = state
+        self.table, self.gate = state, gate
         self.batches.append(batch)
         if self.journal is not None:
             self.journal.append(("nft", batch))

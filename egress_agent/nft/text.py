@@ -53,6 +53,7 @@ KINDS: dict[str, _Kinds] = {
     **{n: (("addr",), None) for n in names.BOUND_SET.values()},
     **{n: (("prefix",), None) for n in names.MANAGED_SET.values()},
     **{n: (("prefix",), None) for n in names.EGRESS_SET.values()},
+    **{n: (("prefix",), None) for n in names.GATEWAY_SET.values()},
     **{n: (("prefix",), None) for n in names.EXCLUDE_SET.values()},
     names.EXCLUDE_SERVICES_SET: (("proto", "port"), None),
     names.EXCLUDE_PROTOCOLS_SET: (("proto",), None),

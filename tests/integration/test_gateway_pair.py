@@ -7,15 +7,19 @@ to its fixed port block on the app IP. The echo server at the origin judges:
 every held connection goes on from the same address and port after the active
 gateway fails, and no packet reaches the origin from any other source.
 
-What the agent will program on a gateway (docs/gateway.md) is written here by
-hand (`GATEWAY_NFT`), as is keepalived's notify script: the agent's gateway role
-is not built yet. The test pins the pair's behaviour that it will rely on.
+Each gateway runs the agent with `host.role: gateway` (`GATEWAY_CONFIG`): the
+machines are remote workloads bound to their tunnel's interface, translated to
+the same blocks on both gateways, and keepalived's notify is `egress-agent
+gateway primary|backup|fault`, which commits conntrackd's replica and opens or
+closes the gate. The workload hosts' side (a mark and a route into the tunnel)
+is written here by hand: the agent does not program it yet.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import sys
 import shutil
 import signal
 import subprocess
@@ -39,30 +43,25 @@ MACHINES = {1: ("10.1.1.2", 101, (10240, 11263)), 2: ("10.1.2.2", 102, (11264, 1
 # own address instead of the pair's. No IPv6 link-local address: nothing to send.
 QUIET = ("nolearning",)
 
-GATEWAY_NFT = """table ip {table} {{
-  chain gate {{ drop; }}
-  chain input {{ type filter hook input priority 0; policy accept;
-    ip daddr {app} drop; }}
-  chain forward {{ type filter hook forward priority 0; policy accept;
-    ct state invalid drop
-    iifname {{ "w1", "w2" }} ct state new jump gate
-    iifname "w1" ip saddr != {s1} drop
-    iifname "w2" ip saddr != {s2} drop; }}
-  chain postrouting {{ type nat hook postrouting priority srcnat;
-    oifname "up0" iifname "w1" ip saddr {s1} meta l4proto {{ tcp, udp }} snat to {app}:{b1}
-    oifname "up0" iifname "w2" ip saddr {s2} meta l4proto {{ tcp, udp }} snat to {app}:{b2}; }}
-}}
+# the same on both gateways but the host's name and state dir; the blocks follow
+# from the order of the workloads and the port range (MACHINES)
+GATEWAY_CONFIG = """version: 1
+host: {{name: {g}, region: lab, role: gateway}}
+state_dir: {run}/{g}/state
+defaults: {{port_range: 10240-65535, ports_per_workload: 1024, unavailable: drop}}
+egress_ips:
+  - {{id: app-ip, app: app, ipv4: {app}}}
+workloads:
+  - {{id: m1, app: app, source: [{s1}], interface: w1}}
+  - {{id: m2, app: app, source: [{s2}], interface: w2}}
+managed_sources: [10.1.0.0/16]
 """
 
-# keepalived's notify (after conntrackd's primary-backup.sh): commit the replica,
-# then let new connections through; as standby, close the gate first
+# keepalived's notify: the agent takes the role; the log says when
 NOTIFY = """#!/bin/sh
-C="conntrackd -C {run}/$1/conntrackd.conf"
 echo "$(date +%s.%N) $1 $2" >> {run}/transitions
-case "$2" in
-  primary) $C -c; nft flush chain ip {table} gate; $C -f; $C -R; $C -B ;;
-  *) nft "flush chain ip {table} gate; add rule ip {table} gate drop"; $C -n ;;
-esac
+exec {python} -m egress_agent.cli gateway "$2" -c {run}/$1/config.yaml \\
+  --conntrackd-config {run}/$1/conntrackd.conf >> {run}/$1/notify.log 2>&1
 """
 
 
@@ -70,7 +69,7 @@ class PairLab:
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.run_dir = f"/run/egress-agent-test/{prefix}"
-        self.table = f"{prefix}_gw"
+        self.table = f"{prefix}_origin"
         self.procs: dict[str, subprocess.Popen] = {}
         self.pair = Pair(
             id="app", vrid=51, fabric="10.200.0.0/24",
@@ -129,7 +128,12 @@ class PairLab:
             self.start_conntrackd(g)
         for g in ("g1", "g2"):
             self.start_keepalived(g)
-        self.wait_active("g1")
+        # nopreempt: whichever times out first becomes active (g1 usually: its higher
+        # priority shortens its wait)
+        deadline = time.monotonic() + 15
+        while not any(self.holds_app_ip(g) and self.gate_open(g) for g in ("g1", "g2")):
+            assert time.monotonic() < deadline, self.transitions()
+            time.sleep(0.05)
 
     def _gateway(self, g: str) -> None:
         ns = self.ns(g)
@@ -144,22 +148,36 @@ class PairLab:
             link_up(ns, dev)
             addr_add(ns, dev, f"10.250.{k}.2/30")
             route_add(ns, f"10.1.{k}.0/24", f"10.250.{k}.1", dev)
-        (s1, _, b1), (s2, _, b2) = MACHINES[1], MACHINES[2]
-        ns_exec(ns, ["nft", "-f", "-"], input=GATEWAY_NFT.format(
-            table=self.table, app=APP_IP, s1=s1, s2=s2, b1="%d-%d" % b1, b2="%d-%d" % b2))
         # a mid-stream packet before the replica is committed is INVALID, not new
         ns_sysctl(ns, "net.netfilter.nf_conntrack_tcp_loose", 0)
         d = f"{self.run_dir}/{g}"
         os.makedirs(d, mode=0o755)
+        with open(f"{d}/config.yaml", "w") as f:
+            f.write(GATEWAY_CONFIG.format(g=g, run=self.run_dir, app=APP_IP, s1=MACHINES[1][0],
+                                          s2=MACHINES[2][0]))
+        # the gate is closed until keepalived says this host is the active one
+        self.agent(g, "apply", "-c", f"{d}/config.yaml")
+        self.agent(g, "gateway", "backup", "-c", f"{d}/config.yaml")
         notify = f"{self.run_dir}/notify"
         if not os.path.exists(notify):
             with open(notify, "w") as f:
-                f.write(NOTIFY.format(run=self.run_dir, table=self.table))
+                f.write(NOTIFY.format(run=self.run_dir, python=sys.executable))
             os.chmod(notify, 0o755)
         with open(f"{d}/conntrackd.conf", "w") as f:
             f.write(conntrackd_conf(self.pair, g, d))
         with open(f"{d}/keepalived.conf", "w") as f:
             f.write(keepalived_conf(self.pair, g, f"{notify} {g}"))
+
+    def agent(self, g: str, *args: str) -> str:
+        p = subprocess.run(nsenter_prefix(self.ns(g)) + [sys.executable, "-m", "egress_agent.cli",
+                                                         *args],
+                           capture_output=True, text=True, timeout=60, cwd="/")
+        assert p.returncode == 0, f"egress-agent {' '.join(args)} in {g}: {p.stdout}{p.stderr}"
+        return p.stdout
+
+    def gate_open(self, g: str) -> bool:
+        return ns_exec(self.ns(g), ["nft", "list", "table", "inet", "egress_agent_gate"],
+                       check=False).returncode != 0
 
     def start_conntrackd(self, g: str) -> None:
         d = f"{self.run_dir}/{g}"
@@ -197,8 +215,7 @@ class PairLab:
         """`g` holds the app IP and its notify script has opened the gate."""
         deadline = time.monotonic() + timeout
         while True:
-            gate = ns_exec(self.ns(g), ["nft", "list", "chain", "ip", self.table, "gate"]).stdout
-            if self.holds_app_ip(g) and "drop" not in gate:
+            if self.holds_app_ip(g) and self.gate_open(g):
                 return
             assert time.monotonic() < deadline, self.transitions()
             time.sleep(0.05)
@@ -246,6 +263,7 @@ def fail_over(lab: PairLab, fail, restore) -> None:
     and check that both go on from the same address and port through the other."""
     active = "g1" if lab.holds_app_ip("g1") else "g2"
     other = "g2" if active == "g1" else "g1"
+    assert lab.gate_open(active) and not lab.gate_open(other), lab.transitions()
     held = [lab.hold(1), lab.hold(2)]
     try:
         for k, h in enumerate(held, 1):
@@ -262,6 +280,7 @@ def fail_over(lab: PairLab, fail, restore) -> None:
         restore(active)
         time.sleep(1.0)  # the returning gateway resyncs; it does not take the IP back
         assert lab.holds_app_ip(other) and not lab.holds_app_ip(active), lab.transitions()
+        assert not lab.gate_open(active), "the returning standby's gate is open"
         for h in held:
             assert h.ping() == h.first, f"broke when {active} returned\n{lab.transitions()}"
     finally:

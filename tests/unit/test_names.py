@@ -12,7 +12,8 @@ from egress_agent.nft.text import KINDS, skeleton_shape, skeleton_source
 PACKAGE = Path(__file__).resolve().parents[2] / "egress_agent"
 
 SETS = ([*names.SOURCE_MAP.values(), *names.SOURCE_IF_MAP.values(), *names.BOUND_SET.values(),
-         *names.MANAGED_SET.values(), *names.EGRESS_SET.values(), *names.EXCLUDE_SET.values(),
+         *names.MANAGED_SET.values(), *names.EGRESS_SET.values(), *names.GATEWAY_SET.values(),
+         *names.EXCLUDE_SET.values(),
          *names.ASSIGN_MAP.values()]
         + [names.cgroup_map(level) for level in names.CGROUP_LEVELS]
         + [names.EXCLUDE_SERVICES_SET, names.EXCLUDE_PROTOCOLS_SET, names.SNAT4_PORTS_MAP,

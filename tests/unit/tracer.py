@@ -386,6 +386,12 @@ def _parse(rule: str) -> list:
                 rhs, i = ("anon", tuple(literal(x) for x in toks[i + 1:j] if x != ",")), j + 1
             else:
                 rhs, i = ("literal", literal(toks[i])), i + 1
+                if i < len(toks) and toks[i] == ",":  # flags: ct state new,invalid
+                    values = [rhs[1]]
+                    while i < len(toks) and toks[i] == ",":
+                        values.append(literal(toks[i + 1]))
+                        i += 2
+                    rhs = ("anon", tuple(values))
             items.append(("match", e, neg, rhs))
     return items
 

@@ -1,0 +1,107 @@
+"""A gateway host (host.role: gateway): its IPs are usable whether or not it holds
+their addresses, its egress addresses are in gw_egress4/6, and keepalived's notify
+(`egress-agent gateway`) runs conntrackd's commands around the gate in order."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from egress_agent import names
+from egress_agent.alloc import Allocations, allocate
+from egress_agent.config import parse
+from egress_agent.gateway import gate_batch, read_role, set_role
+from egress_agent.hoststate import HostFacts, HostState, usable_from
+from egress_agent.plan import build
+
+CONFIG = """version: 1
+host: {{name: g1, region: lab{role}}}
+state_dir: {state}
+egress_ips:
+  - {{id: app-ip, app: app, ipv4: 203.0.113.140, ipv6: "2001:db8:140::/64"}}
+workloads:
+  - {{id: m1, app: app, source: [10.1.1.2], interface: w1}}
+  - {{id: m2, app: app, source: [10.1.2.2, "fd00:2::2"], interface: w2}}
+managed_sources: [10.1.0.0/16, "fd00::/16"]
+"""
+
+
+def cfg(tmp_path, role=", role: gateway"):
+    return parse(CONFIG.format(role=role, state=tmp_path / "state"), "g1.yaml").config
+
+
+def test_a_gateways_ips_are_usable_without_their_addresses_and_nothing_answers_on_them(tmp_path):
+    bare = HostState(addresses=frozenset(), links_up=frozenset())
+    for c, usable in ((cfg(tmp_path), True), (cfg(tmp_path, ""), False)):
+        u = usable_from(c, bare)
+        assert (u.ok(c.ip("app-ip"), 4), u.ok(c.ip("app-ip"), 6)) == (usable, usable)
+        a, _ = allocate(c, Allocations(), u)
+        el = build(c, a, HostFacts(usable=u)).desired.elements
+        gw = (el[names.GATEWAY_SET[4]], el[names.GATEWAY_SET[6]])
+        assert bool(gw[0]) == bool(gw[1]) == usable, gw
+
+
+def test_the_gate_closed_drops_new_connections_of_tunnels_and_managed_sources(tmp_path):
+    closed = gate_batch(cfg(tmp_path), closed=True)
+    assert closed.startswith("add table inet egress_agent_gate\ndelete table inet egress_agent_gate\n")
+    assert 'ct state new iifname { "w1", "w2" } counter drop' in closed
+    assert "ct state new ip saddr { 10.1.0.0/16 } counter drop" in closed
+    assert "ct state new ip6 saddr { fd00::/16 } counter drop" in closed
+    assert gate_batch(cfg(tmp_path), closed=False) == (
+        "add table inet egress_agent_gate\ndelete table inet egress_agent_gate\n")
+
+
+@pytest.mark.parametrize("role, order", [
+    ("primary", ["-c", "nft open", "-f", "-R", "-B"]),
+    ("backup", ["nft closed", "-n"]),
+    ("fault", ["nft closed", "-n"]),
+])
+def test_conntrackd_commands_go_around_the_gate_in_order(tmp_path, role, order):
+    seen: list[str] = []
+
+    def run(cmd, **kw):
+        assert cmd[:3] == ["conntrackd", "-C", "/etc/ctd.conf"]
+        seen.append(cmd[3])
+        return subprocess.CompletedProcess(cmd, 1 if cmd[3] == "-B" else 0, "", "no peer")
+
+    def nft(batch):
+        seen.append("nft closed" if "drop" in batch else "nft open")
+
+    problems = set_role(cfg(tmp_path), role, nft, "/etc/ctd.conf", run=run)
+    assert seen == order
+    assert problems == (["conntrackd -C /etc/ctd.conf -B exited 1: no peer"]
+                        if role == "primary" else [])
+    assert read_role(str(tmp_path / "state"))["role"] == role
+
+
+def test_without_conntrackd_only_the_gate_changes(tmp_path):
+    batches: list[str] = []
+    assert set_role(cfg(tmp_path), "backup", batches.append, None,
+                    run=lambda *a, **k: pytest.fail("conntrackd ran")) == []
+    assert len(batches) == 1 and "drop" in batches[0]
+
+
+def test_the_gateway_command_refuses_a_host_that_is_no_gateway(tmp_path, capsys):
+    from egress_agent import cli
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.format(role="", state=tmp_path / "state"))
+    args = cli.parser().parse_args(["gateway", "primary", "-c", str(path)])
+    assert cli.cmd_gateway(args) == cli.Exit.INVALID
+    assert "host.role is 'workload', not 'gateway'" in capsys.readouterr().err
+
+
+def test_teardown_removes_the_gate_with_the_table(tmp_path):
+    from egress_agent.nft.fake import FakeNft
+    from egress_agent.reconcile import Reconciler
+    from egress_agent.routing.fake import FakeRouting
+    from egress_agent.store import Store
+    c, nft = cfg(tmp_path), FakeNft()
+    rec = Reconciler(nft, FakeRouting(), Store(c.state_dir),
+                     lambda: HostState(addresses=frozenset(), links_up=frozenset()))
+    rec.sync(c, full=True)
+    set_role(c, "backup", nft.run)
+    assert nft.table is not None and "drop" in nft.gate
+    rec.teardown()
+    assert nft.table is None and nft.gate is None
+    rec.teardown()  # nothing left: still fine
