@@ -265,6 +265,9 @@ class EgressIP(_Model):
     ipv4: Optional[IPv4] = None
     ipv6: Optional[IPv6Range] = Field(None, description="each workload gets its own address in it")
     via: Optional[Via] = Field(None, description="optional policy route for this IP's traffic")
+    remote: bool = Field(False, description="translated by the gateway pair that holds the "
+                                            "address (docs/gateway.md): this host routes the "
+                                            "IP's traffic untranslated through via (required)")
     ports: Optional[PortRange] = Field(None, description="this host's slice of the port space")
     state: Literal["active", "draining"] = "active"
     limits: Limits = Limits()
@@ -1413,6 +1416,12 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
                             f"(defaults.ports_per_workload) does not fit {ip.ports}"))
         if ip.via and ip.via.gateway6 and not ip.ipv6:
             out.append((("egress_ips", i, "via", "gateway6"), "gateway6 needs an ipv6 range on this IP"))
+        if ip.remote and ip.via is None:
+            out.append((("egress_ips", i, "remote"), "a remote IP is reached through its gateway: "
+                        "add via: {dev: TUNNEL, gateway: PEER}"))
+        if ip.remote and cfg.host.role == "gateway":
+            out.append((("egress_ips", i, "remote"), "a gateway host translates its IPs itself: "
+                        "remote: true is for the workload hosts"))
     for i, p in number("policies", cfg.policies):
         for j, wid in enumerate(p.match.workloads):
             if wid not in workload_ids | known["workload"]:

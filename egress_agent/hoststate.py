@@ -84,12 +84,12 @@ def usable_from(cfg: Config, host: HostState) -> Usable:
     """An egress IP is usable while its address is on the host and its link is up
     (an IPv6 range: while some address of it is). On a gateway host the address is
     the pair's to move (keepalived): both hosts translate alike, held or not."""
-    gateway = cfg.host.role == "gateway"
+    gateway = cfg.host.role == "gateway"  # a remote IP: its gateway's to hold
     v4 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv4
-                   and (gateway or host.has_address(ip.ipv4))
+                   and (gateway or ip.remote or host.has_address(ip.ipv4))
                    and (ip.via is None or host.link_up(ip.via.dev)))
     v6 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv6
-                   and (gateway or host.has_address_in(ip.ipv6))
+                   and (gateway or ip.remote or host.has_address_in(ip.ipv6))
                    and (ip.via is None or host.link_up(ip.via.dev)))
     return Usable(v4, v6)
 

@@ -132,6 +132,7 @@ BOUND_SET = {4: "bound4", 6: "bound6"}                # sources bound to an inte
 MANAGED_SET = {4: "managed4", 6: "managed6"}          # managed networks (intervals)
 EGRESS_SET = {4: "egress4", 6: "egress6"}             # every egress address/range (intervals)
 GATEWAY_SET = {4: "gw_egress4", 6: "gw_egress6"}      # a gateway host's egress addresses (intervals)
+UNTRANSLATED_SET = "untranslated"                     # egress id marks of remote IPs (a gateway's)
 EXCLUDE_SET = {4: "exclude4", 6: "exclude6"}          # excluded destinations
 EXCLUDE_SERVICES_SET = "exclude_services"             # proto . port (DNS)
 EXCLUDE_PROTOCOLS_SET = "exclude_protocols"           # proto (ICMP)

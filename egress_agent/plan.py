@@ -331,6 +331,8 @@ def build_shared(cfg: Config, alloc: Allocations, facts: HostFacts) -> Desired:
         if cfg.host.role == "gateway":
             el[names.GATEWAY_SET[fam]] |= _collapse(
                 [a for ip in cfg.ips_here() for a in (ip.ipv4, ip.ipv6) if a], fam)
+    el[names.UNTRANSLATED_SET] = {(alloc.eids[ip.id] << names.EID_SHIFT, None)
+                                  for ip in cfg.ips_here() if ip.remote}
     if cfg.exclude.dns:
         el[names.EXCLUDE_SERVICES_SET] |= {(("tcp", 53), None), (("udp", 53), None)}
     if cfg.exclude.icmp:
@@ -396,5 +398,5 @@ _ALL_SETS = (
     + list(names.EXCLUDE_SET.values()) + list(names.ASSIGN_MAP.values())
     + [names.cgroup_map(l) for l in names.CGROUP_LEVELS]
     + [names.SNAT4_PORTS_MAP, names.SNAT4_ADDR_MAP, names.SNAT6_MAP,
-       names.EXCLUDE_SERVICES_SET, names.EXCLUDE_PROTOCOLS_SET]
+       names.EXCLUDE_SERVICES_SET, names.EXCLUDE_PROTOCOLS_SET, names.UNTRANSLATED_SET]
 )

@@ -57,6 +57,7 @@ KINDS: dict[str, _Kinds] = {
     **{n: (("prefix",), None) for n in names.EXCLUDE_SET.values()},
     names.EXCLUDE_SERVICES_SET: (("proto", "port"), None),
     names.EXCLUDE_PROTOCOLS_SET: (("proto",), None),
+    names.UNTRANSLATED_SET: (("mark",), None),
     **{n: (("mark",), ("mark",)) for n in names.ASSIGN_MAP.values()},
     names.SNAT4_PORTS_MAP: (("mark",), ("addr", "ports")),
     names.SNAT4_ADDR_MAP: (("mark",), ("addr",)),

@@ -11,8 +11,10 @@ Each gateway runs the agent with `host.role: gateway` (`GATEWAY_CONFIG`): the
 machines are remote workloads bound to their tunnel's interface, translated to
 the same blocks on both gateways, and keepalived's notify is `egress-agent
 gateway primary|backup|fault`, which commits conntrackd's replica and opens or
-closes the gate. The workload hosts' side (a mark and a route into the tunnel)
-is written here by hand: the agent does not program it yet.
+closes the gate. Each workload host runs the agent too (`WORKLOAD_CONFIG`): the
+app IP is `remote`, so its machine's traffic is marked and routed, untranslated,
+into the tunnel to the pair (the IP's `via`). The tunnels themselves are the
+test's (the hosts' network set-up, as an operator's would be).
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ workloads:
   - {{id: m1, app: app, source: [{s1}], interface: w1}}
   - {{id: m2, app: app, source: [{s2}], interface: w2}}
 managed_sources: [10.1.0.0/16]
+"""
+
+# a workload host: its machine leaves through the pair, translated there
+WORKLOAD_CONFIG = """version: 1
+host: {{name: w{k}, region: lab}}
+state_dir: {run}/w{k}/state
+defaults: {{unavailable: drop}}
+egress_ips:
+  - {{id: app-ip, app: app, ipv4: {app}, remote: true, via: {{dev: gw0, gateway: 10.250.{k}.2}}}}
+workloads:
+  - {{id: m{k}, app: app, source: [{src}], interface: m{k}}}
+managed_sources: [10.1.{k}.0/24]
 """
 
 # keepalived's notify: the agent takes the role; the log says when
@@ -110,8 +124,11 @@ class PairLab:
             ip(w, "link", "set", "gw0", "addrgenmode", "none")
             link_up(w, "gw0")
             addr_add(w, "gw0", f"10.250.{k}.1/30")
-            ip(w, "rule", "add", "from", src, "lookup", "100", "pref", "100")
-            route_add(w, "default", f"10.250.{k}.2", "gw0", "table", "100")
+            d = f"{self.run_dir}/w{k}"
+            os.makedirs(d, mode=0o755)
+            with open(f"{d}/config.yaml", "w") as f:
+                f.write(WORKLOAD_CONFIG.format(k=k, run=self.run_dir, app=APP_IP, src=src))
+            self.agent(f"w{k}", "apply", "-c", f"{d}/config.yaml")
         for g in ("g1", "g2"):
             self._gateway(g)
         self.procs["echo"] = subprocess.Popen(

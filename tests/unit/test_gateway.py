@@ -105,3 +105,34 @@ def test_teardown_removes_the_gate_with_the_table(tmp_path):
     rec.teardown()
     assert nft.table is None and nft.gate is None
     rec.teardown()  # nothing left: still fine
+
+
+def test_a_remote_ip_is_routed_to_its_gateway_untranslated(tmp_path):
+    text = CONFIG.format(role="", state=tmp_path / "state").replace(
+        'ipv6: "2001:db8:140::/64"}', 'ipv6: "2001:db8:140::/64", remote: true, '
+        'via: {dev: gw0, gateway: 10.250.1.2}}')
+    c = parse(text, "w1.yaml").config
+    up = HostState(addresses=frozenset(), links_up=frozenset({"gw0"}))
+    u = usable_from(c, up)
+    assert u.ok(c.ip("app-ip"), 4) and u.ok(c.ip("app-ip"), 6)  # no address here: the pair's
+    assert not usable_from(c, HostState(addresses=frozenset(), links_up=frozenset())).ok(
+        c.ip("app-ip"), 4)  # its tunnel down
+    a, _ = allocate(c, Allocations(), u)
+    d = build(c, a, HostFacts(usable=u)).desired
+    assert d.elements[names.UNTRANSLATED_SET] == {(a.eids["app-ip"] << names.EID_SHIFT, None)}
+    assert {(r.family, r.dev, r.gateway) for r in d.routes} == {(4, "gw0", "10.250.1.2"),
+                                                                 (6, "gw0", None)}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (", remote: true}", "egress_ips[0].remote: a remote IP is reached through its gateway"),
+    (", remote: true, via: {dev: gw0, gateway: 10.250.1.2}}",
+     "egress_ips[0].remote: a gateway host translates its IPs itself"),
+])
+def test_remote_needs_via_and_a_workload_host(tmp_path, edit, message):
+    from egress_agent.config import ConfigError
+    text = CONFIG.format(role=", role: gateway", state=tmp_path / "s").replace(
+        '"2001:db8:140::/64"}', '"2001:db8:140::/64"' + edit)
+    with pytest.raises(ConfigError) as e:
+        parse(text, "w1.yaml")
+    assert any(message in str(p) for p in e.value.problems), e.value.problems

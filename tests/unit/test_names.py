@@ -16,7 +16,8 @@ SETS = ([*names.SOURCE_MAP.values(), *names.SOURCE_IF_MAP.values(), *names.BOUND
          *names.EXCLUDE_SET.values(),
          *names.ASSIGN_MAP.values()]
         + [names.cgroup_map(level) for level in names.CGROUP_LEVELS]
-        + [names.EXCLUDE_SERVICES_SET, names.EXCLUDE_PROTOCOLS_SET, names.SNAT4_PORTS_MAP,
+        + [names.EXCLUDE_SERVICES_SET, names.EXCLUDE_PROTOCOLS_SET, names.UNTRANSLATED_SET,
+           names.SNAT4_PORTS_MAP,
            names.SNAT4_ADDR_MAP, names.SNAT6_MAP, names.SKELETON_SET, names.FLOWS4_SET,
            names.REFUSED_SET])
 CHAINS = [names.POLICY_CHAIN, names.LIMIT_CHAIN, names.COMMIT_CHAIN, names.REFUSE_CHAIN]
