@@ -434,7 +434,11 @@ def cmd_status(args) -> int:
     from .alloc import lingering_order
     from .hoststate import read_host_state, usable_from
     from .store import Store
+    from . import cgroupfs, health
+    daemon = health.read(cfg.state_dir)
     host = read_host_state()
+    if daemon and daemon["daemon"]["running"]:  # the gateways its probe finds unreachable
+        host = replace(host, unreachable=frozenset(daemon["daemon"].get("unreachable", ())))
     usable = usable_from(cfg, host)
     a = Store(cfg.state_dir).load()
     if code := _not_here(args):
@@ -448,9 +452,7 @@ def cmd_status(args) -> int:
     lingering_by_ip: dict[str, list] = {}
     for k in sorted(a.lingering, key=lingering_order):
         lingering_by_ip.setdefault(k[1], []).append(a.lingering[k].to_json())
-    from . import cgroupfs, health
     from .hoststate import cgroup_exists
-    daemon = health.read(cfg.state_dir)
     known = daemon["conditions"] if daemon else {}
     ip_conds = {i: health.with_since("egress_ip", i, c, known)
                 for i, c in health.ip_conditions(cfg, usable, host).items()}

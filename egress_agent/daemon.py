@@ -37,7 +37,7 @@ import time
 import traceback
 from typing import Callable, Optional
 
-from . import health
+from . import health, probe
 from . import log as logmod
 from . import metrics as metrics_mod
 from .config import Config, ConfigError, Reader
@@ -98,13 +98,15 @@ class Daemon:
                  usage_interval: Optional[float] = None,
                  collect_usage: Optional[Callable[..., object]] = None,
                  translation_log: Optional[str] = None,
-                 watchers: Optional[dict[str, Callable[[], None]]] = None):
+                 watchers: Optional[dict[str, Callable[[], None]]] = None,
+                 prober: Optional[probe.Prober] = None):
         self.config_path = os.path.abspath(config_path)
         self.make_reconciler = make_reconciler
         self.resync_interval = resync_interval
         self.notify = notify or Notifier()
         self.watch_netlink = watch_netlink
         self.state_dir = state_dir
+        self.prober = prober  # its reachability reaches the plans through read_host (wiring)
         self.inbox = Inbox()
         self.log = logmod.get()
         self.cfg: Optional[Config] = None
@@ -360,6 +362,8 @@ class Daemon:
 
     def _synced(self, trigger: str, r: Optional[SyncResult], error: Optional[str]) -> None:
         now = time.time()
+        if self.prober is not None:  # what `status` cannot probe itself
+            self.state["unreachable"] = sorted(self.prober.unreachable())
         self.state["last_sync"] = {"time": now, "trigger": trigger, "ok": error is None,
                                    "mode": r.mode if r else None,
                                    "duration_ms": round(r.duration_ms, 2) if r else None,
@@ -445,6 +449,11 @@ class Daemon:
             out["usage"] = self._watch_usage
         if self.translation_log:
             out["translations"] = self._translations
+        if self.prober is not None:  # remote IPs' gateways (probe.py)
+            out["probe"] = lambda: self.prober.run(
+                self.stopping, lambda: probe.targets(self.cfg) if self.cfg else frozenset(),
+                lambda: self.post(Trigger("probe", force=True)),
+                lambda msg: self.log.error(msg))
         return {**out, **self.extra_watchers}
 
     def start_watcher(self, name: str, body: Callable[[], None]) -> threading.Thread:

@@ -45,6 +45,9 @@ def ip_conditions(cfg: Config, usable: Usable, host: Optional[HostState] = None)
                 reason, why = "Draining", "state: draining takes no new connections"
             elif host is not None and ip.via is not None and not host.link_up(ip.via.dev):
                 reason, why = "LinkDown", f"its link {ip.via.dev} is down"
+            elif host is not None and not host.reaches(ip):
+                reason, why = "GatewayUnreachable", (f"its gateway {ip.via.gateway} does not "
+                                                     f"answer the probe")
             else:
                 reason, why = "AddressMissing", f"{addr} is not on the host (or its link is down)"
             conds.append(condition(f"{name}Usable", False, reason,

@@ -46,6 +46,8 @@ class HostState:
 
     addresses: frozenset[str] = field(default_factory=frozenset)
     links_up: frozenset[str] = field(default_factory=frozenset)
+    # remote IPs' gateway peers that stopped answering the probe (probe.py)
+    unreachable: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "addresses",
@@ -63,6 +65,10 @@ class HostState:
 
     def link_up(self, name: str) -> bool:
         return name in self.links_up
+
+    def reaches(self, ip) -> bool:
+        """A remote IP's gateway answers (any other IP: no probe, True)."""
+        return not (ip.remote and ip.via is not None and ip.via.gateway in self.unreachable)
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,10 @@ def usable_from(cfg: Config, host: HostState) -> Usable:
     gateway = cfg.host.role == "gateway"  # a remote IP: its gateway's to hold
     v4 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv4
                    and (gateway or ip.remote or host.has_address(ip.ipv4))
-                   and (ip.via is None or host.link_up(ip.via.dev)))
+                   and (ip.via is None or host.link_up(ip.via.dev)) and host.reaches(ip))
     v6 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv6
                    and (gateway or ip.remote or host.has_address_in(ip.ipv6))
-                   and (ip.via is None or host.link_up(ip.via.dev)))
+                   and (ip.via is None or host.link_up(ip.via.dev)) and host.reaches(ip))
     return Usable(v4, v6)
 
 

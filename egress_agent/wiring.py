@@ -53,9 +53,10 @@ def running_table():
     return observed_from_json(Libnft().list_table())
 
 
-def reconciler(cfg: Optional[Config] = None):
+def reconciler(cfg: Optional[Config] = None, read_host: Callable = read_host_state):
     """The reconciler of this host: libnftables, pyroute2, the config's state dir,
-    the host's addresses and links, live conntrack leases, cgroup2 at cgroupfs.VIEW.
+    the host's addresses and links (`read_host`), live conntrack leases, cgroup2 at
+    cgroupfs.VIEW.
 
     Without a config (teardown) it has no store to read or write."""
     from .conntrack import live_leases
@@ -70,7 +71,7 @@ def reconciler(cfg: Optional[Config] = None):
     except OSError as e:  # only cgroup workloads need it; say so, keep going
         print(f"warning: no cgroup2 view at {cgroupfs.VIEW} ({e}); cgroup workloads "
               "cannot be classified", file=sys.stderr)
-    return Reconciler(Libnft(), IPRouteRouting(), Store(cfg.state_dir), read_host_state,
+    return Reconciler(Libnft(), IPRouteRouting(), Store(cfg.state_dir), read_host,
                       cgroup_root=cgroupfs.VIEW, live_leases=live_leases)
 
 
@@ -94,8 +95,11 @@ def daemon(config_path: str, **options):
     """The daemon on this host's kernel; `options` are the Daemon's (resync_interval,
     metrics, translation_log, watch_netlink, ...)."""
     from .daemon import Daemon
+    from .probe import Prober, with_unreachable
     options.setdefault("collect_usage", usage_collector())
-    return Daemon(config_path, reconciler, **options)
+    prober = options.setdefault("prober", Prober())
+    read_host = with_unreachable(read_host_state, prober)
+    return Daemon(config_path, lambda cfg: reconciler(cfg, read_host), **options)
 
 
 def live_explainer(cfg: Config):

@@ -19,6 +19,7 @@ test's (the hosts' network set-up, as an operator's would be).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -247,8 +248,8 @@ class PairLab:
         out = ns_exec(self.ns("o"), ["nft", "list", "counter", "ip", self.table, "leaked"]).stdout
         return int(out.split("packets")[1].split()[0])
 
-    def hold(self, k: int) -> HeldConnection:
-        return HeldConnection(ORIGIN, PORT, timeout=5.0, prefix=nsenter_prefix(self.ns(f"m{k}")))
+    def hold(self, k: int, timeout: float = 5.0) -> HeldConnection:
+        return HeldConnection(ORIGIN, PORT, timeout=timeout, prefix=nsenter_prefix(self.ns(f"m{k}")))
 
     def down(self) -> None:
         for name in list(self.procs):
@@ -321,3 +322,49 @@ def test_links_down_on_the_active_gateway(pair_lab: PairLab) -> None:
 def test_keepalived_stopped_on_the_active_gateway(pair_lab: PairLab) -> None:
     for _ in range(2):  # both directions: g1 → g2 and back
         fail_over(pair_lab, lambda g: pair_lab.stop(f"{g}-ka"), pair_lab.start_keepalived)
+
+
+def test_both_gateways_unreachable_make_the_ip_unusable_and_one_back_restores_it(
+        pair_lab: PairLab) -> None:
+    """The daemon on a workload host probes its pair (probe.py): with both gateways
+    cut off the app IP is unusable within a second (status: GatewayUnreachable) and
+    its machine's traffic is dropped there (`unavailable: drop`); one gateway back
+    and the IP is usable again, new connections get their block."""
+    lab, config = pair_lab, f"{pair_lab.run_dir}/w1/config.yaml"
+
+    def usable() -> dict:
+        st = json.loads(lab.agent("w1", "status", "-c", config, "--json"))
+        ip = next(i for i in st["egress_ips"] if i["id"] == "app-ip")
+        return next(c for c in ip["conditions"] if c["type"] == "IPv4Usable")
+
+    def wait(want: bool, timeout: float = 5.0) -> float:
+        t0 = time.monotonic()
+        while usable()["status"] is not want:
+            assert time.monotonic() - t0 < timeout, (usable(), lab.transitions())
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    daemon = subprocess.Popen(
+        nsenter_prefix(lab.ns("w1")) + [sys.executable, "-m", "egress_agent.cli", "run", "-c",
+                                        config, "--metrics", "off", "--log-format", "json"],
+        cwd="/", stdout=subprocess.DEVNULL, stderr=open(f"{lab.run_dir}/w1/agent.log", "w"))
+    try:
+        wait(True)
+        leaked = lab.leaked()
+        for g in ("g1", "g2"):
+            ip(lab.ns(g), "link", "set", "fabr0", "down")
+        wait(False)  # 0.6 s of probes and a sync (bench/gateway.py measures it)
+        assert usable()["reason"] == "GatewayUnreachable", usable()
+        with pytest.raises(ConnectionError):  # dropped on the workload host
+            lab.hold(1, timeout=1.0)
+        for g in ("g1", "g2"):
+            link_up(lab.ns(g), "fabr0")
+        wait(True, timeout=15.0)
+        active = next(g for g in ("g1", "g2") if lab.holds_app_ip(g))
+        lab.wait_active(active)
+        with lab.hold(1) as h:
+            assert in_block(h.first, 1), h.first
+        assert lab.leaked() == leaked
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
