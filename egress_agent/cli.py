@@ -404,14 +404,22 @@ def cmd_list(args) -> int:
 
 
 def cmd_gateway(args) -> int:
-    """keepalived's notify on a gateway host: conntrackd's replica and the gate."""
+    """keepalived's notify on a gateway host: conntrackd's replica and the gate; or,
+    with `script`, the same as a shell script for keepalived's notify."""
     cfg = _load(args)
-    from .gateway import set_role
+    from .gateway import notify_script, set_role
     if cfg.host.role != "gateway":
         print(f"egress-agent gateway: {args.config}: host.role is {cfg.host.role!r}, not "
               f"'gateway'; only a gateway host has a gate", file=sys.stderr)
         return Exit.INVALID
-    problems = set_role(cfg, args.role, wiring.nft_runner(), args.conntrackd_config)
+    if args.role == "script":
+        if not args.conntrackd_config:
+            print("egress-agent gateway script: give --conntrackd-config FILE (see "
+                  "egress-agent gateway --help)", file=sys.stderr)
+            return Exit.USAGE
+        print(notify_script(cfg.state_dir, args.conntrackd_config), end="")
+        return Exit.OK
+    problems = set_role(cfg.state_dir, args.role, wiring.nft_runner(), args.conntrackd_config)
     for p in problems:
         print(f"egress-agent gateway {args.role}: {p}", file=sys.stderr)
     _out(args, {"role": args.role, "gate": "open" if args.role == "primary" else "closed",
@@ -565,7 +573,8 @@ def has_net_admin() -> bool:
 
 
 def needs_root(args) -> bool:
-    return args.cmd in ROOT_COMMANDS or bool(getattr(args, "against_running", False))
+    return (args.cmd in ROOT_COMMANDS and getattr(args, "role", None) != "script") \
+        or bool(getattr(args, "against_running", False))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -668,8 +677,10 @@ def parser() -> argparse.ArgumentParser:
     sp = add("gateway", cmd_gateway,
              "on a gateway host (host.role: gateway), keepalived's notify: primary commits "
              "conntrackd's replica, then opens the gate to new connections; backup and fault "
-             "close it, then ask for a resync (docs/gateway.md) (root)")
-    sp.add_argument("role", choices=("primary", "backup", "fault"))
+             "close it, then ask for a resync (docs/gateway.md) (root). `script` prints the "
+             "same as a shell script to give keepalived as notify (no Python start in a "
+             "failover)")
+    sp.add_argument("role", choices=("primary", "backup", "fault", "script"))
     sp.add_argument("--conntrackd-config", metavar="FILE",
                     help="conntrackd.conf of this host (egress_agent.pair renders it); "
                          "without it only the gate changes")

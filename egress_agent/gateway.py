@@ -20,41 +20,35 @@ drift watch ignores it; `teardown` removes it with the agent's own table.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
+import shlex
 import subprocess
 import time
 from typing import Callable, Optional
 
 from . import names
-from .config import Config
 
 ROLES = ("primary", "backup", "fault")
 GATE = names.GATE_TABLE
 ROLE_FILE = "gateway-role.json"  # in state_dir: what `status` shows
 
 
-def gate_batch(cfg: Config, closed: bool) -> str:
-    """One nft batch that leaves the gate open (no table) or closed, whatever it was."""
+def gate_batch(closed: bool) -> str:
+    """One nft batch that leaves the gate open (no table) or closed, whatever it
+    was. Closed, it drops every new connection of a workload: after the agent's
+    prerouting (priority mangle) has classified it, a workload's packet carries its
+    id in the mark. So the gate needs nothing of the config, and keepalived's
+    notify can be a shell script (`notify_script`), milliseconds instead of a
+    Python start."""
     out = [f"add table {GATE}", f"delete table {GATE}"]
-    if not closed:
-        return "\n".join(out) + "\n"
-    ifaces = sorted({w.interface for w in cfg.workloads if w.interface})
-    nets = {4: [], 6: []}
-    for n in cfg.managed_sources:
-        net = ipaddress.ip_network(str(n), strict=False)
-        nets[net.version].append(net.with_prefixlen)
-    why = 'comment "standby gateway: new connections wait for the active one"'
-    rules = [f"ct state new iifname {{ {', '.join(json.dumps(i) for i in ifaces)} }} "
-             f"counter drop {why}"] if ifaces else []
-    rules += [f"ct state new {fam} saddr {{ {', '.join(v)} }} counter drop {why}"
-              for fam, v in (("ip", nets[4]), ("ip6", nets[6])) if v]
-    out += [f"table {GATE} {{",
-            "  chain prerouting {",
-            "    type filter hook prerouting priority mangle - 5; policy accept;",
-            *[f"    {r}" for r in rules],
-            "  }", "}"]
+    if closed:
+        out += [f"table {GATE} {{",
+                "  chain prerouting {",
+                "    type filter hook prerouting priority mangle + 5; policy accept;",
+                f"    ct state new meta mark & {names.WID_MASK:#010x} != 0 counter drop "
+                f'comment "standby gateway: new connections wait for the active one"',
+                "  }", "}"]
     return "\n".join(out) + "\n"
 
 
@@ -64,7 +58,7 @@ _BEFORE = {"primary": ("-c",), "backup": (), "fault": ()}
 _AFTER = {"primary": ("-f", "-R", "-B"), "backup": ("-n",), "fault": ("-n",)}
 
 
-def set_role(cfg: Config, role: str, run_nft: Callable[[str], None],
+def set_role(state_dir: str, role: str, run_nft: Callable[[str], None],
              conntrackd: Optional[str] = None,
              run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[str]:
     """Take `role`: conntrackd's commands around the gate; the problems met (a
@@ -83,10 +77,35 @@ def set_role(cfg: Config, role: str, run_nft: Callable[[str], None],
                                 f"{(p.stderr or p.stdout).strip()[:300]}")
 
     ctd(_BEFORE[role])
-    run_nft(gate_batch(cfg, closed=role != "primary"))
+    run_nft(gate_batch(closed=role != "primary"))
     ctd(_AFTER[role])
-    _write_role(cfg.state_dir, role)
+    _write_role(state_dir, role)
     return problems
+
+
+def notify_script(state_dir: str, conntrackd: str) -> str:
+    """keepalived's notify for one gateway host (`notify_script primary|backup|fault`):
+    what `set_role` does, in sh, with the same batches and the same order."""
+    def ctd(flags: tuple[str, ...]) -> list[str]:
+        return [f"  conntrackd -C {shlex.quote(conntrackd)} {f} || rc=1" for f in flags]
+
+    def role(r: str) -> list[str]:
+        batch = gate_batch(closed=r != "primary")
+        return [f"{r})", *ctd(_BEFORE[r]), f"  nft -f - <<'EOF' || rc=1", batch.rstrip(), "EOF",
+                *ctd(_AFTER[r]), "  ;;"]
+
+    role_file = shlex.quote(os.path.join(state_dir, ROLE_FILE))
+    return "\n".join([
+        "#!/bin/sh",
+        "# keepalived's notify for egress-agent's gate (egress-agent gateway script)",
+        "rc=0",
+        'case "$1" in',
+        *role("primary"), *role("backup"), *role("fault"),
+        '*) echo "usage: $0 primary|backup|fault" >&2; exit 2 ;;',
+        "esac",
+        f'printf \'{{"role": "%s", "since": %s}}\\n\' "$1" "$(date +%s.%N)" > {role_file}.tmp '
+        f"&& mv {role_file}.tmp {role_file}",
+        "exit $rc", ""])
 
 
 def _write_role(state_dir: str, role: str) -> None:

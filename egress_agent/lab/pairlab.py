@@ -61,14 +61,6 @@ workloads:
 managed_sources: [10.1.{k}.0/24]
 """
 
-# keepalived's notify: the agent takes the role; the log says when
-NOTIFY = """#!/bin/sh
-echo "$(date +%s.%N) $1 $2" >> {run}/transitions
-exec {python} -m egress_agent.cli gateway "$2" -c {run}/$1/config.yaml \\
-  --conntrackd-config {run}/$1/conntrackd.conf >> {run}/$1/notify.log 2>&1
-"""
-
-
 class PairLab:
     def __init__(self, prefix: str, run_root: str = "/run/egress-agent-lab"):
         self.prefix = prefix
@@ -165,15 +157,18 @@ class PairLab:
         # the gate is closed until keepalived says this host is the active one
         self.agent(g, "apply", "-c", f"{d}/config.yaml")
         self.agent(g, "gateway", "backup", "-c", f"{d}/config.yaml")
-        notify = f"{self.run_dir}/notify"
-        if not os.path.exists(notify):
-            with open(notify, "w") as f:
-                f.write(NOTIFY.format(run=self.run_dir, python=sys.executable))
-            os.chmod(notify, 0o755)
+        # keepalived's notify: the agent's script, and a line in `transitions` each time
+        script = self.agent(g, "gateway", "script", "-c", f"{d}/config.yaml",
+                            "--conntrackd-config", f"{d}/conntrackd.conf")
+        notify = f"{d}/notify"
+        with open(notify, "w") as f:
+            f.write(script.replace("rc=0\n", f'rc=0\necho "$(date +%s.%N) {g} $1" >> '
+                                              f'{self.run_dir}/transitions\n', 1))
+        os.chmod(notify, 0o755)
         with open(f"{d}/conntrackd.conf", "w") as f:
             f.write(conntrackd_conf(self.pair, g, d))
         with open(f"{d}/keepalived.conf", "w") as f:
-            f.write(keepalived_conf(self.pair, g, f"{notify} {g}"))
+            f.write(keepalived_conf(self.pair, g, notify))
 
     def agent(self, g: str, *args: str) -> str:
         p = subprocess.run(nsenter_prefix(self.ns(g)) + [sys.executable, "-m", "egress_agent.cli",

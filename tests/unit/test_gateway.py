@@ -42,13 +42,12 @@ def test_a_gateways_ips_are_usable_without_their_addresses_and_nothing_answers_o
         assert bool(gw[0]) == bool(gw[1]) == usable, gw
 
 
-def test_the_gate_closed_drops_new_connections_of_tunnels_and_managed_sources(tmp_path):
-    closed = gate_batch(cfg(tmp_path), closed=True)
+def test_the_gate_closed_drops_new_connections_of_workloads_and_open_is_no_table():
+    closed = gate_batch(closed=True)
     assert closed.startswith("add table inet egress_agent_gate\ndelete table inet egress_agent_gate\n")
-    assert 'ct state new iifname { "w1", "w2" } counter drop' in closed
-    assert "ct state new ip saddr { 10.1.0.0/16 } counter drop" in closed
-    assert "ct state new ip6 saddr { fd00::/16 } counter drop" in closed
-    assert gate_batch(cfg(tmp_path), closed=False) == (
+    assert "priority mangle + 5;" in closed  # after the agent's classification (mangle)
+    assert "ct state new meta mark & 0x000fffff != 0 counter drop" in closed
+    assert gate_batch(closed=False) == (
         "add table inet egress_agent_gate\ndelete table inet egress_agent_gate\n")
 
 
@@ -68,7 +67,7 @@ def test_conntrackd_commands_go_around_the_gate_in_order(tmp_path, role, order):
     def nft(batch):
         seen.append("nft closed" if "drop" in batch else "nft open")
 
-    problems = set_role(cfg(tmp_path), role, nft, "/etc/ctd.conf", run=run)
+    problems = set_role(str(tmp_path / "state"), role, nft, "/etc/ctd.conf", run=run)
     assert seen == order
     assert problems == (["conntrackd -C /etc/ctd.conf -B exited 1: no peer"]
                         if role == "primary" else [])
@@ -77,7 +76,7 @@ def test_conntrackd_commands_go_around_the_gate_in_order(tmp_path, role, order):
 
 def test_without_conntrackd_only_the_gate_changes(tmp_path):
     batches: list[str] = []
-    assert set_role(cfg(tmp_path), "backup", batches.append, None,
+    assert set_role(str(tmp_path / "state"), "backup", batches.append, None,
                     run=lambda *a, **k: pytest.fail("conntrackd ran")) == []
     assert len(batches) == 1 and "drop" in batches[0]
 
@@ -100,7 +99,7 @@ def test_teardown_removes_the_gate_with_the_table(tmp_path):
     rec = Reconciler(nft, FakeRouting(), Store(c.state_dir),
                      lambda: HostState(addresses=frozenset(), links_up=frozenset()))
     rec.sync(c, full=True)
-    set_role(c, "backup", nft.run)
+    set_role(c.state_dir, "backup", nft.run)
     assert nft.table is not None and "drop" in nft.gate
     rec.teardown()
     assert nft.table is None and nft.gate is None
@@ -136,3 +135,34 @@ def test_remote_needs_via_and_a_workload_host(tmp_path, edit, message):
     with pytest.raises(ConfigError) as e:
         parse(text, "w1.yaml")
     assert any(message in str(p) for p in e.value.problems), e.value.problems
+
+
+def test_the_notify_script_does_what_set_role_does_in_the_same_order(tmp_path):
+    """Run the script with `nft` and `conntrackd` stand-ins on PATH that log their
+    calls: the order of set_role, the same batches, the role file."""
+    import os
+    from egress_agent.gateway import notify_script
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for tool in ("nft", "conntrackd"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n'
+                                    f'[ "{tool}" = nft ] && cat >> {log}.batch\n'
+                                    f'[ "$3" = "-B" ] && exit 1\nexit 0\n')
+        (bin_dir / tool).chmod(0o755)
+    script = tmp_path / "notify"
+    script.write_text(notify_script(str(tmp_path / "state"), "/etc/ctd.conf"))
+    script.chmod(0o755)
+    (tmp_path / "state").mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    for role, calls, rc in (
+            ("primary", ["conntrackd -C /etc/ctd.conf -c", "nft -f -", "conntrackd -C /etc/ctd.conf -f",
+                         "conntrackd -C /etc/ctd.conf -R", "conntrackd -C /etc/ctd.conf -B"], 1),
+            ("fault", ["nft -f -", "conntrackd -C /etc/ctd.conf -n"], 0)):
+        for f in (log, tmp_path / "calls.batch"):
+            f.unlink(missing_ok=True)
+        p = subprocess.run([str(script), role], env=env, capture_output=True, text=True)
+        assert p.returncode == rc, p.stderr
+        assert log.read_text().splitlines() == calls
+        assert (tmp_path / "calls.batch").read_text() == gate_batch(closed=role != "primary")
+        assert read_role(str(tmp_path / "state"))["role"] == role
+    assert subprocess.run([str(script), "master"], env=env, capture_output=True).returncode == 2
