@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
 from . import names
-from .config import Config, EgressIP, Policy, PolicyEgress, Workload
+from .config import Config, EgressIP, Workload, policy_ips, policy_matches
 from .hoststate import Usable
 
 Ports = tuple[int, int]
@@ -182,23 +182,6 @@ class CapacityError(Exception):
     def __init__(self, workload: str, ip: str, reason: str):
         self.workload, self.ip, self.reason = workload, ip, reason
         super().__init__(f"workload {workload!r} needs a port block on egress IP {ip!r}: {reason}")
-
-
-def policy_matches(policy: Policy, w: Workload) -> bool:
-    m = policy.match
-    if not m.workloads and not m.apps:
-        return True
-    return w.id in m.workloads or (w.app is not None and w.app in m.apps)
-
-
-def policy_ips(policy: Policy, cfg: Config) -> list[str]:
-    """The egress IPs a policy may send a workload to (each needs a lease)."""
-    e = policy.egress
-    if not isinstance(e, PolicyEgress):
-        return []
-    # with ipv6 unset, the ipv4 IP's own range serves IPv6: it is in the list already
-    out = [x for x in (e.ipv4, e.ipv4_fallback, e.ipv6) if x and x not in ("default", "drop")]
-    return list(dict.fromkeys(out))
 
 
 def own_ips(cfg: Config, w: Workload) -> list[EgressIP]:
