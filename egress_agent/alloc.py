@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
 from . import names
-from .config import Config, EgressIP, Policy, PolicyEgress, Workload
+from .config import Config, EgressIP, Workload, policy_ips, policy_matches
 from .hoststate import Usable
 
 Ports = tuple[int, int]
@@ -184,23 +184,6 @@ class CapacityError(Exception):
         super().__init__(f"workload {workload!r} needs a port block on egress IP {ip!r}: {reason}")
 
 
-def policy_matches(policy: Policy, w: Workload) -> bool:
-    m = policy.match
-    if not m.workloads and not m.apps:
-        return True
-    return w.id in m.workloads or (w.app is not None and w.app in m.apps)
-
-
-def policy_ips(policy: Policy, cfg: Config) -> list[str]:
-    """The egress IPs a policy may send a workload to (each needs a lease)."""
-    e = policy.egress
-    if not isinstance(e, PolicyEgress):
-        return []
-    # with ipv6 unset, the ipv4 IP's own range serves IPv6: it is in the list already
-    out = [x for x in (e.ipv4, e.ipv4_fallback, e.ipv6) if x and x not in ("default", "drop")]
-    return list(dict.fromkeys(out))
-
-
 def own_ips(cfg: Config, w: Workload) -> list[EgressIP]:
     return cfg.own_ips(w.id)
 
@@ -240,7 +223,11 @@ class _Room:
         self.lo, self.hi = cfg.ip_ports(ip)
         self.size = cfg.defaults.ports_per_workload
         self.max = ip.limits.max_workloads
-        self.starts: list[int] = []  # sorted block starts; every block has self.size ports
+        # workload -> its fixed block (config `blocks:`), taken from the start: a
+        # kept lease that overlaps one moves, and no new block is cut from one
+        self.fixed: dict[str, Ports] = cfg.fixed_blocks.get(ip.id, {})
+        # sorted block starts; every block has self.size ports (config checks fixed ones)
+        self.starts: list[int] = sorted(lo for lo, _ in self.fixed.values())
         self.v6_used: set[int] = set()
         self.workloads: set[str] = set()
         self.next_start = self.lo
@@ -268,9 +255,11 @@ class _Room:
         if lease.ports and lease.ipv4 == self.ip.ipv4:
             lo, hi = lease.ports
             alone = not self._overlaps(lo, hi)
-            if hi - lo + 1 != self.size:
+            # a block that overlaps another only in part (a fixed block need not be
+            # aligned with the others) keeps the rest of it taken as well
+            if hi - lo + 1 != self.size or not alone:
                 self.odd.append((lo, hi))
-            elif alone:
+            else:
                 bisect.insort(self.starts, lo)
             self.reserved += 1
         if lease.ipv6 and self.ip.ipv6 and ipaddress.IPv6Address(lease.ipv6) in self.net6:
@@ -292,16 +281,24 @@ class _Room:
         return bool(lease.ports or lease.ipv6)
 
     def fits(self, lease: Lease) -> bool:
+        fixed = self.fixed.get(lease.workload)
+        if fixed is not None and lease.ports != fixed:
+            return False  # its block here is fixed now, and this is not it
         if self.ip.ipv4 and lease.ports:
             lo, hi = lease.ports
             if hi - lo + 1 != self.size or lo < self.lo or hi > self.hi or lease.ipv4 != self.ip.ipv4:
                 return False
-            if self._overlaps(lo):
+            if fixed is None and self._overlaps(lo):
                 return False
         elif self.ip.ipv4 and (lease.ipv4 or not lease.ipv6):
             return False  # an IPv6-only lease holds no block of a dual IP
+        if self.ip.ipv6 and not lease.ipv6:
+            # a block borrowed for IPv4 alone (step 4) is kept as it is: released here
+            # and taken back in step 4, it would not count in the load of step 2, as
+            # it does where an incremental allocation keeps it
+            return lease.temporary and lease.ports is not None
         if self.ip.ipv6:
-            if not lease.ipv6 or ipaddress.IPv6Address(lease.ipv6) not in self.net6:
+            if ipaddress.IPv6Address(lease.ipv6) not in self.net6:
                 return False
             if self._offset(lease.ipv6) in self.v6_used:
                 return False
@@ -314,7 +311,7 @@ class _Room:
 
     def take(self, lease: Lease) -> None:
         self.workloads.add(lease.workload)
-        if lease.ports:
+        if lease.ports and lease.ports != self.fixed.get(lease.workload):  # fixed: there already
             bisect.insort(self.starts, lease.ports[0])
         if lease.ipv6:
             self.v6_used.add(self._offset(lease.ipv6))
@@ -325,21 +322,31 @@ class _Room:
             raise CapacityError(workload, self.ip.id,
                                 f"max_workloads {self.max} reached; add an egress IP to the "
                                 "app or raise limits.max_workloads")
+        fixed = self.fixed.get(workload)
+        if fixed is not None:
+            families = (4, *families)  # a lease here always holds the fixed block
         want = (bool(self.ip.ipv4 and 4 in families), bool(self.ip.ipv6 and 6 in families))
-        held = self.held.get(workload, [])
-        shapes = [(bool(old.ports), bool(old.ipv6)) for old in held]
         # its own block, still reserved: the same source again, nobody else's (a
-        # failover block borrowed for one family and widened to both is taken whole)
+        # failover block borrowed for one family and widened to both is taken whole);
+        # not where its block is fixed, nor one that a block released since reaches
+        # into (fixed blocks need not be aligned with the others)
+        held = self.held.get(workload, [])
+        own = [old for old in held if fixed is None and not (old.ports and any(
+            a <= old.ports[1] and old.ports[0] <= b for a, b in self.odd))]
+        shapes = [(bool(old.ports), bool(old.ipv6)) for old in own]
         i = next((i for i, s in enumerate(shapes) if s == want), None)
         if i is None:
             i = next((i for i, s in enumerate(shapes) if s[0] >= want[0] and s[1] >= want[1]), None)
         if i is not None:
             self.workloads.add(workload)
-            self.reserved -= 1 if held[i].ports else 0
-            return replace(held.pop(i), temporary=temporary)
+            self.reserved -= 1 if own[i].ports else 0
+            held.remove(own[i])
+            return replace(own[i], temporary=temporary)
         ports = None
         ipv4 = self.ip.ipv4 if 4 in families else None
-        if ipv4:
+        if ipv4 and fixed is not None:
+            ports = fixed
+        elif ipv4:
             start = self.next_start
             while start + self.size - 1 <= self.hi and self._overlaps(start):
                 start += self.size
@@ -372,12 +379,13 @@ class _Room:
 
 
 def needed_ips(cfg: Config, w: Workload) -> list[str]:
-    """Every egress IP this workload may leave from, by policy or assignment."""
+    """Every egress IP this workload may leave from, by policy or assignment, and
+    those where its block is fixed (held whether or not it is its app choice now)."""
     out: list[str] = [ip.id for ip in own_ips(cfg, w)]
     for p in cfg.policies:
         if policy_matches(p, w):
             out += policy_ips(p, cfg)
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys([*out, *w.blocks]))
 
 
 def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
@@ -451,7 +459,7 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
         if w not in workloads or ip_id not in here:
             continue
         room = rooms[ip_id]
-        if _keeps(prev, workloads[w], lease, need[w], here[ip_id]) and room.fits(lease) \
+        if _keeps(cfg, prev, workloads[w], lease, need[w], here[ip_id]) and room.fits(lease) \
                 and (room.max is None or len(room.workloads) < room.max):
             room.take(lease)
             leases[key] = lease
@@ -459,9 +467,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
     for key in prev.leases.keys() - leases.keys():
         reserve(prev.leases[key])
 
-    app_choice, app_choice6, borrowed = _place(cfg, cfg.workloads, prev, here, usable, rooms,
-                                               leases, need, load, no_room, {}, {})
-    leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
+    app_choice, app_choice6 = _place(cfg, cfg.workloads, prev, here, usable, rooms,
+                                     leases, need, load, no_room, {}, {})
 
     lingering, events = _outcome(prev, sorted(prev.leases), leases, leases)
     return Allocations(wids, eids, app_choice, leases, app_choice6, lingering), events
@@ -504,13 +511,22 @@ def drain(a: Allocations, live: Live) -> tuple[Allocations, list[Event]]:
     return replace(a, lingering=left), [Event("drained", a.lingering[k].lease) for k in gone]
 
 
-def _keeps(prev: Allocations, w: Workload, lease: Lease, need: list[str], ip: EgressIP) -> bool:
-    """Does `w` keep its previous `lease` on `ip`: the IP is needed (own or policy), a
-    failover block (step 4 decides), or its app choice, while active and of its app
-    (a workload moved to another app releases the old app's block at once)."""
+def _keeps(cfg: Config, prev: Allocations, w: Workload, lease: Lease, need: list[str],
+           ip: EgressIP) -> bool:
+    """Does `w` keep its previous `lease` on `ip`: the IP is needed (own, policy or a
+    fixed block), a failover block (step 4 decides), or its app choice, while active
+    and of its app (a workload moved to another app releases the old app's block at
+    once), and while no fixed block pins its choice elsewhere (_pinned)."""
     return (ip.id in need or lease.temporary
-            or (ip.id in (prev.app_choice.get(w.id), prev.app_choice6.get(w.id))
-                and ip.state == "active" and ip.app is not None and ip.app == w.app))
+            or (ip.state == "active" and ip.app is not None and ip.app == w.app
+                and (ip.id == prev.app_choice6.get(w.id)
+                     or ip.id == prev.app_choice.get(w.id) and not _pinned(cfg, w))))
+
+
+def _pinned(cfg: Config, w: Workload) -> list[EgressIP]:
+    """The app IPs where `w`'s block is fixed: its app choice is one of them, since both
+    gateways of a pair must send it from the same IP, not each from its least loaded."""
+    return [ip for ip in _first_family_ips(app_ips(cfg, w)) if ip.id in w.blocks] if w.blocks else []
 
 
 def _app_heap(ips: list[EgressIP], load) -> list[tuple[int, str]]:
@@ -617,6 +633,26 @@ class Holders:
             self.by_ip.setdefault(ip, set())
 
 
+def displaced(cfg: Config, prev: Allocations, changed: set[str], holders: Holders) -> set[str]:
+    """The workloads not in `changed` whose lease overlaps a fixed block of one in
+    `changed` (set or moved by this config): they move too, as allocate() moves them,
+    where an incremental allocation would otherwise keep their lease unseen."""
+    fixed: dict[str, list[Ports]] = {}  # ip id -> the changed workloads' fixed blocks there
+    for w in changed:
+        for ip_id, block in cfg.fixed_blocks_of(w).items():
+            fixed.setdefault(ip_id, []).append(block)
+    out = set()
+    for ip_id, blocks in fixed.items():
+        blocks.sort()  # disjoint (config checks it): the block starting last below a lease's
+        starts = [lo for lo, _ in blocks]  # end is the only one that may reach into it
+        for w in holders.by_ip.get(ip_id, ()):
+            ports = prev.leases[(w, ip_id)].ports
+            i = bisect.bisect_right(starts, ports[1]) - 1 if ports else -1
+            if i >= 0 and blocks[i][1] >= ports[0] and w not in changed:
+                out.add(w)
+    return out
+
+
 class NeedsFullAllocation(Exception):
     """The change is not one the incremental allocation covers (the egress IPs changed)."""
 
@@ -626,7 +662,8 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
                      ) -> tuple[Allocations, list[Event]]:
     """`allocate(cfg, prev, usable)` for a config in which only the workloads in
     `changed` (added, removed or edited) differ from the one `prev` was made for, or
-    whose egress IPs changed usability; every other workload keeps what it holds.
+    whose egress IPs changed usability, or that a fixed block displaces (displaced());
+    every other workload keeps what it holds.
 
     The work is the changed workloads' and the rooms (port blocks) of the egress IPs
     they touch, not the host's: the full allocate() is the oracle it must equal
@@ -680,7 +717,7 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
         if w not in positions:
             continue
         room = rooms[ip_id]
-        if _keeps(prev, by_id[w], lease, need[w], here[ip_id]) and room.fits(lease) \
+        if _keeps(cfg, prev, by_id[w], lease, need[w], here[ip_id]) and room.fits(lease) \
                 and (room.max is None or len(room.workloads) < room.max):
             room.take(lease)
             leases[key] = lease
@@ -701,9 +738,8 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
     for w in changed:
         app_choice.pop(w, None)
         app_choice6.pop(w, None)
-    app_choice, app_choice6, borrowed = _place(
+    app_choice, app_choice6 = _place(
         cfg, ws, prev, here, usable, rooms, leases, need, load, no_room, app_choice, app_choice6)
-    leases = {k: l for k, l in leases.items() if not l.temporary or k in borrowed}
 
     merged = dict(prev.leases)
     for key in prev_keys:
@@ -716,12 +752,38 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
 def _place(cfg: Config, ws: Iterable[Workload], prev: Allocations, here: dict[str, EgressIP],
            usable: Usable, rooms, leases: dict, need: dict[str, list[str]], load, no_room,
            app_choice: dict[str, str], app_choice6: dict[str, str]
-           ) -> tuple[dict[str, str], dict[str, str], set[tuple[str, str]]]:
-    """Steps 2-4 of an allocation, for the workloads `ws` in config order, once every
-    lease that still fits was kept (step 1): the app choice, the app's IPv6 when the
-    choice has none, the policy and machine-scoped IPs, failover blocks. Returns the
-    app choices (`app_choice`, `app_choice6` extended) and the failover blocks in use."""
+           ) -> tuple[dict[str, str], dict[str, str]]:
+    """Steps 2-5 of an allocation, for the workloads `ws` in config order, once every
+    lease that still fits was kept (step 1): the fixed blocks, the app choice, the app's
+    IPv6 when the choice has none, the policy and machine-scoped IPs, failover blocks,
+    and `leases` left with those alone. Returns the app choices (`app_choice`,
+    `app_choice6` extended)."""
     ws = list(ws)
+
+    def lease_on(w: Workload, ip_ids: Iterable[str]) -> None:
+        """A lease of every family on each of `ip_ids`, which `w` needs whatever else
+        happens: a failover block it holds there becomes its own (released with the
+        failover, the IP would be left without a lease that nothing gives back)."""
+        for ip_id in ip_ids:
+            lease = leases.get((w.id, ip_id))
+            if ip_id not in here or lease is not None and not lease.temporary:
+                continue
+            try:
+                if lease is None:
+                    leases[(w.id, ip_id)] = rooms[ip_id].new_lease(w.id, False)
+                    continue
+                for fam in (4, 6):
+                    if _family_wanted(here[ip_id], fam) and not (lease.ports if fam == 4 else lease.ipv6):
+                        lease = rooms[ip_id].widen(lease, fam)
+                leases[(w.id, ip_id)] = replace(lease, temporary=False)
+            except CapacityError as e:
+                no_room(e)
+
+    # 1b. fixed blocks, before any other new lease: they are the config's, not a choice
+    for w in ws:
+        if w.blocks:
+            lease_on(w, w.blocks)
+
     # 2. app choice: keep it while it is in the app; else least loaded active IP
     # the app IP serves IPv4 when the app has any IPv4 (step 2b adds IPv6 if it lacks it)
     active_ids = {app: {ip.id for ip in _first_family_ips(cfg.app_ips(app)) if ip.state == "active"}
@@ -732,11 +794,14 @@ def _place(cfg: Config, ws: Iterable[Workload], prev: Allocations, here: dict[st
         candidates = app_ips(cfg, w)
         if not candidates or _own_covers_both(cfg, w):
             continue
+        pinned = _pinned(cfg, w)
+        allowed = active_ids[w.app] if not pinned else {ip.id for ip in pinned
+                                                         if ip.state == "active"}
         prev_choice = prev.app_choice.get(w.id)
-        if prev_choice in active_ids[w.app] and (w.id, prev_choice) in leases:
+        if prev_choice in allowed and (w.id, prev_choice) in leases:
             app_choice[w.id] = prev_choice
             continue
-        heap = heaps.get(w.app)
+        heap = _app_heap(pinned, load) if pinned else heaps.get(w.app)
         if heap is None:
             heap = heaps[w.app] = _app_heap(_first_family_ips(candidates), load)
         ip_id, reasons = _least_loaded(heap, rooms, leases, w.id, (4, 6))
@@ -772,12 +837,7 @@ def _place(cfg: Config, ws: Iterable[Workload], prev: Allocations, here: dict[st
 
     # 3. the IPs named by policies and machine-scoped IPs
     for w in ws:
-        for ip_id in need[w.id]:
-            if (w.id, ip_id) not in leases and ip_id in here:
-                try:
-                    leases[(w.id, ip_id)] = rooms[ip_id].new_lease(w.id, False)
-                except CapacityError as e:
-                    no_room(e)
+        lease_on(w, need[w.id])
 
     # 4. failover: an app choice that cannot carry new traffic borrows a block
     #    on another usable IP of the same app; the original lease is kept, and
@@ -805,7 +865,16 @@ def _place(cfg: Config, ws: Iterable[Workload], prev: Allocations, here: dict[st
                             continue
             if alt_id is not None:
                 borrowed.add((w.id, alt_id))
-    return app_choice, app_choice6, borrowed
+
+    # 5. a kept lease that none of this uses goes now, not one allocation later (an
+    #    incremental one would not look at the workload again): a failover block no
+    #    longer borrowed, or the old choice of a workload whose choice moved (its
+    #    block there did not fit any more, or a fixed block pinned it elsewhere)
+    for key in [k for k, l in leases.items() if not (
+            k in borrowed if l.temporary else
+            k[1] in need[k[0]] or k[1] in (app_choice.get(k[0]), app_choice6.get(k[0])))]:
+        del leases[key]
+    return app_choice, app_choice6
 
 
 def _keys_of(leases: dict, w: str, ips) -> list[tuple[str, str]]:

@@ -171,6 +171,8 @@ def plan_change(applied: Applied, cfg: Config, usable: alloc_mod.Usable,
     if changed is None:
         return None
     changed |= usability_changed(applied, usable)
+    # before the cgroups are looked at: a displaced workload's elements are planned anew
+    changed |= alloc_mod.displaced(cfg, applied.alloc, changed, applied.holders)
     positions = cfg.workload_positions
     look = ({w.id for w in cfg.workloads if w.cgroup} if all_cgroups
             else {w for w in applied.missing_cgroups | changed if w in positions})

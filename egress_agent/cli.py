@@ -474,7 +474,7 @@ def cmd_status(args) -> int:
         ips.append({"id": ip.id, "ipv4": ip.ipv4, "ipv6": ip.ipv6, "present": present,
                     "state": state, "workloads": n, "max_workloads": ip.limits.max_workloads,
                     "lingering": lingering, "conditions": ip_conds[ip.id]})
-    from .alloc import policy_matches
+    from .config import policy_matches
     ratios: dict[str, float] = {}
     try:  # usage needs root (a ctnetlink dump); status works without it
         for r in wiring.usage_collector()(cfg).rows:

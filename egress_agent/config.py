@@ -214,6 +214,18 @@ PortRange = Annotated[Union[int, str], AfterValidator(_port_range),
                                       "examples": ["1024-65535", 443]})]
 
 
+def _port_block(v: Any) -> str:
+    # LO-HI only: a generated file (egress-agent fleet) names the ports, and a bare
+    # number would be a block of one port, surely a mistake
+    if not isinstance(v, str) or "-" not in v:
+        raise ValueError(f"{v!r} is not a port block; write it LO-HI, like 10240-11263")
+    return _port_range(v)
+
+
+PortBlock = Annotated[Union[int, str], AfterValidator(_port_block),
+                      WithJsonSchema({"type": "string", "examples": ["10240-11263"]})]
+
+
 def port_bounds(r: str) -> tuple[int, int]:
     lo, hi = r.split("-")
     return int(lo), int(hi)
@@ -291,6 +303,11 @@ class Workload(_Model):
                                                           "when they arrive on this interface")
     cgroup: Optional[CgroupPath] = Field(None, description="local processes in this cgroupv2 "
                                                            "(path below the cgroup2 root)")
+    blocks: dict[Id, PortBlock] = Field(
+        default_factory=dict,
+        description="fixed port blocks, egress IP id -> LO-HI (like 10240-11263): taken as "
+                    "given, never moved (both gateways of a pair translate a remote "
+                    "workload to the same block, from one fleet-wide allocation)")
 
     @model_validator(mode="after")
     def _kind(self):
@@ -397,6 +414,37 @@ class Config(_Model):
 
     def ip_ports(self, ip: EgressIP) -> tuple[int, int]:
         return port_bounds(ip.ports or self.defaults.port_range)
+
+    @cached_property
+    def fixed_blocks(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Egress IP id -> workload id -> the port block its `blocks:` fixes there."""
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for w in self.workloads:
+            for ip_id, block in w.blocks.items():
+                out.setdefault(ip_id, {})[w.id] = port_bounds(block)
+        return out
+
+    def fixed_blocks_of(self, workload: str) -> dict[str, tuple[int, int]]:
+        """Egress IP id -> the port block `workload`'s `blocks:` fixes there (none: {})."""
+        i = self.workload_positions.get(workload)
+        return {} if i is None else {ip: port_bounds(b) for ip, b in self.workloads[i].blocks.items()}
+
+
+def policy_matches(policy: Policy, w: Workload) -> bool:
+    m = policy.match
+    if not m.workloads and not m.apps:
+        return True
+    return w.id in m.workloads or (w.app is not None and w.app in m.apps)
+
+
+def policy_ips(policy: Policy, cfg: Config) -> list[str]:
+    """The egress IPs a policy may send a workload to (each needs a lease)."""
+    e = policy.egress
+    if not isinstance(e, PolicyEgress):
+        return []
+    # with ipv6 unset, the ipv4 IP's own range serves IPv6: it is in the list already
+    out = [x for x in (e.ipv4, e.ipv4_fallback, e.ipv6) if x and x not in ("default", "drop")]
+    return list(dict.fromkeys(out))
 
 
 # --- reading: bounded before anything is built --------------------------------------
@@ -1394,6 +1442,7 @@ def _check_semantics(cfg: Config, number: Numbering = _as_written,
     workload_apps = {w.app for w in ws}
     apps = (workload_apps - {None}) | {ip.app for ip in cfg.egress_ips if ip.app}
     out += _unserved_apps(cfg, number, known["served"], workload_apps)
+    out += _fixed_block_problems(cfg, number, known["ip"])
     out += _egress_addresses_of_workloads(cfg, ranges, number, sources)
     ips = {ip.id: ip for ip in cfg.egress_ips}
     lo, hi = port_bounds(cfg.defaults.port_range)
@@ -1492,6 +1541,65 @@ def _unserved_apps(cfg: Config, number: Numbering, known_apps: set[str],
                            + (_did_you_mean(close) if close else
                               "; add an egress IP with this app, or fix the name"), close)
         out.append((("workloads", i, "app"), *said[w.app]))
+    return out
+
+
+def _fixed_block_problems(cfg: Config, number: Numbering, known_ips: set[str]) -> list[tuple]:
+    """Fixed blocks (`blocks:`) are taken as given, so each must be one the allocator
+    could have chosen (the IP's block size, inside its ports, on an IP the workload
+    leaves from), and no two may overlap: two workloads would leave from one
+    address and port, and conntrack could not tell their connections apart."""
+    out: list[tuple] = []
+    with_blocks = [(i, w) for i, w in number("workloads", cfg.workloads) if w.blocks]
+    if not with_blocks:
+        return out
+    ips = {ip.id: ip for ip in cfg.egress_ips}
+    here = {ip.id for ip in cfg.ips_here()}
+    size = cfg.defaults.ports_per_workload
+    placed: dict[str, list[tuple[int, int, int, str]]] = {}  # ip id -> (lo, hi, index, id)
+    for i, w in with_blocks:
+        uses = ({ip.id for ip in cfg.app_ips(w.app)} | {ip.id for ip in cfg.own_ips(w.id)}
+                | {x for p in cfg.policies if policy_matches(p, w) for x in policy_ips(p, cfg)})
+        for ip_id, block in w.blocks.items():
+            path = ("workloads", i, "blocks", ip_id)
+            ip = ips.get(ip_id)
+            if ip is None:
+                if ip_id not in known_ips:  # the closest of its own IPs, else of all
+                    close = _closest(ip_id, uses) or _closest(ip_id, ips.keys() | known_ips)
+                    out.append((path, f"unknown egress IP {ip_id!r}" + (
+                        _did_you_mean(close) if close
+                        else f"; ids are: {', '.join(sorted(ips)) or 'none'}"), close))
+                continue
+            lo, hi = port_bounds(block)
+            plo, phi = cfg.ip_ports(ip)
+            if ip_id not in here:
+                out.append((path, f"egress IP {ip_id!r} is in region {ip.region!r}, not this "
+                                  f"host's ({cfg.host.region!r}): a block there is never used"))
+            elif not ip.ipv4:
+                out.append((path, f"egress IP {ip_id!r} has no ipv4; port blocks are on IPv4"))
+            elif ip_id not in uses:
+                out.append((path, f"workload {w.id!r} never leaves from egress IP {ip_id!r} (not "
+                                  "its app's, its own, nor named by a policy matching it)"))
+            elif hi - lo + 1 != size:
+                out.append((path, f"{block} is {hi - lo + 1} ports; a block is "
+                                  f"defaults.ports_per_workload ({size}) ports"))
+            elif lo < plo or hi > phi:
+                out.append((path, f"{block} is outside the ports of egress IP {ip_id!r} "
+                                  f"({plo}-{phi})"))
+            else:
+                placed.setdefault(ip_id, []).append((lo, hi, i, w.id))
+    for ip_id, blocks in placed.items():
+        blocks.sort()
+        last = blocks[0]  # of the blocks so far, the one reaching highest
+        for b in blocks[1:]:
+            if b[0] <= last[1]:
+                first, second = sorted((last, b), key=lambda x: x[2])  # at the later one
+                out.append((("workloads", second[2], "blocks", ip_id),
+                            f"{second[0]}-{second[1]} overlaps {first[0]}-{first[1]}, the block "
+                            f"of workload {first[3]!r} (workloads[{first[2]}]) on egress IP "
+                            f"{ip_id!r}; fixed blocks must not overlap"))
+            if b[1] > last[1]:
+                last = b
     return out
 
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import names
-from .alloc import (Allocations, app_ips, failover_target, own_ips,
-                    policy_matches)
-from .config import Config, Policy, PolicyEgress, Workload, port_bounds
+from .alloc import Allocations, app_ips, failover_target, own_ips
+from .config import Config, Policy, PolicyEgress, Workload, policy_matches, port_bounds
 from .hoststate import HostFacts, Usable
 from .model import Desired, Element, Route, Rule
 

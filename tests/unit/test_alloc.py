@@ -11,12 +11,16 @@ from egress_agent.config import parse
 from egress_agent.store import Store, who
 
 
-def cfg_with(workloads, ips=None, extra="", ports_per_workload=1024, port_range="1024-65535"):
+def cfg_with(workloads, ips=None, extra="", ports_per_workload=1024, port_range="1024-65535",
+             blocks=None):
+    """`blocks`: workload -> its fixed blocks as written, like "{a1: 1024-2047}"."""
     ips = ips if ips is not None else [
         "  - {id: a1, app: app, ipv4: 203.0.113.10, ipv6: '2001:db8:10::/64'}",
         "  - {id: a2, app: app, ipv4: 203.0.113.11}",
     ]
-    wl = [f"  - {{id: {w}, app: app, source: [10.0.{i // 250}.{i % 250 + 1}]}}"
+    blocks = blocks or {}
+    wl = [f"  - {{id: {w}, app: app, source: [10.0.{i // 250}.{i % 250 + 1}]"
+          + (f", blocks: {blocks[w]}" if w in blocks else "") + "}"
           for i, w in enumerate(workloads)]
     text = (f"version: 1\nhost: {{name: h, region: ams}}\n"
             f"defaults: {{ports_per_workload: {ports_per_workload}, port_range: {port_range}}}\n"
@@ -270,3 +274,64 @@ def test_an_ipv4_failover_that_finds_no_block_follows_unavailable():
     assert b.leases[(w, "a1")] == a.leases[(w, "a1")] and b.leases[(w, "a1")].ports is None
     c = assignment(cfg, b, cfg.workloads[int(w[1:])], 4, down)
     assert c.action == "default" and "no usable egress IP" in c.reason, c
+
+
+# --- fixed blocks (a workload's `blocks:`, from a fleet-wide allocation) ---------------
+
+def test_a_fixed_block_is_taken_as_given_whatever_the_history():
+    """Two gateways of a pair with different histories give a remote workload the same
+    block; the others are placed around it."""
+    cfg = cfg_with(["w0", "w1", "w2"], blocks={"w1": "{a1: 1536-2559}"})
+    fresh, _ = allocate(cfg, Allocations())
+    other, _ = allocate(cfg, allocate(cfg_with(["w2", "w0", "w1"]), Allocations())[0])
+    for a in (fresh, other):
+        assert a.leases[("w1", "a1")].ports == (1536, 2559) and a.app_choice["w1"] == "a1"
+        assert a.leases[("w1", "a1")].ipv6  # the IPv6 address is the host's own choice
+        assert_no_overlap(a)
+    # free blocks step by 1024 from 1024; 1024-2047 and 2048-3071 reach into it
+    assert fresh.app_choice["w2"] == "a1" and fresh.leases[("w2", "a1")].ports == (3072, 4095)
+
+
+def test_a_lease_that_a_new_fixed_block_covers_moves_and_the_rest_of_it_stays_taken():
+    a, _ = allocate(cfg_with(["w0", "w1", "w2"]), Allocations())
+    assert [a.leases[(w, "a1")].ports for w in ("w0", "w2")] == [(1024, 2047), (2048, 3071)]
+    # w1 (on a2) is fixed across both blocks of a1: both move, and are events
+    cfg = cfg_with(["w0", "w1", "w2", "w3"], blocks={"w1": "{a1: 1536-2559}"})
+    b, events = allocate(cfg, a)
+    assert b.leases[("w1", "a1")].ports == (1536, 2559) and b.app_choice["w1"] == "a1"
+    assert ("w1", "a2") not in b.leases  # its old app choice is released at once
+    moved = {(e.kind, e.lease.workload, e.lease.ip) for e in events}
+    assert {("release", "w0", "a1"), ("linger", "w0", "a1"), ("assign", "w0", "a1"),
+            ("release", "w2", "a1"), ("assign", "w2", "a1"), ("release", "w1", "a2")} <= moved
+    assert_no_overlap(b)
+    # the moved blocks linger: what the fixed block does not cover is nobody else's
+    for l in b.leases.values():
+        if l.ipv4 == "203.0.113.10" and l.workload != "w1":
+            assert l.ports[0] > 3071, l
+    again, events = allocate(cfg, b)
+    assert again == b and events == []
+
+
+def test_a_cleared_fixed_block_is_kept_as_an_ordinary_lease():
+    cfg = cfg_with(["w0", "w1"], blocks={"w1": "{a1: 5120-6143}"})
+    a, _ = allocate(cfg, Allocations())
+    b, events = allocate(cfg_with(["w0", "w1"]), a)
+    assert b == a and events == []
+
+
+def test_a_fixed_block_on_a_policy_ip_leaves_the_app_choice_free():
+    ips = ["  - {id: a1, app: app, ipv4: 203.0.113.10}", "  - {id: a2, app: app, ipv4: 203.0.113.11}",
+           "  - {id: p1, app: other, ipv4: 203.0.113.20}"]
+    policy = "policies:\n  - {name: p, match: {workloads: [w0]}, egress: {ipv4: p1}}\n"
+    a, _ = allocate(cfg_with(["w0", "w1"], ips, extra=policy, blocks={"w0": "{p1: 9216-10239}"}),
+                    Allocations())
+    assert a.leases[("w0", "p1")].ports == (9216, 10239) and a.app_choice["w0"] in ("a1", "a2")
+
+
+def test_fixed_blocks_leave_no_room_for_a_free_workload():
+    ips = ["  - {id: a1, app: app, ipv4: 203.0.113.10, ports: 10000-12047}"]
+    cfg = cfg_with(["w0", "w1", "w2"], ips,
+                   blocks={"w1": "{a1: 10000-11023}", "w2": "{a1: 11024-12047}"})
+    with pytest.raises(CapacityError) as e:
+        allocate(cfg, Allocations())
+    assert e.value.workload == "w0" and "no free block" in e.value.reason

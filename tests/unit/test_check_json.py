@@ -226,3 +226,40 @@ def test_suggestions_are_bounded_in_time(capsys, tmp_path):
     assert code == 1 and len(problems) == 2000
     with_suggestion = sum("suggestion" in q for q in problems)
     assert 0 < with_suggestion <= config.SUGGESTION_BUDGET // 2000
+
+
+FIXED = """\
+version: 1
+host: {name: gw-a1, region: ams}
+state_dir: STATE
+egress_ips:
+  - {id: ams-app-1, app: billing, ipv4: 203.0.113.140, ports: 10240-12287}
+workloads:
+  - {id: m-0, app: billing, source: [10.1.1.1]}
+  - {id: m-1, app: billing, source: [10.1.1.2], blocks: {ams-app-1: 10240-11263}}
+  - id: m-2
+    app: billing
+    source: [10.1.1.3]
+    blocks:
+      ams-app-1: 11264-12287
+"""
+
+
+def test_check_places_fixed_block_overlaps_and_the_capacity_they_take(capsys, tmp_path):
+    """An overlap is at the block's own line and column; a workload that finds no room
+    beside the fixed blocks is at its own line."""
+    text = FIXED.replace("STATE", str(tmp_path / "state"))
+    p = tmp_path / "gw.yaml"
+    p.write_text(text)
+    code, out, _ = run(capsys, "check", "-c", p, "--json")
+    (q,) = json.loads(out)["problems"]
+    assert code == 1 and (q["line"], q["column"], q["value"]) == (*at(text, "{id: m-0"), "m-0")
+    assert "no free block of 1024 ports left in 10240-12287" in q["message"]
+
+    text = text.replace("11264-12287", "10752-11775")
+    p.write_text(text)
+    code, out, _ = run(capsys, "check", "-c", p, "--json")
+    (q,) = json.loads(out)["problems"]
+    assert code == 1 and (q["line"], q["column"]) == at(text, "10752-11775")
+    assert (q["field"], q["value"]) == ("workloads[2].blocks.ams-app-1", "10752-11775")
+    assert "overlaps 10240-11263, the block of workload 'm-1'" in q["message"]

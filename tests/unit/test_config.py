@@ -243,3 +243,59 @@ def test_an_unknown_key_with_brackets_is_reported_not_a_crash(tmp_path):
         load(str(p))
     assert any(pr.line == 3 and "unknown field 'state_di[r'" in pr.message
                for pr in e.value.problems), e.value.problems
+
+
+# --- fixed port blocks (workloads[].blocks) -------------------------------------------
+
+GATEWAY = HEAD + """defaults: {ports_per_workload: 1024}
+egress_ips:
+  - {id: ams-app-1, app: billing, ipv4: 203.0.113.140, ports: 10240-20479}
+  - {id: ams-app-2, app: web, ipv4: 203.0.113.141}
+  - {id: fra-app-1, app: billing, region: fra, ipv4: 203.0.113.150}
+  - {id: ams-v6, app: billing, ipv6: 2001:db8:140::/64}
+workloads:
+  - {id: m-1, app: billing, source: [10.1.1.2], blocks: {ams-app-1: 10240-11263}}
+"""
+M2 = "  - {id: m-2, app: billing, source: [10.1.1.3], blocks: {BLOCK}}\n"
+
+
+def test_fixed_blocks_are_read_on_both_yaml_paths_and_as_a_block_mapping():
+    from egress_agent.config import _read_yaml, _ryml_data
+    block_style = GATEWAY + ("  - id: m-2\n    app: billing\n    source: [10.1.1.3]\n"
+                             "    blocks:\n      ams-app-1: 11264-12287\n")
+    for text in (GATEWAY, block_style):
+        assert _ryml_data(text) == _read_yaml(text, "f.yaml")[0]  # the fast path takes it
+    cfg = parse(block_style, "f.yaml").config
+    assert [w.blocks for w in cfg.workloads] == [{"ams-app-1": "10240-11263"},
+                                                 {"ams-app-1": "11264-12287"}]
+    assert cfg.fixed_blocks == {"ams-app-1": {"m-1": (10240, 11263), "m-2": (11264, 12287)}}
+    assert parse(HEAD, "f.yaml").config.fixed_blocks == {}
+
+
+@pytest.mark.parametrize("block, message", [
+    ("ams-app-l: 11264-12287", "unknown egress IP 'ams-app-l'; did you mean 'ams-app-1'?"),
+    ("ams-app-2: 11264-12287", "workload 'm-2' never leaves from egress IP 'ams-app-2' (not its "
+                               "app's, its own, nor named by a policy matching it)"),
+    ("fra-app-1: 11264-12287", "egress IP 'fra-app-1' is in region 'fra', not this host's ('ams'): "
+                               "a block there is never used"),
+    ("ams-v6: 11264-12287", "egress IP 'ams-v6' has no ipv4; port blocks are on IPv4"),
+    ("ams-app-1: 11264-12288", "11264-12288 is 1025 ports; a block is defaults.ports_per_workload "
+                               "(1024) ports"),
+    ("ams-app-1: 1024-2047", "1024-2047 is outside the ports of egress IP 'ams-app-1' (10240-20479)"),
+    ("ams-app-1: 10752-11775", "10752-11775 overlaps 10240-11263, the block of workload 'm-1' "
+                               "(workloads[0]) on egress IP 'ams-app-1'; fixed blocks must not overlap"),
+    ("ams-app-1: '10240'", "'10240' is not a port block; write it LO-HI, like 10240-11263"),
+    ("ams-app-1: 11264", "11264 is not a port block; write it LO-HI, like 10240-11263"),
+])
+def test_a_fixed_block_the_allocator_could_not_give_is_an_error_at_its_line(block, message):
+    p = one(GATEWAY + M2.replace("BLOCK", block))
+    assert str(p) == f"f.yaml:11: workloads[1].blocks.{block.split(':')[0]}: {message}"
+
+
+def test_overlapping_fixed_blocks_are_reported_at_the_later_one_whichever_starts_first():
+    text = (GATEWAY + M2.replace("BLOCK", "ams-app-1: 12288-13311")
+            + M2.replace("m-2", "m-3").replace("10.1.1.3", "10.1.1.4")
+            .replace("BLOCK", "ams-app-1: 11776-12799"))
+    assert str(one(text)) == (
+        "f.yaml:12: workloads[2].blocks.ams-app-1: 11776-12799 overlaps 12288-13311, the block "
+        "of workload 'm-2' (workloads[1]) on egress IP 'ams-app-1'; fixed blocks must not overlap")

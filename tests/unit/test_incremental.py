@@ -2,7 +2,7 @@
 
 Random sequences of edits (add, remove, move between apps, a new source, a
 cgroup appearing, failover and fail-back, drain, an egress IP added or
-removed, a policy edit) run through the Reconciler on the fakes. After every
+removed, a policy edit, a fixed port block set or cleared) run through the Reconciler on the fakes. After every
 step the allocations it keeps, the elements, chains, routes and rules the fake
 kernel holds, and its own index must equal what the oracle gives from the same
 previous allocations: today's full `allocate()` + `build()`. Edits of
@@ -36,6 +36,7 @@ IPS = {  # id: (app or "workload:ID", ipv4, ipv6 range)
     "m0": ("workload:w0", "198.51.100.5", None),
 }
 EXTRA_IP = ("a3", ("a", "203.0.113.12", "2001:db8:12::/64"))
+BLOCK = 2048  # ports_per_workload: 31 blocks per IP, room for every workload a test adds
 POLICY_EGRESS = ["default", "drop", "{ipv4: b2, ipv4_fallback: drop}", "{ipv4: a1}"]
 
 
@@ -57,6 +58,7 @@ class World:
     next_id: int = 1
     next_src: int = 1
     cgroot: str = ""
+    fixed: dict = field(default_factory=dict)  # workload: (ip, first port) of its fixed block
 
     def ips(self):
         out = dict(IPS)
@@ -66,16 +68,22 @@ class World:
 
     def config_text(self) -> str:
         lines = ["version: 1", "host: {name: h, region: r}",
-                 "defaults: {ports_per_workload: 4096, port_range: 1024-65535}",
+                 f"defaults: {{ports_per_workload: {BLOCK}, port_range: 1024-65535}}",
                  "managed_sources: [10.0.0.0/16]", "egress_ips:"]
         for ip_id, (owner, v4, v6) in self.ips().items():
             scope = f"workload: {owner.split(':')[1]}" if owner.startswith("workload:") else f"app: {owner}"
             lines.append(f"  - {{id: {ip_id}, {scope}, ipv4: {v4}"
                          + (f", ipv6: '{v6}'" if v6 else "") + "}")
         lines.append("workloads:")
+        ips = self.ips()
         for w, (app, src, cg) in self.workloads.items():
             where = f"cgroup: {cg}" if cg else f"source: [10.0.{src // 250}.{src % 250 + 1}]"
-            lines.append(f"  - {{id: {w}, app: {app}, {where}}}")
+            ip, lo = self.fixed.get(w, (None, 0))
+            # a block on an IP of another app (the workload moved) or one that is gone
+            # is left out, and is back when the workload or the IP is
+            fixed = (f", blocks: {{{ip}: {lo}-{lo + BLOCK - 1}}}"
+                     if ip in ips and ips[ip][0] == app else "")
+            lines.append(f"  - {{id: {w}, app: {app}, {where}{fixed}}}")
         lines += ["policies:",
                   f"  - {{name: p, match: {{apps: [{', '.join(self.policy_apps)}], "
                   f"destinations: [192.0.2.0/24]}}, egress: {POLICY_EGRESS[self.policy]}}}"]
@@ -104,6 +112,7 @@ def remove(w: World, k: int):
     ids = [x for x in w.workloads if x != "w0"]
     if ids:
         del w.workloads[ids[k % len(ids)]]
+        w.fixed.pop(ids[k % len(ids)], None)
     return "workloads"
 
 
@@ -157,8 +166,24 @@ def flip_cgroup(w: World, k: int):
     return "resync"
 
 
+def fix_block(w: World, k: int):
+    """A workload's block on an IP of its app is fixed (at a multiple of 1024 where the
+    allocator's blocks are, so that it often covers one or two of them), or no longer."""
+    ids = list(w.workloads)
+    x = ids[k % len(ids)]
+    if x in w.fixed:
+        del w.fixed[x]
+        return "workloads"
+    app = w.workloads[x][0]
+    ips = [i for i, (owner, _, _) in w.ips().items() if owner == app]
+    ip, lo = ips[k // 7 % len(ips)], 1024 + (k // 3 % 12) * 1024
+    if all(i != ip or lo + BLOCK <= other or other + BLOCK <= lo for i, other in w.fixed.values()):
+        w.fixed[x] = (ip, lo)
+    return "workloads"
+
+
 EDITS = [add, add, remove, move, new_source, flip_ip, flip_drain, flip_extra_ip, edit_policy,
-         flip_cgroup]
+         flip_cgroup, fix_block, fix_block]
 
 
 def check_step(rec: Reconciler, world: World, cgroot: str, kind: str, prev) -> None:
