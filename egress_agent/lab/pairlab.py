@@ -28,24 +28,24 @@ from ..pair import Member, Pair, conntrackd_conf, keepalived_conf
 
 APP_IP, FABRIC_VIP, ORIGIN, PORT = "203.0.113.140", "10.200.0.100", "203.0.113.10", 7000
 # machine k on workload host wk: source, VNI, fixed block on the app IP
-MACHINES = {1: ("10.1.1.2", 101, (10240, 11263)), 2: ("10.1.2.2", 102, (11264, 12287))}
+MACHINES = {1: ("10.1.1.2", 101, (20480, 21503)), 2: ("10.1.2.2", 102, (12288, 13311))}
 
 # No learning: a frame from the standby (its IPv6 link-local traffic when its
 # link returns) would teach the workload host's VXLAN to send to the standby's
 # own address instead of the pair's. No IPv6 link-local address: nothing to send.
 QUIET = ("nolearning",)
 
-# the same on both gateways but the host's name and state dir; the blocks follow
-# from the order of the workloads and the port range (MACHINES)
+# the same on both gateways but the host's name and state dir: the blocks are
+# fixed (MACHINES), as the fleet's allocation would write them into both
 GATEWAY_CONFIG = """version: 1
 host: {{name: {g}, region: lab, role: gateway}}
 state_dir: {run}/{g}/state
-defaults: {{port_range: 10240-65535, ports_per_workload: 1024, unavailable: drop}}
+defaults: {{ports_per_workload: 1024, unavailable: drop}}
 egress_ips:
   - {{id: app-ip, app: app, ipv4: {app}}}
 workloads:
-  - {{id: m1, app: app, source: [{s1}], interface: w1}}
-  - {{id: m2, app: app, source: [{s2}], interface: w2}}
+  - {{id: m1, app: app, source: [{s1}], interface: w1, blocks: {{app-ip: "{b1}"}}}}
+  - {{id: m2, app: app, source: [{s2}], interface: w2, blocks: {{app-ip: "{b2}"}}}}
 managed_sources: [10.1.0.0/16]
 """
 
@@ -152,8 +152,9 @@ class PairLab:
         d = f"{self.run_dir}/{g}"
         os.makedirs(d, mode=0o755)
         with open(f"{d}/config.yaml", "w") as f:
-            f.write(GATEWAY_CONFIG.format(g=g, run=self.run_dir, app=APP_IP, s1=MACHINES[1][0],
-                                          s2=MACHINES[2][0]))
+            f.write(GATEWAY_CONFIG.format(
+                g=g, run=self.run_dir, app=APP_IP, s1=MACHINES[1][0], s2=MACHINES[2][0],
+                **{f"b{k}": "%d-%d" % MACHINES[k][2] for k in MACHINES}))
         # the gate is closed until keepalived says this host is the active one
         self.agent(g, "apply", "-c", f"{d}/config.yaml")
         self.agent(g, "gateway", "backup", "-c", f"{d}/config.yaml")
