@@ -428,6 +428,28 @@ def cmd_gateway(args) -> int:
     return Exit.KERNEL if problems else Exit.OK
 
 
+def cmd_fleet(args) -> int:
+    """One fleet file -> every host's files, with the fleet's blocks (fleet.py)."""
+    from . import fleet
+    layout = fleet.Layout() if not args.layout_root else fleet.Layout(
+        *(f"{args.layout_root}/{{host}}/{x}" for x in ("state", "notify", "conntrackd.conf")),
+        f"{args.layout_root}/{{host}}")
+    r = fleet.run(args.fleet, args.state, args.out if args.action == "render" else None, layout)
+    if args.json:
+        print(json.dumps({"ok": True, **r}, indent=2))
+        return Exit.OK
+    for pid, changes in r["changes"].items():
+        for c in changes:
+            print(f"{pid}: {c}")
+    if args.action == "render":
+        print(f"wrote {len(r['written'])} files for {len(r['hosts'])} hosts under {args.out}: "
+              f"{', '.join(r['hosts'])}; fleet state in {args.state}")
+    else:
+        print(f"{args.fleet}: ok ({len(r['hosts'])} hosts, "
+              f"{sum(len(b) for b in r['blocks'].values())} blocks)")
+    return Exit.OK
+
+
 def cmd_teardown(args) -> int:
     from . import nslock
     with nslock.acquire():
@@ -684,6 +706,22 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--conntrackd-config", metavar="FILE",
                     help="conntrackd.conf of this host (egress_agent.pair renders it); "
                          "without it only the gate changes")
+    sp = add("fleet", cmd_fleet,
+             "one fleet file (pairs, workload hosts, app IPs, workloads) -> each host's "
+             "config.yaml, tunnels.sh and, on gateways, keepalived.conf, conntrackd.conf and "
+             "notify; blocks allocated once for the fleet, kept across renders "
+             "(docs/gateway.md)", config=False)
+    sp.add_argument("action", choices=("check", "render"),
+                    help="check: validate and allocate, write nothing; render: write OUT/HOST/*")
+    sp.add_argument("-f", "--fleet", required=True, metavar="FILE", help="the fleet file")
+    sp.add_argument("-o", "--out", default="rendered", metavar="DIR",
+                    help="render: where each host's files go (default ./rendered)")
+    sp.add_argument("--state", default="/var/lib/egress-agent-fleet", metavar="DIR",
+                    help="the fleet's allocations and history, one directory per pair "
+                         "(who --state-dir DIR/PAIR answers for the fleet)")
+    sp.add_argument("--layout-root", metavar="DIR",
+                    help="for a lab on one machine: each host's state_dir, keepalived notify "
+                         "and conntrackd files under DIR/HOST/ instead of the hosts' usual paths")
     add("teardown", cmd_teardown, "remove every kernel object the agent owns, nothing else (root)",
         config=False)
     add("status", cmd_status, "egress IPs (present, state, workloads) and each workload's leases")

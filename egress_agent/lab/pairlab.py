@@ -14,6 +14,7 @@ the active gateway translates each machine to its block on the app IP.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,42 +25,35 @@ import time
 from .echo import HeldConnection, Seen
 from .netns import addr_add, ip, link_up, ns_add, ns_del, ns_exec, ns_sysctl, nsenter_prefix, \
     route_add, veth
-from ..pair import Member, Pair, conntrackd_conf, keepalived_conf
 
-APP_IP, FABRIC_VIP, ORIGIN, PORT = "203.0.113.140", "10.200.0.100", "203.0.113.10", 7000
-# machine k on workload host wk: source, VNI, fixed block on the app IP
-MACHINES = {1: ("10.1.1.2", 101, (20480, 21503)), 2: ("10.1.2.2", 102, (12288, 13311))}
+APP_IP, ORIGIN, PORT = "203.0.113.140", "203.0.113.10", 7000
+MACHINES = {1: "10.1.1.2", 2: "10.1.2.2"}  # machine k (m{k}) on workload host w{k}
+HOSTS = ("w1", "w2", "g1", "g2")
 
-# No learning: a frame from the standby (its IPv6 link-local traffic when its
-# link returns) would teach the workload host's VXLAN to send to the standby's
-# own address instead of the pair's. No IPv6 link-local address: nothing to send.
-QUIET = ("nolearning",)
-
-# the same on both gateways but the host's name and state dir: the blocks are
-# fixed (MACHINES), as the fleet's allocation would write them into both
-GATEWAY_CONFIG = """version: 1
-host: {{name: {g}, region: lab, role: gateway}}
-state_dir: {run}/{g}/state
-defaults: {{ports_per_workload: 1024, unavailable: drop}}
+# The whole lab's egress, as a fleet file: `egress-agent fleet render` writes each
+# host's files from it (its allocation gives the blocks, the same on g1 and g2).
+FLEET = """version: 1
+defaults: {ports_per_workload: 1024, unavailable: drop}
+pairs:
+  - id: app
+    region: lab
+    vrid: 51
+    fabric: 10.200.0.0/24
+    vip: 10.200.0.100
+    tunnels: 10.250.0.0/16
+    gateways:
+      - {host: g1, fabric_dev: fabr0, fabric_addr: 10.200.0.2, priority: 150, uplink: up0}
+      - {host: g2, fabric_dev: fabr0, fabric_addr: 10.200.0.3, priority: 100, uplink: up0}
+hosts:
+  - {name: w1, region: lab, fabric_dev: fabr0, fabric_addr: 10.200.0.11, vni: 101}
+  - {name: w2, region: lab, fabric_dev: fabr0, fabric_addr: 10.200.0.12, vni: 102}
 egress_ips:
-  - {{id: app-ip, app: app, ipv4: {app}}}
+  - {id: app-ip, app: app, ipv4: 203.0.113.140, pair: app}
 workloads:
-  - {{id: m1, app: app, source: [{s1}], interface: w1, blocks: {{app-ip: "{b1}"}}}}
-  - {{id: m2, app: app, source: [{s2}], interface: w2, blocks: {{app-ip: "{b2}"}}}}
-managed_sources: [10.1.0.0/16]
+  - {id: m1, app: app, host: w1, source: [10.1.1.2], interface: m1}
+  - {id: m2, app: app, host: w2, source: [10.1.2.2], interface: m2}
 """
 
-# a workload host: its machine leaves through the pair, translated there
-WORKLOAD_CONFIG = """version: 1
-host: {{name: w{k}, region: lab}}
-state_dir: {run}/w{k}/state
-defaults: {{unavailable: drop}}
-egress_ips:
-  - {{id: app-ip, app: app, ipv4: {app}, remote: true, via: {{dev: gw0, gateway: 10.250.{k}.2}}}}
-workloads:
-  - {{id: m{k}, app: app, source: [{src}], interface: m{k}}}
-managed_sources: [10.1.{k}.0/24]
-"""
 
 class PairLab:
     def __init__(self, prefix: str, run_root: str = "/run/egress-agent-lab"):
@@ -67,11 +61,7 @@ class PairLab:
         self.run_dir = f"{run_root}/{prefix}"
         self.table = f"{prefix}_origin"
         self.procs: dict[str, subprocess.Popen] = {}
-        self.pair = Pair(
-            id="app", vrid=51, fabric="10.200.0.0/24",
-            members=(Member("g1", "fabr0", "10.200.0.2", 150),
-                     Member("g2", "fabr0", "10.200.0.3", 100)),
-            vips=((f"{FABRIC_VIP}/24", "fabr0"), (f"{APP_IP}/24", "up0")), track=("up0",))
+        self.blocks: dict[int, tuple[int, int]] = {}  # machine k -> its block on the app IP
 
     def ns(self, name: str) -> str:
         return f"{self.prefix}-{name}"
@@ -93,26 +83,38 @@ class PairLab:
             plug("fab", host, "fabr0", f"10.200.0{a}/24")
         for host, a in (("o", ".10"), ("g1", ".2"), ("g2", ".3")):
             plug("inet", host, "up0", f"203.0.113{a}/24")
-        for k, (src, vni, _) in MACHINES.items():
+        for k, src in MACHINES.items():
             w, m = self.ns(f"w{k}"), self.ns(f"m{k}")
             veth(m, "eth0", w, f"m{k}")
             addr_add(m, "eth0", f"{src}/24")
             route_add(m, "default", f"10.1.{k}.1")
             addr_add(w, f"m{k}", f"10.1.{k}.1/24")
-            ns_sysctl(w, "net.ipv4.ip_forward", 1)
-            # the machine's traffic goes, untranslated, to the pair's fabric address
-            ip(w, "link", "add", "gw0", "type", "vxlan", "id", str(vni), "remote", FABRIC_VIP,
-               "local", f"10.200.0.1{k}", "dstport", "4789", "dev", "fabr0", *QUIET)
-            ip(w, "link", "set", "gw0", "addrgenmode", "none")
-            link_up(w, "gw0")
-            addr_add(w, "gw0", f"10.250.{k}.1/30")
-            d = f"{self.run_dir}/w{k}"
-            os.makedirs(d, mode=0o755)
-            with open(f"{d}/config.yaml", "w") as f:
-                f.write(WORKLOAD_CONFIG.format(k=k, run=self.run_dir, app=APP_IP, src=src))
-            self.agent(f"w{k}", "apply", "-c", f"{d}/config.yaml")
+        # every host's files from the fleet file, as a fleet would ship them
+        with open(f"{self.run_dir}/fleet.yaml", "w") as f:
+            f.write(FLEET)
+        r = self.agent(None, "fleet", "render", "-f", f"{self.run_dir}/fleet.yaml", "-o",
+                       self.run_dir, "--state", f"{self.run_dir}/fleet-state", "--layout-root",
+                       self.run_dir, "--json")
+        for key, block in json.loads(r)["blocks"]["app"].items():
+            self.blocks[int(key.split()[0][1:])] = tuple(map(int, block.split("-")))  # type: ignore
+        for h in HOSTS:
+            ns = self.ns(h)
+            ns_sysctl(ns, "net.ipv4.ip_forward", 1)
+            ns_exec(ns, ["sh", f"{self.run_dir}/{h}/tunnels.sh"])
+            if h.startswith("g"):
+                # a mid-stream packet before the replica is committed is INVALID, not new
+                ns_sysctl(ns, "net.netfilter.nf_conntrack_tcp_loose", 0)
+            self.agent(h, "apply", "-c", f"{self.run_dir}/{h}/config.yaml")
         for g in ("g1", "g2"):
-            self._gateway(g)
+            # the gate is closed until keepalived says this host is the active one; the
+            # lab's notify logs each transition, then runs the rendered one
+            self.agent(g, "gateway", "backup", "-c", f"{self.run_dir}/{g}/config.yaml")
+            d = f"{self.run_dir}/{g}"
+            os.rename(f"{d}/notify", f"{d}/notify.rendered")
+            with open(f"{d}/notify", "w") as f:
+                f.write(f'#!/bin/sh\necho "$(date +%s.%N) {g} $1" >> {self.run_dir}/transitions\n'
+                        f'exec {d}/notify.rendered "$@"\n')
+            os.chmod(f"{d}/notify", 0o755)
         self.procs["echo"] = subprocess.Popen(
             nsenter_prefix(self.ns("o")) + [sys.executable, "-m", "egress_agent.lab.echo", "--tcp",
                                              f"{ORIGIN}:{PORT}", "--udp", f"{ORIGIN}:{PORT}"],
@@ -134,47 +136,11 @@ class PairLab:
             assert time.monotonic() < deadline, self.transitions()
             time.sleep(0.05)
 
-    def _gateway(self, g: str) -> None:
-        ns = self.ns(g)
-        ns_sysctl(ns, "net.ipv4.ip_forward", 1)
-        for k, (src, vni, _) in MACHINES.items():
-            dev = f"w{k}"
-            ip(ns, "link", "add", dev, "type", "vxlan", "id", str(vni), "remote",
-               f"10.200.0.1{k}", "dstport", "4789", "dev", "fabr0", *QUIET)
-            # the same MAC on both gateways: the workload host's neighbour entry
-            # for the tunnel's next hop stays right across a failover
-            ip(ns, "link", "set", dev, "address", f"02:ea:00:00:00:0{k}", "addrgenmode", "none")
-            link_up(ns, dev)
-            addr_add(ns, dev, f"10.250.{k}.2/30")
-            route_add(ns, f"10.1.{k}.0/24", f"10.250.{k}.1", dev)
-        # a mid-stream packet before the replica is committed is INVALID, not new
-        ns_sysctl(ns, "net.netfilter.nf_conntrack_tcp_loose", 0)
-        d = f"{self.run_dir}/{g}"
-        os.makedirs(d, mode=0o755)
-        with open(f"{d}/config.yaml", "w") as f:
-            f.write(GATEWAY_CONFIG.format(
-                g=g, run=self.run_dir, app=APP_IP, s1=MACHINES[1][0], s2=MACHINES[2][0],
-                **{f"b{k}": "%d-%d" % MACHINES[k][2] for k in MACHINES}))
-        # the gate is closed until keepalived says this host is the active one
-        self.agent(g, "apply", "-c", f"{d}/config.yaml")
-        self.agent(g, "gateway", "backup", "-c", f"{d}/config.yaml")
-        # keepalived's notify: the agent's script, and a line in `transitions` each time
-        script = self.agent(g, "gateway", "script", "-c", f"{d}/config.yaml",
-                            "--conntrackd-config", f"{d}/conntrackd.conf")
-        notify = f"{d}/notify"
-        with open(notify, "w") as f:
-            f.write(script.replace("rc=0\n", f'rc=0\necho "$(date +%s.%N) {g} $1" >> '
-                                              f'{self.run_dir}/transitions\n', 1))
-        os.chmod(notify, 0o755)
-        with open(f"{d}/conntrackd.conf", "w") as f:
-            f.write(conntrackd_conf(self.pair, g, d))
-        with open(f"{d}/keepalived.conf", "w") as f:
-            f.write(keepalived_conf(self.pair, g, notify))
-
-    def agent(self, g: str, *args: str) -> str:
-        p = subprocess.run(nsenter_prefix(self.ns(g)) + [sys.executable, "-m", "egress_agent.cli",
-                                                         *args],
-                           capture_output=True, text=True, timeout=60, cwd="/")
+    def agent(self, g: str | None, *args: str) -> str:
+        """`egress-agent ARGS` in host `g`'s namespace (None: here)."""
+        p = subprocess.run((nsenter_prefix(self.ns(g)) if g else []) + [
+            sys.executable, "-m", "egress_agent.cli", *args],
+            capture_output=True, text=True, timeout=60, cwd="/")
         assert p.returncode == 0, f"egress-agent {' '.join(args)} in {g}: {p.stdout}{p.stderr}"
         return p.stdout
 
@@ -244,6 +210,6 @@ class PairLab:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def in_block(seen: Seen, k: int) -> bool:
-    lo, hi = MACHINES[k][2]
+def in_block(lab: PairLab, seen: Seen, k: int) -> bool:
+    lo, hi = lab.blocks[k]
     return seen.address == APP_IP and lo <= seen.port <= hi

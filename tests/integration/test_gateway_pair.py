@@ -56,7 +56,7 @@ def fail_over(lab: PairLab, fail, restore) -> None:
     held = [lab.hold(1), lab.hold(2)]
     try:
         for k, h in enumerate(held, 1):
-            assert in_block(h.first, k), h.first
+            assert in_block(lab, h.first, k), h.first
             assert h.ping() == h.first
         fail(active)
         lab.wait_active(other)
@@ -65,7 +65,7 @@ def fail_over(lab: PairLab, fail, restore) -> None:
                                         f"{lab.transitions()}"
         for k in MACHINES:  # a new connection through the new active gateway: the same block
             with lab.hold(k) as h:
-                assert in_block(h.first, k), h.first
+                assert in_block(lab, h.first, k), h.first
         restore(active)
         time.sleep(1.0)  # the returning gateway resyncs; it does not take the IP back
         assert lab.holds_app_ip(other) and not lab.holds_app_ip(active), lab.transitions()
@@ -134,7 +134,7 @@ def test_both_gateways_unreachable_make_the_ip_unusable_and_one_back_restores_it
         active = next(g for g in ("g1", "g2") if lab.holds_app_ip(g))
         lab.wait_active(active)
         with lab.hold(1) as h:
-            assert in_block(h.first, 1), h.first
+            assert in_block(lab, h.first, 1), h.first
         assert lab.leaked() == leaked
     finally:
         daemon.terminate()
