@@ -177,18 +177,37 @@ def cmd_down(args) -> int:
     return 0
 
 
+def cmd_pair(args) -> int:
+    from .pairlab import demo
+    try:
+        rows = demo(args.prefix, say=(lambda s: print(s, file=sys.stderr)) if args.json else print)
+    except FileExistsError as e:
+        print(f"lab pair: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"\n{sum(r['ok'] for r in rows)} of {len(rows)} match")
+    return 0 if all(r["ok"] for r in rows) else 4
+
+
 def add_lab_commands(sub) -> None:
     lab = sub.add_parser("lab", help="the whole system on one machine, in network namespaces",
                          description="Build a host, machines (m42, m43, m44, spoof), a local "
                                      "cgroup workload and an origin with echo servers in network "
                                      "namespaces; run the agent there and check what the origin sees.")
-    lsub = lab.add_subparsers(dest="lab_cmd", metavar="up|demo|check|down", required=True)
+    lsub = lab.add_subparsers(dest="lab_cmd", metavar="up|demo|check|down|pair", required=True)
     for name, fn, help in (("up", cmd_up, "build the lab namespaces and start the echo servers"),
                            ("demo", cmd_demo, "apply the lab config and compare expected with "
                                               "observed source addresses (builds the lab if needed)"),
                            ("check", cmd_check, "only compare expected with observed again (e.g. "
                                                 "while the daemon reacts to a change)"),
                            ("down", cmd_down, "remove every namespace, process and cgroup of the lab"),
+                           ("pair", cmd_pair, "a gateway pair: two workload hosts, two gateways "
+                                              "(the agent, keepalived, conntrackd) and an origin, "
+                                              "built from a fleet file; compare what the origin "
+                                              "sees with the fleet's blocks, fail the active "
+                                              "gateway over, compare again; then remove it"),
                            ("_checks", cmd_checks, argparse.SUPPRESS)):
         sp = lsub.add_parser(name, help=help, description=help if isinstance(help, str) else None)
         sp.add_argument("--prefix", default=DEFAULT_PREFIX,

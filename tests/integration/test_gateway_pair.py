@@ -139,3 +139,14 @@ def test_both_gateways_unreachable_make_the_ip_unusable_and_one_back_restores_it
     finally:
         daemon.terminate()
         daemon.wait(timeout=10)
+
+
+def test_lab_pair_demo_matches_the_fleets_blocks_across_a_failover() -> None:
+    """`egress-agent lab pair`: expected against observed, as a new user runs it."""
+    prefix = "gd" + secrets.token_hex(2)
+    p = subprocess.run([sys.executable, "-m", "egress_agent.cli", "lab", "pair", "--prefix",
+                        prefix, "--json"], capture_output=True, text=True, timeout=180, cwd="/")
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads(p.stdout)
+    assert len(rows) == 7 and all(r["ok"] for r in rows), rows
+    assert not os.path.exists(f"/run/netns/{prefix}-o")  # removed afterwards
