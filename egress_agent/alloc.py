@@ -240,6 +240,13 @@ class _Room:
             self.net6_base = int(net.network_address)
             # low offsets are left to the host and the gateway of the range
             self.v6_next = 0x100 if net.num_addresses > 0x200 else 2
+        # a fixed block fixes the workload's IPv6 address too: the range's address at
+        # offset LO (the block's first port; blocks are disjoint, so are these), so
+        # both gateways of a pair give it the same one (docs/gateway.md)
+        self.fixed6: dict[str, int] = {
+            w: lo for w, (lo, _) in self.fixed.items()
+            if ip.ipv6 and lo < ipaddress.IPv6Network(ip.ipv6).num_addresses}
+        self.v6_fixed = set(self.fixed6.values())
 
     def _overlaps(self, lo: int, hi: Optional[int] = None) -> bool:
         hi = lo + self.size - 1 if hi is None else hi
@@ -263,8 +270,11 @@ class _Room:
                 bisect.insort(self.starts, lo)
             self.reserved += 1
         if lease.ipv6 and self.ip.ipv6 and ipaddress.IPv6Address(lease.ipv6) in self.net6:
-            alone = alone and self._offset(lease.ipv6) not in self.v6_used
-            self.v6_used.add(self._offset(lease.ipv6))
+            offset = self._offset(lease.ipv6)
+            # not its own to take back where another's fixed block fixes that address
+            alone = alone and offset not in self.v6_used and (
+                offset not in self.v6_fixed or self.fixed6.get(lease.workload) == offset)
+            self.v6_used.add(offset)
         if retake and alone and lease.ip == self.ip.id and self._shaped(lease):
             self.held.setdefault(lease.workload, []).append(lease)
 
@@ -300,8 +310,12 @@ class _Room:
         if self.ip.ipv6:
             if ipaddress.IPv6Address(lease.ipv6) not in self.net6:
                 return False
-            if self._offset(lease.ipv6) in self.v6_used:
+            offset = self._offset(lease.ipv6)
+            if offset in self.v6_used:
                 return False
+            own6 = self.fixed6.get(lease.workload)
+            if offset != own6 if own6 is not None else offset in self.v6_fixed:
+                return False  # not its fixed address, or another's
         elif lease.ipv6:
             return False
         return True
@@ -361,8 +375,10 @@ class _Room:
                                     "an egress IP")
             ports = (start, start + self.size - 1)
         ipv6 = None
-        if self.ip.ipv6 and 6 in families:
-            while self.v6_next in self.v6_used:
+        if self.ip.ipv6 and 6 in families and workload in self.fixed6:
+            ipv6 = str(ipaddress.IPv6Address(self.net6_base + self.fixed6[workload]))
+        elif self.ip.ipv6 and 6 in families:
+            while self.v6_next in self.v6_used or self.v6_next in self.v6_fixed:
                 self.v6_next += 1
             if self.v6_next >= self.net6.num_addresses:
                 raise CapacityError(workload, self.ip.id, f"range {self.ip.ipv6} is full")
@@ -645,10 +661,16 @@ def displaced(cfg: Config, prev: Allocations, changed: set[str], holders: Holder
     for ip_id, blocks in fixed.items():
         blocks.sort()  # disjoint (config checks it): the block starting last below a lease's
         starts = [lo for lo, _ in blocks]  # end is the only one that may reach into it
+        ip = cfg.ip(ip_id)
+        # the IPv6 addresses those blocks fix (_Room.fixed6)
+        fixed6 = {str(ipaddress.IPv6Network(ip.ipv6)[lo]) for lo in starts
+                  if lo < ipaddress.IPv6Network(ip.ipv6).num_addresses} if ip.ipv6 else set()
         for w in holders.by_ip.get(ip_id, ()):
-            ports = prev.leases[(w, ip_id)].ports
+            lease = prev.leases[(w, ip_id)]
+            ports = lease.ports
             i = bisect.bisect_right(starts, ports[1]) - 1 if ports else -1
-            if i >= 0 and blocks[i][1] >= ports[0] and w not in changed:
+            if w not in changed and (i >= 0 and blocks[i][1] >= ports[0]
+                                     or lease.ipv6 in fixed6):
                 out.add(w)
     return out
 

@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from egress_agent.alloc import Allocations, CapacityError, allocate, drain
+from egress_agent.alloc import Allocations, CapacityError, Lease, allocate, drain
 from egress_agent.hoststate import Usable
 from egress_agent.config import parse
 from egress_agent.store import Store, who
@@ -286,7 +286,8 @@ def test_a_fixed_block_is_taken_as_given_whatever_the_history():
     other, _ = allocate(cfg, allocate(cfg_with(["w2", "w0", "w1"]), Allocations())[0])
     for a in (fresh, other):
         assert a.leases[("w1", "a1")].ports == (1536, 2559) and a.app_choice["w1"] == "a1"
-        assert a.leases[("w1", "a1")].ipv6  # the IPv6 address is the host's own choice
+        # the block fixes the IPv6 address too: the range's address at offset LO
+        assert a.leases[("w1", "a1")].ipv6 == "2001:db8:10::600"  # 1536 = 0x600
         assert_no_overlap(a)
     # free blocks step by 1024 from 1024; 1024-2047 and 2048-3071 reach into it
     assert fresh.app_choice["w2"] == "a1" and fresh.leases[("w2", "a1")].ports == (3072, 4095)
@@ -308,6 +309,21 @@ def test_a_lease_that_a_new_fixed_block_covers_moves_and_the_rest_of_it_stays_ta
     for l in b.leases.values():
         if l.ipv4 == "203.0.113.10" and l.workload != "w1":
             assert l.ports[0] > 3071, l
+    again, events = allocate(cfg, b)
+    assert again == b and events == []
+
+
+def test_a_fixed_block_takes_its_ipv6_address_from_whoever_had_it_and_nobody_else_gets_one():
+    # w0 holds a block far from w9's fixed one, but the IPv6 address w9's block fixes
+    # (offset 256 = 0x100 in a1's range): w0 moves, w9 gets it, nobody shares one
+    prev = Allocations({"w0": 1}, {"a1": 1, "a2": 2}, {"w0": "a1"}, {
+        ("w0", "a1"): Lease("w0", "a1", "203.0.113.10", (5120, 6143), "2001:db8:10::100")})
+    cfg = cfg_with(["w0", "w1", "w9"], port_range="256-65535", blocks={"w9": "{a1: 256-1279}"})
+    b, events = allocate(cfg, prev)
+    assert b.leases[("w9", "a1")].ipv6 == "2001:db8:10::100"
+    assert ("release", "w0", "a1") in {(e.kind, e.lease.workload, e.lease.ip) for e in events}
+    addresses = [l.ipv6 for l in b.leases.values() if l.ipv6]
+    assert len(addresses) == len(set(addresses)), b.leases
     again, events = allocate(cfg, b)
     assert again == b and events == []
 

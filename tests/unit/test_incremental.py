@@ -186,6 +186,19 @@ EDITS = [add, add, remove, move, new_source, flip_ip, flip_drain, flip_extra_ip,
          flip_cgroup, fix_block, fix_block]
 
 
+def assert_disjoint(a) -> None:
+    """The oracle itself: no two leases share a port of one address, or an IPv6 address."""
+    blocks: dict[str, list] = {}
+    for lease in a.leases.values():
+        if lease.ports:
+            blocks.setdefault(lease.ipv4, []).append(lease.ports)
+    for addr, bs in blocks.items():
+        bs.sort()
+        assert all(hi < lo for (_, hi), (lo, _) in zip(bs, bs[1:])), (addr, bs)
+    v6 = [lease.ipv6 for lease in a.leases.values() if lease.ipv6]
+    assert len(v6) == len(set(v6)), sorted(v6)
+
+
 def check_step(rec: Reconciler, world: World, cgroot: str, kind: str, prev) -> None:
     cfg = parse(world.config_text()).config
     host = world.host()
@@ -198,6 +211,7 @@ def check_step(rec: Reconciler, world: World, cgroot: str, kind: str, prev) -> N
     if want_alloc.lingering:
         want_alloc = drain(want_alloc, rec.live_leases([]))[0]
     assert rec.alloc == want_alloc
+    assert_disjoint(want_alloc)
     assert Store(rec.store.dir).load() == want_alloc  # allocations.json + its journal
     want = build(cfg, want_alloc, HostFacts(usable, existing_cgroups(cfg, cgroot),
                                             host.addresses)).desired
