@@ -35,13 +35,18 @@ from pydantic import Field, ValidationError
 
 from .alloc import Allocations, CapacityError, allocate
 from .config import (
-    ConfigError, Defaults, HostAddress, Id, IfName, IPv4, Limits, PortRange, Prefix, Problem,
+    ConfigError, Defaults, HostAddress, Id, IfName, IPv4, IPv6Range, Limits, PortRange, Prefix,
+    Problem,
     _Model, _problem, _problem_from_pydantic, _read_yaml, _read_file, parse,
 )
 from .gateway import notify_script
 from .pair import Member, Pair, conntrackd_conf, keepalived_conf
 
 VXLAN_PORT = 4789
+_FORWARDING = ("sysctl -qw net.ipv4.ip_forward=1", "sysctl -qw net.ipv6.conf.all.forwarding=1")
+# the tunnels' link-local addresses: fixed, as their MACs are (no generated ones, whose
+# traffic from a standby would reach the workload host)
+_LINK_LOCAL = {"pair": "fe80::1/64", "host": "fe80::2/64"}
 
 
 class FleetGateway(_Model):
@@ -60,6 +65,11 @@ class FleetPair(_Model):
     vip: IPv4 = Field(description="the pair's fabric address: every tunnel ends there")
     tunnels: Prefix = Field(description="a /30 per workload host (by its vni): .1 the host, "
                                         ".2 the pair")
+    tunnels6: Optional[Prefix] = Field(None, description="IPv6 in the tunnels, a /126 per "
+                                                         "workload host (by its vni): needed "
+                                                         "when an IP of the pair has ipv6")
+    vip6: Optional[str] = Field(None, description="ADDRESS/PREFIX the pair holds on its "
+                                                  "uplink, where the IPv6 ranges are routed")
     gateways: list[FleetGateway] = Field(min_length=2, max_length=2)
 
 
@@ -75,6 +85,8 @@ class FleetIP(_Model):
     id: Id
     app: Id
     ipv4: IPv4
+    ipv6: Optional[IPv6Range] = Field(None, description="each workload gets its own address in "
+                                                       "it (the one its block fixes)")
     pair: Id = Field(description="the gateway pair that holds it")
     ports: Optional[PortRange] = None
     limits: Limits = Limits()
@@ -167,6 +179,9 @@ def _references(f: Fleet) -> list[tuple[tuple, str]]:
         apps.add(ip.app)
         if ip.pair not in pairs:
             out.append((("egress_ips", i, "pair"), f"no pair {ip.pair!r} under pairs:"))
+        elif ip.ipv6 and not (pairs[ip.pair].tunnels6 and pairs[ip.pair].vip6):
+            out.append((("egress_ips", i, "ipv6"), f"pair {ip.pair!r} needs tunnels6: and vip6: "
+                        "to carry IPv6"))
     for i, w in enumerate(f.workloads):
         if w.host not in hosts:
             out.append((("workloads", i, "host"), f"no workload host {w.host!r} under hosts:"))
@@ -175,9 +190,15 @@ def _references(f: Fleet) -> list[tuple[tuple, str]]:
     return out
 
 
-def _tunnel_addrs(p: FleetPair, h: FleetHost) -> tuple[str, str]:
-    base = ipaddress.ip_network(p.tunnels).network_address + 4 * h.vni
+def _tunnel_addrs(p: FleetPair, h: FleetHost, family: int = 4) -> tuple[str, str]:
+    """(the host's, the pair's) address in the host's tunnel: the vni-th /30 (/126)."""
+    net = p.tunnels if family == 4 else p.tunnels6
+    base = ipaddress.ip_network(net).network_address + 4 * h.vni
     return str(base + 1), str(base + 2)
+
+
+def _v6(p: FleetPair, f: "Fleet") -> bool:
+    return any(ip.ipv6 for ip in f.egress_ips if ip.pair == p.id)
 
 
 def _mac(vni: int) -> str:
@@ -202,6 +223,7 @@ def _gateway_doc(f: Fleet, p: FleetPair, host: str, blocks: dict[str, dict[str, 
         "state_dir": state_dir,
         "defaults": f.defaults.model_dump(exclude_defaults=True),
         "egress_ips": [{"id": ip.id, "app": ip.app, "ipv4": ip.ipv4,
+                        **({"ipv6": ip.ipv6} if ip.ipv6 else {}),
                         **({"ports": ip.ports} if ip.ports else {}),
                         **({"limits": ip.limits.model_dump(exclude_none=True)}
                            if ip.limits != Limits() else {})} for ip in ips],
@@ -229,7 +251,6 @@ def allocate_pair(f: Fleet, p: FleetPair, prev: Allocations) -> tuple[Allocation
 def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) -> Rendered:
     """Every host's files. CapacityError when a pair's IPs cannot hold its workloads."""
     out = Rendered()
-    hosts = {h.name: h for h in f.hosts}
     for p in f.pairs:
         a, _ = allocate_pair(f, p, prev.get(p.id, Allocations()))
         out.allocations[p.id] = a
@@ -243,11 +264,14 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
                     ((f"{p.vip}/{ipaddress.ip_network(p.fabric).prefixlen}",
                       p.gateways[0].fabric_dev),
                      *((f"{ip.ipv4}/32", p.gateways[0].uplink) for ip in f.egress_ips
-                       if ip.pair == p.id)),
+                       if ip.pair == p.id),
+                     *([(p.vip6, p.gateways[0].uplink)] if p.vip6 and _v6(p, f) else [])),
                     track=(p.gateways[0].uplink,))
         region_hosts = [h for h in f.hosts if h.region == p.region]
         for g in p.gateways:
-            tun = []
+            # forwarding, and a mid-stream TCP packet before conntrackd's commit is
+            # invalid (dropped), not a new connection
+            tun = [*_FORWARDING, "sysctl -qw net.netfilter.nf_conntrack_tcp_loose=0"]
             for h in region_hosts:
                 host_addr, pair_addr = _tunnel_addrs(p, h)
                 dev = f"t{h.vni}"
@@ -255,8 +279,17 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
                         f"dstport {VXLAN_PORT} dev {g.fabric_dev} nolearning",
                         f"ip link set {dev} address {_mac(h.vni)} addrgenmode none",
                         f"ip link set {dev} up", f"ip addr add {pair_addr}/30 dev {dev}"]
-                tun += [f"ip route add {_host_prefix(s)} via {host_addr} dev {dev}"
-                        for w in f.workloads if w.host == h.name for s in w.source]
+                host6 = None
+                if _v6(p, f):
+                    host6, pair6 = _tunnel_addrs(p, h, 6)
+                    # a link-local address of its own (no generated one: addrgenmode none),
+                    # without which the kernel sends no neighbour solicitation for a
+                    # forwarded packet
+                    tun += [f"ip addr add {pair6}/126 dev {dev} nodad",
+                            f"ip addr add {_LINK_LOCAL['pair']} dev {dev} nodad"]
+                tun += [f"ip route add {_host_prefix(s)} via {host6 if ':' in s else host_addr} "
+                        f"dev {dev}" for w in f.workloads if w.host == h.name for s in w.source
+                        if ":" not in s or host6]
             state = layout.of("state_dir", g.host, f)
             out.files[g.host] = {
                 "config.yaml": _dump(_gateway_doc(f, p, g.host, blocks, state)),
@@ -270,7 +303,7 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
         mine = [w for w in f.workloads if w.host == h.name]
         apps = {w.app for w in mine}
         pairs = [p for p in f.pairs if p.region == h.region]
-        ips, tun = [], []
+        ips, tun = [], list(_FORWARDING)
         for p in pairs:
             host_addr, pair_addr = _tunnel_addrs(p, h)
             dev = f"t-{p.id}"
@@ -278,8 +311,15 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
                     f"dstport {VXLAN_PORT} dev {h.fabric_dev} nolearning",
                     f"ip link set {dev} addrgenmode none", f"ip link set {dev} up",
                     f"ip addr add {host_addr}/30 dev {dev}"]
-            ips += [{"id": ip.id, "app": ip.app, "ipv4": ip.ipv4, "remote": True,
-                     "via": {"dev": dev, "gateway": pair_addr}}
+            via: dict = {"dev": dev, "gateway": pair_addr}
+            if _v6(p, f):
+                host6, pair6 = _tunnel_addrs(p, h, 6)
+                tun += [f"ip addr add {host6}/126 dev {dev} nodad",
+                        f"ip addr add {_LINK_LOCAL['host']} dev {dev} nodad"]
+                via["gateway6"] = pair6
+            ips += [{"id": ip.id, "app": ip.app, "ipv4": ip.ipv4,
+                     **({"ipv6": ip.ipv6} if ip.ipv6 else {}), "remote": True,
+                     "via": {k: v for k, v in via.items() if k != "gateway6" or ip.ipv6}}
                     for ip in f.egress_ips if ip.pair == p.id and ip.app in apps]
         doc = {"version": 1, "host": {"name": h.name, "region": h.region},
                "state_dir": layout.of("state_dir", h.name, f),

@@ -14,6 +14,7 @@ the active gateway translates each machine to its block on the app IP.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -23,11 +24,13 @@ import sys
 import time
 
 from .echo import HeldConnection, Seen
-from .netns import addr_add, ip, link_up, ns_add, ns_del, ns_exec, ns_sysctl, nsenter_prefix, \
-    route_add, veth
+from .netns import addr_add, ip, link_up, ns_add, ns_del, ns_exec, nsenter_prefix, route_add, \
+    veth
 
-APP_IP, ORIGIN, PORT = "203.0.113.140", "203.0.113.10", 7000
-MACHINES = {1: "10.1.1.2", 2: "10.1.2.2"}  # machine k (m{k}) on workload host w{k}
+APP_IP, APP_RANGE, ORIGIN, ORIGIN6, PORT = (
+    "203.0.113.140", "2001:db8:140::/64", "203.0.113.10", "2001:db8:f::10", 7000)
+VIP6 = "2001:db8:f::1"  # the pair's on the uplink: the origin routes APP_RANGE there
+MACHINES = {1: ("10.1.1.2", "fd00:1::2"), 2: ("10.1.2.2", "fd00:2::2")}  # m{k} on w{k}
 HOSTS = ("w1", "w2", "g1", "g2")
 
 # The whole lab's egress, as a fleet file: `egress-agent fleet render` writes each
@@ -41,6 +44,8 @@ pairs:
     fabric: 10.200.0.0/24
     vip: 10.200.0.100
     tunnels: 10.250.0.0/16
+    tunnels6: "fd00:250::/64"
+    vip6: "2001:db8:f::1/64"
     gateways:
       - {host: g1, fabric_dev: fabr0, fabric_addr: 10.200.0.2, priority: 150, uplink: up0}
       - {host: g2, fabric_dev: fabr0, fabric_addr: 10.200.0.3, priority: 100, uplink: up0}
@@ -48,10 +53,10 @@ hosts:
   - {name: w1, region: lab, fabric_dev: fabr0, fabric_addr: 10.200.0.11, vni: 101}
   - {name: w2, region: lab, fabric_dev: fabr0, fabric_addr: 10.200.0.12, vni: 102}
 egress_ips:
-  - {id: app-ip, app: app, ipv4: 203.0.113.140, pair: app}
+  - {id: app-ip, app: app, ipv4: 203.0.113.140, ipv6: "2001:db8:140::/64", pair: app}
 workloads:
-  - {id: m1, app: app, host: w1, source: [10.1.1.2], interface: m1}
-  - {id: m2, app: app, host: w2, source: [10.1.2.2], interface: m2}
+  - {id: m1, app: app, host: w1, source: [10.1.1.2, "fd00:1::2"], interface: m1}
+  - {id: m2, app: app, host: w2, source: [10.1.2.2, "fd00:2::2"], interface: m2}
 """
 
 
@@ -81,14 +86,19 @@ class PairLab:
 
         for host, a in (("w1", ".11"), ("w2", ".12"), ("g1", ".2"), ("g2", ".3")):
             plug("fab", host, "fabr0", f"10.200.0{a}/24")
-        for host, a in (("o", ".10"), ("g1", ".2"), ("g2", ".3")):
-            plug("inet", host, "up0", f"203.0.113{a}/24")
-        for k, src in MACHINES.items():
+        for host, a in (("o", "10"), ("g1", "2"), ("g2", "3")):
+            plug("inet", host, "up0", f"203.0.113.{a}/24")
+            addr_add(self.ns(host), "up0", f"2001:db8:f::{a}/64")
+        route_add(self.ns("o"), APP_RANGE, VIP6)
+        for k, (src, src6) in MACHINES.items():
             w, m = self.ns(f"w{k}"), self.ns(f"m{k}")
             veth(m, "eth0", w, f"m{k}")
             addr_add(m, "eth0", f"{src}/24")
+            addr_add(m, "eth0", f"{src6}/64")
             route_add(m, "default", f"10.1.{k}.1")
+            route_add(m, "default", f"fd00:{k}::1")
             addr_add(w, f"m{k}", f"10.1.{k}.1/24")
+            addr_add(w, f"m{k}", f"fd00:{k}::1/64")
         # every host's files from the fleet file, as a fleet would ship them
         with open(f"{self.run_dir}/fleet.yaml", "w") as f:
             f.write(FLEET)
@@ -97,13 +107,8 @@ class PairLab:
                        self.run_dir, "--json")
         for key, block in json.loads(r)["blocks"]["app"].items():
             self.blocks[int(key.split()[0][1:])] = tuple(map(int, block.split("-")))  # type: ignore
-        for h in HOSTS:
-            ns = self.ns(h)
-            ns_sysctl(ns, "net.ipv4.ip_forward", 1)
-            ns_exec(ns, ["sh", f"{self.run_dir}/{h}/tunnels.sh"])
-            if h.startswith("g"):
-                # a mid-stream packet before the replica is committed is INVALID, not new
-                ns_sysctl(ns, "net.netfilter.nf_conntrack_tcp_loose", 0)
+        for h in HOSTS:  # the rendered set-up: forwarding, tunnels, conntrack's settings
+            ns_exec(self.ns(h), ["sh", f"{self.run_dir}/{h}/tunnels.sh"])
             self.agent(h, "apply", "-c", f"{self.run_dir}/{h}/config.yaml")
         for g in ("g1", "g2"):
             # the gate is closed until keepalived says this host is the active one; the
@@ -117,14 +122,17 @@ class PairLab:
             os.chmod(f"{d}/notify", 0o755)
         self.procs["echo"] = subprocess.Popen(
             nsenter_prefix(self.ns("o")) + [sys.executable, "-m", "egress_agent.lab.echo", "--tcp",
-                                             f"{ORIGIN}:{PORT}", "--udp", f"{ORIGIN}:{PORT}"],
+                                             f"{ORIGIN}:{PORT}", "--udp", f"{ORIGIN}:{PORT}",
+                                             "--tcp", f"[{ORIGIN6}]:{PORT}"],
             cwd="/", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.procs["echo"].stdout.readline().strip() == "ready"
         # the origin counts what reaches the echo port from anyone but the app IP
         ns_exec(self.ns("o"), ["nft", "-f", "-"], input=(
-            f"table ip {self.table} {{\n  counter leaked {{\n  }}\n"
+            f"table inet {self.table} {{\n  counter leaked {{\n  }}\n"
             f"  chain input {{\n    type filter hook input priority 0;\n"
-            f"    tcp dport {PORT} ip saddr != {APP_IP} counter name \"leaked\"\n  }}\n}}\n"))
+            f"    tcp dport {PORT} ip saddr != {APP_IP} counter name \"leaked\"\n"
+            f"    tcp dport {PORT} ip6 saddr != {APP_RANGE} counter name \"leaked\"\n"
+            f"  }}\n}}\n"))
         for g in ("g1", "g2"):
             self.start_conntrackd(g)
         for g in ("g1", "g2"):
@@ -196,11 +204,20 @@ class PairLab:
             return ""
 
     def leaked(self) -> int:
-        out = ns_exec(self.ns("o"), ["nft", "list", "counter", "ip", self.table, "leaked"]).stdout
+        out = ns_exec(self.ns("o"), ["nft", "list", "counter", "inet", self.table, "leaked"]).stdout
         return int(out.split("packets")[1].split()[0])
 
-    def hold(self, k: int, timeout: float = 5.0) -> HeldConnection:
-        return HeldConnection(ORIGIN, PORT, timeout=timeout, prefix=nsenter_prefix(self.ns(f"m{k}")))
+    def hold(self, k: int, timeout: float = 5.0, family: int = 4) -> HeldConnection:
+        return HeldConnection(ORIGIN6 if family == 6 else ORIGIN, PORT, timeout=timeout,
+                              prefix=nsenter_prefix(self.ns(f"m{k}")))
+
+    def expected(self, k: int, family: int = 4) -> str:
+        """What the origin should see of machine k: the app IP and its block, or the
+        IPv6 address its block fixes (the range's address at offset LO)."""
+        lo, hi = self.blocks[k]
+        if family == 6:
+            return str(ipaddress.IPv6Network(APP_RANGE)[lo])
+        return f"{APP_IP}:{lo}-{hi}"
 
     def down(self) -> None:
         for name in list(self.procs):
@@ -221,14 +238,14 @@ def demo(prefix: str, say=print) -> list[dict]:
         raise FileExistsError(f"a lab named {prefix!r} is up ({lab.run_dir}): give another "
                               f"--prefix, or remove it (egress-agent lab down --prefix {prefix})")
 
-    def row(what: str, k: int, seen: Seen | None, held: Seen | None = None) -> None:
-        lo, hi = lab.blocks[k]
-        ok = seen is not None and in_block(lab, seen, k) and (held is None or seen == held)
-        rows.append({"check": what, "expected": f"{APP_IP}:{lo}-{hi}"
-                     + (f" (= {held.address}:{held.port})" if held else ""),
-                     "observed": f"{seen.address}:{seen.port}" if seen else "no answer",
+    def row(what: str, k: int, fam: int, seen: Seen | None, held: Seen | None = None) -> None:
+        ok = seen is not None and in_block(lab, seen, k, fam) and (held is None or seen == held)
+        rows.append({"check": what, "expected": lab.expected(k, fam)
+                     + (f" (= port {held.port})" if held else ""),
+                     "observed": (f"[{seen.address}]:{seen.port}" if ":" in seen.address
+                                  else f"{seen.address}:{seen.port}") if seen else "no answer",
                      "ok": ok})
-        say(f"{what:44} {rows[-1]['expected']:50} {rows[-1]['observed']:22} "
+        say(f"{what:44} {rows[-1]['expected']:40} {rows[-1]['observed']:28} "
             f"{'yes' if ok else 'NO'}")
 
     say(f"building the pair lab {prefix} (namespaces {prefix}-*) from its fleet file ...")
@@ -236,27 +253,30 @@ def demo(prefix: str, say=print) -> list[dict]:
         lab.up()
         active = "g1" if lab.holds_app_ip("g1") else "g2"
         other = "g2" if active == "g1" else "g1"
-        say(f"{'CHECK':44} {'EXPECTED (fleet blocks)':50} {'OBSERVED':22} MATCH")
-        held = {k: lab.hold(k) for k in MACHINES}
-        for k, h in held.items():
-            row(f"m{k} on w{k}, tcp, through {active}", k, h.first)
+        say(f"{'CHECK':44} {'EXPECTED (the fleet blocks)':40} {'OBSERVED':28} MATCH")
+        held = {(k, fam): lab.hold(k, family=fam) for k in MACHINES for fam in (4, 6)}
+        for (k, fam), h in held.items():
+            row(f"m{k} on w{k}, tcp IPv{fam}, through {active}", k, fam, h.first)
         lab.stop(f"{active}-ka")
         lab.wait_active(other)
-        for k, h in held.items():
-            row(f"m{k} held connection, after {active} stopped", k, h.ping(), h.first)
+        for (k, fam), h in held.items():
+            row(f"m{k} held IPv{fam}, after {active} stopped", k, fam, h.ping(), h.first)
             h.close()
         for k in MACHINES:
             with lab.hold(k) as h:
-                row(f"m{k} on w{k}, new tcp, through {other}", k, h.first)
+                row(f"m{k} on w{k}, new tcp IPv4, through {other}", k, 4, h.first)
+        leaked = lab.leaked()
         rows.append({"check": "packets at the origin from another source",
-                     "expected": "0", "observed": str(lab.leaked()), "ok": lab.leaked() == 0})
-        say(f"{rows[-1]['check']:44} {'0':50} {rows[-1]['observed']:22} "
+                     "expected": "0", "observed": str(leaked), "ok": leaked == 0})
+        say(f"{rows[-1]['check']:44} {'0':40} {rows[-1]['observed']:28} "
             f"{'yes' if rows[-1]['ok'] else 'NO'}")
     finally:
         lab.down()
     return rows
 
 
-def in_block(lab: PairLab, seen: Seen, k: int) -> bool:
+def in_block(lab: PairLab, seen: Seen, k: int, family: int = 4) -> bool:
+    if family == 6:
+        return seen.address == lab.expected(k, 6)
     lo, hi = lab.blocks[k]
     return seen.address == APP_IP and lo <= seen.port <= hi

@@ -48,19 +48,19 @@ def pair_lab():
 
 
 def fail_over(lab: PairLab, fail, restore) -> None:
-    """Hold one connection from each workload host, fail the active gateway,
-    and check that both go on from the same address and port through the other."""
+    """Hold an IPv4 and an IPv6 connection from each workload host, fail the active
+    gateway, and check that all go on from the same address and port through the other."""
     active = "g1" if lab.holds_app_ip("g1") else "g2"
     other = "g2" if active == "g1" else "g1"
     assert lab.gate_open(active) and not lab.gate_open(other), lab.transitions()
-    held = [lab.hold(1), lab.hold(2)]
+    held = {(k, fam): lab.hold(k, family=fam) for k in MACHINES for fam in (4, 6)}
     try:
-        for k, h in enumerate(held, 1):
-            assert in_block(lab, h.first, k), h.first
+        for (k, fam), h in held.items():
+            assert in_block(lab, h.first, k, fam), (fam, h.first)
             assert h.ping() == h.first
         fail(active)
         lab.wait_active(other)
-        for h in held:
+        for h in held.values():
             assert h.ping() == h.first, f"a held connection broke in the failover\n" \
                                         f"{lab.transitions()}"
         for k in MACHINES:  # a new connection through the new active gateway: the same block
@@ -70,10 +70,10 @@ def fail_over(lab: PairLab, fail, restore) -> None:
         time.sleep(1.0)  # the returning gateway resyncs; it does not take the IP back
         assert lab.holds_app_ip(other) and not lab.holds_app_ip(active), lab.transitions()
         assert not lab.gate_open(active), "the returning standby's gate is open"
-        for h in held:
+        for h in held.values():
             assert h.ping() == h.first, f"broke when {active} returned\n{lab.transitions()}"
     finally:
-        for h in held:
+        for h in held.values():
             h.close()
     assert lab.leaked() == 0, "a packet reached the origin from another source"
 
@@ -148,5 +148,6 @@ def test_lab_pair_demo_matches_the_fleets_blocks_across_a_failover() -> None:
                         prefix, "--json"], capture_output=True, text=True, timeout=180, cwd="/")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads(p.stdout)
-    assert len(rows) == 7 and all(r["ok"] for r in rows), rows
+    assert len(rows) == 11 and all(r["ok"] for r in rows), rows
+    assert sum("IPv6" in r["check"] for r in rows) == 4
     assert not os.path.exists(f"/run/netns/{prefix}-o")  # removed afterwards

@@ -33,6 +33,9 @@ def test_every_host_gets_files_that_validate_and_both_gateways_the_same_blocks(t
     assert [w.interface for w in g1.workloads] == ["t101", "t102"]
     ip = w1.egress_ips[0]
     assert (ip.remote, ip.via.dev, ip.via.gateway) == (True, "t-app", "10.250.1.150")
+    # IPv6: the range on both sides, the pair's tunnel address as the next hop
+    assert (ip.ipv6, ip.via.gateway6) == ("2001:db8:140::/64", "fd00:250::196")
+    assert g1.egress_ips[0].ipv6 == "2001:db8:140::/64"
     assert [w.id for w in w1.workloads] == ["m1"]
     files = sorted(p.name for p in (tmp_path / "out" / "g1").iterdir())
     assert files == ["config.yaml", "conntrackd.conf", "keepalived.conf", "notify", "tunnels.sh"]
@@ -40,6 +43,15 @@ def test_every_host_gets_files_that_validate_and_both_gateways_the_same_blocks(t
     assert "ip link add t101 type vxlan id 101 remote 10.200.0.11" in tun
     assert "ip link set t101 address 02:ea:00:00:65:01" in tun  # the same MAC on g1 and g2
     assert tun == (tmp_path / "out" / "g1" / "tunnels.sh").read_text()
+    # forwarding, a strict TCP conntrack, IPv6 with a link-local address of its own
+    # (without one the kernel solicits no neighbour for a forwarded packet)
+    for line in ("sysctl -qw net.netfilter.nf_conntrack_tcp_loose=0",
+                 "ip addr add fd00:250::196/126 dev t101 nodad",
+                 "ip addr add fe80::1/64 dev t101 nodad",
+                 "ip route add fd00:1::2/128 via fd00:250::195 dev t101"):
+        assert line in tun, line
+    keepalived = (tmp_path / "out" / "g1" / "keepalived.conf").read_text()
+    assert "virtual_ipaddress_excluded {\n\t\t2001:db8:f::1/64 dev up0" in keepalived
 
 
 def test_blocks_stay_across_renders_and_unrelated_edits_and_who_answers_for_the_fleet(tmp_path):
@@ -68,6 +80,8 @@ def test_check_writes_nothing(tmp_path):
     (("host: w2,", "host: w9,"), "host: w9,", "workloads[1].host: no workload host 'w9' under hosts:"),
     (("vni: 102", "vni: 101"), "vni: 101}\n  - {name: w2", "hosts[1].vni: vni 101 is w1's already"),
     (("priority: 150", "priority: 0"), "priority: 0", "pairs[0].gateways[0].priority"),
+    (('    tunnels6: "fd00:250::/64"\n', ""), 'ipv6: "2001:db8:140::/64", pair',
+     "egress_ips[0].ipv6: pair 'app' needs tunnels6: and vip6: to carry IPv6"),
     (("ports_per_workload: 1024", "ports_per_workload: 40000"), "host: w2,",
      "workloads[1]: capacity: workload 'm2' needs a port block on egress IP 'app-ip'"),
 ])
