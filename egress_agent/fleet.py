@@ -251,10 +251,13 @@ def allocate_pair(f: Fleet, p: FleetPair, prev: Allocations) -> tuple[Allocation
 def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) -> Rendered:
     """Every host's files. CapacityError when a pair's IPs cannot hold its workloads."""
     out = Rendered()
+    # workload -> IP -> its block, fleet-wide: in the gateways' configs and in its own
+    # host's (whose allocation, status and `who` then tell the same blocks, and whose
+    # app choice is the one the gateways translate to)
+    blocks: dict[str, dict[str, str]] = {}
     for p in f.pairs:
         a, _ = allocate_pair(f, p, prev.get(p.id, Allocations()))
         out.allocations[p.id] = a
-        blocks: dict[str, dict[str, str]] = {}
         for (w, ip), lease in a.leases.items():
             if lease.ports:
                 blocks.setdefault(w, {})[ip] = "%d-%d" % lease.ports
@@ -326,7 +329,8 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
                "defaults": f.defaults.model_dump(exclude_defaults=True),
                "egress_ips": ips,
                "workloads": [{"id": w.id, "app": w.app, "source": list(w.source),
-                              **({"interface": w.interface} if w.interface else {})}
+                              **({"interface": w.interface} if w.interface else {}),
+                              **({"blocks": blocks[w.id]} if blocks.get(w.id) else {})}
                              for w in mine],
                "managed_sources": sorted({_host_prefix(s) for w in mine for s in w.source})}
         out.files[h.name] = {"config.yaml": _dump(doc), "tunnels.sh": _script(tun)}

@@ -36,7 +36,7 @@ def test_every_host_gets_files_that_validate_and_both_gateways_the_same_blocks(t
     # IPv6: the range on both sides, the pair's tunnel address as the next hop
     assert (ip.ipv6, ip.via.gateway6) == ("2001:db8:140::/64", "fd00:250::196")
     assert g1.egress_ips[0].ipv6 == "2001:db8:140::/64"
-    assert [w.id for w in w1.workloads] == ["m1"]
+    assert [(w.id, dict(w.blocks)) for w in w1.workloads] == [("m1", {"app-ip": "1024-2047"})]
     files = sorted(p.name for p in (tmp_path / "out" / "g1").iterdir())
     assert files == ["config.yaml", "conntrackd.conf", "keepalived.conf", "notify", "tunnels.sh"]
     tun = (tmp_path / "out" / "g2" / "tunnels.sh").read_text()
