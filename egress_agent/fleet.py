@@ -35,8 +35,8 @@ from pydantic import Field, ValidationError
 
 from .alloc import Allocations, CapacityError, allocate
 from .config import (
-    ConfigError, Defaults, HostAddress, Id, IfName, IPv4, IPv6Range, Limits, PortRange, Prefix,
-    Problem,
+    ConfigError, Defaults, HostAddress, Id, IfName, IPv4, IPv6Range, Limits, Policy, PortRange,
+    Prefix, Problem, policy_ips, policy_matches,
     _Model, _problem, _problem_from_pydantic, _read_yaml, _read_file, parse,
 )
 from .gateway import notify_script
@@ -108,6 +108,8 @@ class Fleet(_Model):
     hosts: list[FleetHost] = Field(default_factory=list)
     egress_ips: list[FleetIP] = Field(default_factory=list)
     workloads: list[FleetWorkload] = Field(default_factory=list)
+    policies: list[Policy] = Field(default_factory=list, description="as in a host's config; "
+                                   "each host gets those that can match its workloads")
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,14 @@ def _references(f: Fleet) -> list[tuple[tuple, str]]:
         elif ip.ipv6 and not (pairs[ip.pair].tunnels6 and pairs[ip.pair].vip6):
             out.append((("egress_ips", i, "ipv6"), f"pair {ip.pair!r} needs tunnels6: and vip6: "
                         "to carry IPv6"))
+    ip_ids, workload_ids = {ip.id for ip in f.egress_ips}, {w.id for w in f.workloads}
+    for i, pol in enumerate(f.policies):
+        for ip_id in policy_ips(pol, None):
+            if ip_id not in ip_ids:
+                out.append((("policies", i, "egress"), f"no egress IP {ip_id!r} under egress_ips:"))
+        for j, w in enumerate(pol.match.workloads):
+            if w not in workload_ids:
+                out.append((("policies", i, "match", "workloads", j), f"no workload {w!r}"))
     for i, w in enumerate(f.workloads):
         if w.host not in hosts:
             out.append((("workloads", i, "host"), f"no workload host {w.host!r} under hosts:"))
@@ -211,19 +221,47 @@ def _dump(doc: dict) -> str:
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
 
 
+def _policies_for(f: Fleet, ws: list[FleetWorkload], ip_ids: set[str]) -> list[dict]:
+    """The fleet's policies as one host takes them: those that can match one of `ws`
+    and name no egress IP but `ip_ids`, their workload and app lists cut to `ws`'s
+    (a host's config names only its own)."""
+    ids, apps = {w.id for w in ws}, {w.app for w in ws}
+    out = []
+    for pol in f.policies:
+        if not any(policy_matches(pol, w) for w in ws) or not set(policy_ips(pol, None)) <= ip_ids:
+            continue
+        d = pol.model_dump(exclude_defaults=True)
+        if pol.match.workloads or pol.match.apps:
+            d["match"]["workloads"] = [w for w in pol.match.workloads if w in ids]
+            d["match"]["apps"] = [a for a in pol.match.apps if a in apps]
+            d["match"] = {k: v for k, v in d["match"].items() if v}
+        out.append(d)
+    return out
+
+
+def _policies(pols: list[dict]) -> dict:
+    return {"policies": pols} if pols else {}
+
+
+def _ip_doc(ip: FleetIP) -> dict:
+    return {"id": ip.id, "app": ip.app, "ipv4": ip.ipv4, **({"ipv6": ip.ipv6} if ip.ipv6 else {})}
+
+
 def _gateway_doc(f: Fleet, p: FleetPair, host: str, blocks: dict[str, dict[str, str]],
                  state_dir: str) -> dict:
     ips = [ip for ip in f.egress_ips if ip.pair == p.id]
-    apps = {ip.app for ip in ips}
+    apps, ids = {ip.app for ip in ips}, {ip.id for ip in ips}
     hosts = {h.name: h for h in f.hosts}
-    ws = [w for w in f.workloads if w.app in apps and hosts[w.host].region == p.region]
+    # its IPs' apps' workloads, and those a policy sends to one of its IPs
+    sent = [pol for pol in f.policies if set(policy_ips(pol, None)) & ids]
+    ws = [w for w in f.workloads if hosts[w.host].region == p.region
+          and (w.app in apps or any(policy_matches(pol, w) for pol in sent))]
     return {
         "version": 1,
         "host": {"name": host, "region": p.region, "role": "gateway"},
         "state_dir": state_dir,
         "defaults": f.defaults.model_dump(exclude_defaults=True),
-        "egress_ips": [{"id": ip.id, "app": ip.app, "ipv4": ip.ipv4,
-                        **({"ipv6": ip.ipv6} if ip.ipv6 else {}),
+        "egress_ips": [{**_ip_doc(ip),
                         **({"ports": ip.ports} if ip.ports else {}),
                         **({"limits": ip.limits.model_dump(exclude_none=True)}
                            if ip.limits != Limits() else {})} for ip in ips],
@@ -231,7 +269,7 @@ def _gateway_doc(f: Fleet, p: FleetPair, host: str, blocks: dict[str, dict[str, 
                        "interface": f"t{hosts[w.host].vni}",
                        **({"blocks": blocks[w.id]} if blocks.get(w.id) else {})} for w in ws],
         "managed_sources": sorted({_host_prefix(s) for w in ws for s in w.source}),
-    }
+    } | _policies(_policies_for(f, ws, ids))
 
 
 def _host_prefix(addr: str) -> str:
@@ -304,7 +342,10 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
             }
     for h in f.hosts:
         mine = [w for w in f.workloads if w.host == h.name]
-        apps = {w.app for w in mine}
+        # the IPs of its workloads' apps, and those a policy may send one of them to
+        wanted = {ip.id for ip in f.egress_ips if ip.app in {w.app for w in mine}} | {
+            x for pol in f.policies if any(policy_matches(pol, w) for w in mine)
+            for x in policy_ips(pol, None)}
         pairs = [p for p in f.pairs if p.region == h.region]
         ips, tun = [], list(_FORWARDING)
         for p in pairs:
@@ -320,10 +361,9 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
                 tun += [f"ip addr add {host6}/126 dev {dev} nodad",
                         f"ip addr add {_LINK_LOCAL['host']} dev {dev} nodad"]
                 via["gateway6"] = pair6
-            ips += [{"id": ip.id, "app": ip.app, "ipv4": ip.ipv4,
-                     **({"ipv6": ip.ipv6} if ip.ipv6 else {}), "remote": True,
+            ips += [{**_ip_doc(ip), "remote": True,
                      "via": {k: v for k, v in via.items() if k != "gateway6" or ip.ipv6}}
-                    for ip in f.egress_ips if ip.pair == p.id and ip.app in apps]
+                    for ip in f.egress_ips if ip.pair == p.id and ip.id in wanted]
         doc = {"version": 1, "host": {"name": h.name, "region": h.region},
                "state_dir": layout.of("state_dir", h.name, f),
                "defaults": f.defaults.model_dump(exclude_defaults=True),
@@ -332,7 +372,8 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
                               **({"interface": w.interface} if w.interface else {}),
                               **({"blocks": blocks[w.id]} if blocks.get(w.id) else {})}
                              for w in mine],
-               "managed_sources": sorted({_host_prefix(s) for w in mine for s in w.source})}
+               "managed_sources": sorted({_host_prefix(s) for w in mine for s in w.source}),
+               } | _policies(_policies_for(f, mine, {ip["id"] for ip in ips}))
         out.files[h.name] = {"config.yaml": _dump(doc), "tunnels.sh": _script(tun)}
     return out
 

@@ -29,6 +29,8 @@ from .netns import addr_add, ip, link_up, ns_add, ns_del, ns_exec, nsenter_prefi
 
 APP_IP, APP_RANGE, ORIGIN, ORIGIN6, PORT = (
     "203.0.113.140", "2001:db8:140::/64", "203.0.113.10", "2001:db8:f::10", 7000)
+# a policy sends the machines' TCP to port POLICY_PORT out of the pair's other IP
+PARTNER_IP, POLICY_PORT = "203.0.113.141", 7001
 VIP6 = "2001:db8:f::1"  # the pair's on the uplink: the origin routes APP_RANGE there
 MACHINES = {1: ("10.1.1.2", "fd00:1::2"), 2: ("10.1.2.2", "fd00:2::2")}  # m{k} on w{k}
 HOSTS = ("w1", "w2", "g1", "g2")
@@ -54,9 +56,14 @@ hosts:
   - {name: w2, region: lab, fabric_dev: fabr0, fabric_addr: 10.200.0.12, vni: 102}
 egress_ips:
   - {id: app-ip, app: app, ipv4: 203.0.113.140, ipv6: "2001:db8:140::/64", pair: app}
+  - {id: partner-ip, app: partners, ipv4: 203.0.113.141, pair: app}
 workloads:
   - {id: m1, app: app, host: w1, source: [10.1.1.2, "fd00:1::2"], interface: m1}
   - {id: m2, app: app, host: w2, source: [10.1.2.2, "fd00:2::2"], interface: m2}
+policies:
+  - name: to-partner
+    match: {ports: [7001], protocols: [tcp]}
+    egress: {ipv4: partner-ip, ipv4_fallback: drop}
 """
 
 
@@ -66,7 +73,8 @@ class PairLab:
         self.run_dir = f"{run_root}/{prefix}"
         self.table = f"{prefix}_origin"
         self.procs: dict[str, subprocess.Popen] = {}
-        self.blocks: dict[int, tuple[int, int]] = {}  # machine k -> its block on the app IP
+        # (machine k, egress IP id) -> its block there, from the fleet's allocation
+        self.blocks: dict[tuple[int, str], tuple[int, int]] = {}
 
     def ns(self, name: str) -> str:
         return f"{self.prefix}-{name}"
@@ -106,7 +114,8 @@ class PairLab:
                        self.run_dir, "--state", f"{self.run_dir}/fleet-state", "--layout-root",
                        self.run_dir, "--json")
         for key, block in json.loads(r)["blocks"]["app"].items():
-            self.blocks[int(key.split()[0][1:])] = tuple(map(int, block.split("-")))  # type: ignore
+            w, ip_id = key.split()
+            self.blocks[(int(w[1:]), ip_id)] = tuple(map(int, block.split("-")))  # type: ignore
         for h in HOSTS:  # the rendered set-up: forwarding, tunnels, conntrack's settings
             ns_exec(self.ns(h), ["sh", f"{self.run_dir}/{h}/tunnels.sh"])
             self.agent(h, "apply", "-c", f"{self.run_dir}/{h}/config.yaml")
@@ -123,7 +132,8 @@ class PairLab:
         self.procs["echo"] = subprocess.Popen(
             nsenter_prefix(self.ns("o")) + [sys.executable, "-m", "egress_agent.lab.echo", "--tcp",
                                              f"{ORIGIN}:{PORT}", "--udp", f"{ORIGIN}:{PORT}",
-                                             "--tcp", f"[{ORIGIN6}]:{PORT}"],
+                                             "--tcp", f"[{ORIGIN6}]:{PORT}",
+                                             "--tcp", f"{ORIGIN}:{POLICY_PORT}"],
             cwd="/", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.procs["echo"].stdout.readline().strip() == "ready"
         # the origin counts what reaches the echo port from anyone but the app IP
@@ -132,6 +142,7 @@ class PairLab:
             f"  chain input {{\n    type filter hook input priority 0;\n"
             f"    tcp dport {PORT} ip saddr != {APP_IP} counter name \"leaked\"\n"
             f"    tcp dport {PORT} ip6 saddr != {APP_RANGE} counter name \"leaked\"\n"
+            f"    tcp dport {POLICY_PORT} ip saddr != {PARTNER_IP} counter name \"leaked\"\n"
             f"  }}\n}}\n"))
         for g in ("g1", "g2"):
             self.start_conntrackd(g)
@@ -207,17 +218,18 @@ class PairLab:
         out = ns_exec(self.ns("o"), ["nft", "list", "counter", "inet", self.table, "leaked"]).stdout
         return int(out.split("packets")[1].split()[0])
 
-    def hold(self, k: int, timeout: float = 5.0, family: int = 4) -> HeldConnection:
-        return HeldConnection(ORIGIN6 if family == 6 else ORIGIN, PORT, timeout=timeout,
+    def hold(self, k: int, timeout: float = 5.0, family: int = 4,
+             port: int = PORT) -> HeldConnection:
+        return HeldConnection(ORIGIN6 if family == 6 else ORIGIN, port, timeout=timeout,
                               prefix=nsenter_prefix(self.ns(f"m{k}")))
 
-    def expected(self, k: int, family: int = 4) -> str:
-        """What the origin should see of machine k: the app IP and its block, or the
+    def expected(self, k: int, family: int = 4, ip_id: str = "app-ip") -> str:
+        """What the origin should see of machine k: the IP and its block, or the
         IPv6 address its block fixes (the range's address at offset LO)."""
-        lo, hi = self.blocks[k]
+        lo, hi = self.blocks[(k, ip_id)]
         if family == 6:
             return str(ipaddress.IPv6Network(APP_RANGE)[lo])
-        return f"{APP_IP}:{lo}-{hi}"
+        return f"{PARTNER_IP if ip_id == 'partner-ip' else APP_IP}:{lo}-{hi}"
 
     def down(self) -> None:
         for name in list(self.procs):
@@ -238,9 +250,10 @@ def demo(prefix: str, say=print) -> list[dict]:
         raise FileExistsError(f"a lab named {prefix!r} is up ({lab.run_dir}): give another "
                               f"--prefix, or remove it (egress-agent lab down --prefix {prefix})")
 
-    def row(what: str, k: int, fam: int, seen: Seen | None, held: Seen | None = None) -> None:
-        ok = seen is not None and in_block(lab, seen, k, fam) and (held is None or seen == held)
-        rows.append({"check": what, "expected": lab.expected(k, fam)
+    def row(what: str, k: int, fam: int, seen: Seen | None, held: Seen | None = None,
+            ip_id: str = "app-ip") -> None:
+        ok = seen is not None and in_block(lab, seen, k, fam, ip_id) and (held is None or seen == held)
+        rows.append({"check": what, "expected": lab.expected(k, fam, ip_id)
                      + (f" (= port {held.port})" if held else ""),
                      "observed": (f"[{seen.address}]:{seen.port}" if ":" in seen.address
                                   else f"{seen.address}:{seen.port}") if seen else "no answer",
@@ -265,6 +278,9 @@ def demo(prefix: str, say=print) -> list[dict]:
         for k in MACHINES:
             with lab.hold(k) as h:
                 row(f"m{k} on w{k}, new tcp IPv4, through {other}", k, 4, h.first)
+            with lab.hold(k, port=POLICY_PORT) as h:
+                row(f"m{k} tcp :{POLICY_PORT} (policy to-partner)", k, 4, h.first,
+                    ip_id="partner-ip")
         leaked = lab.leaked()
         rows.append({"check": "packets at the origin from another source",
                      "expected": "0", "observed": str(leaked), "ok": leaked == 0})
@@ -275,8 +291,9 @@ def demo(prefix: str, say=print) -> list[dict]:
     return rows
 
 
-def in_block(lab: PairLab, seen: Seen, k: int, family: int = 4) -> bool:
+def in_block(lab: PairLab, seen: Seen, k: int, family: int = 4, ip_id: str = "app-ip") -> bool:
     if family == 6:
         return seen.address == lab.expected(k, 6)
-    lo, hi = lab.blocks[k]
-    return seen.address == APP_IP and lo <= seen.port <= hi
+    lo, hi = lab.blocks[(k, ip_id)]
+    return seen.address == (PARTNER_IP if ip_id == "partner-ip" else APP_IP) \
+        and lo <= seen.port <= hi

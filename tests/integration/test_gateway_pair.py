@@ -148,6 +148,7 @@ def test_lab_pair_demo_matches_the_fleets_blocks_across_a_failover() -> None:
                         prefix, "--json"], capture_output=True, text=True, timeout=180, cwd="/")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads(p.stdout)
-    assert len(rows) == 11 and all(r["ok"] for r in rows), rows
+    assert len(rows) == 13 and all(r["ok"] for r in rows), rows
     assert sum("IPv6" in r["check"] for r in rows) == 4
+    assert sum("policy" in r["check"] for r in rows) == 2
     assert not os.path.exists(f"/run/netns/{prefix}-o")  # removed afterwards

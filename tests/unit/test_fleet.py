@@ -29,14 +29,21 @@ def test_every_host_gets_files_that_validate_and_both_gateways_the_same_blocks(t
     g1, g2, w1 = configs["g1"], configs["g2"], configs["w1"]
     assert g1.host.role == "gateway" and g1.workloads == g2.workloads  # blocks and all
     assert {w.id: dict(w.blocks) for w in g1.workloads} == {
-        "m1": {"app-ip": "1024-2047"}, "m2": {"app-ip": "2048-3071"}}
+        "m1": {"app-ip": "1024-2047", "partner-ip": "1024-2047"},
+        "m2": {"app-ip": "2048-3071", "partner-ip": "2048-3071"}}
+    # the policy, on both sides: the workload host routes to partner-ip, the pair translates
+    for c in (g1, w1):
+        assert [(p.name, p.egress.ipv4, p.egress.ipv4_fallback) for p in c.policies] == [
+            ("to-partner", "partner-ip", "drop")]
     assert [w.interface for w in g1.workloads] == ["t101", "t102"]
     ip = w1.egress_ips[0]
     assert (ip.remote, ip.via.dev, ip.via.gateway) == (True, "t-app", "10.250.1.150")
     # IPv6: the range on both sides, the pair's tunnel address as the next hop
     assert (ip.ipv6, ip.via.gateway6) == ("2001:db8:140::/64", "fd00:250::196")
     assert g1.egress_ips[0].ipv6 == "2001:db8:140::/64"
-    assert [(w.id, dict(w.blocks)) for w in w1.workloads] == [("m1", {"app-ip": "1024-2047"})]
+    assert [(w.id, dict(w.blocks)) for w in w1.workloads] == [
+        ("m1", {"app-ip": "1024-2047", "partner-ip": "1024-2047"})]
+    assert sorted(ip.id for ip in w1.egress_ips) == ["app-ip", "partner-ip"]
     files = sorted(p.name for p in (tmp_path / "out" / "g1").iterdir())
     assert files == ["config.yaml", "conntrackd.conf", "keepalived.conf", "notify", "tunnels.sh"]
     tun = (tmp_path / "out" / "g2" / "tunnels.sh").read_text()
@@ -63,11 +70,23 @@ def test_blocks_stay_across_renders_and_unrelated_edits_and_who_answers_for_the_
         .replace("hosts:\n", "hosts:\n  - {name: w1, region: lab, fabric_dev: fabr0, "
                              "fabric_addr: 10.200.0.11, vni: 101}\n")
     second = fleet.run(write(tmp_path, text), state, out)
-    assert {k: v for k, v in second["blocks"]["app"].items() if k != "m3 app-ip"} == first
-    assert second["changes"]["app"] == ["assign m3 app-ip 3072-4095"]
+    assert {k: v for k, v in second["blocks"]["app"].items() if not k.startswith("m3 ")} == first
+    assert second["changes"]["app"] == ["assign m3 app-ip 3072-4095",
+                                        "assign m3 partner-ip 3072-4095"]
     assert fleet.run(write(tmp_path, text), state, out)["changes"]["app"] == []
     holders = who(Store(f"{state}/app").history(), "203.0.113.140", 3500, None)
     assert [h.to_json()["workload"] for h in holders] == ["m3"]
+
+
+def test_a_policy_reaches_only_the_hosts_whose_workloads_it_can_match(tmp_path):
+    text = FLEET.replace("match: {ports: [7001], protocols: [tcp]}",
+                         "match: {workloads: [m2], ports: [7001], protocols: [tcp]}")
+    fleet.run(write(tmp_path, text), str(tmp_path / "state"), str(tmp_path / "out"))
+    cfg = {h: parse((tmp_path / "out" / h / "config.yaml").read_text(), h).config
+           for h in ("w1", "w2", "g1")}
+    assert not cfg["w1"].policies and [ip.id for ip in cfg["w1"].egress_ips] == ["app-ip"]
+    assert [p.match.workloads for p in cfg["w2"].policies] == [["m2"]]
+    assert [p.match.workloads for p in cfg["g1"].policies] == [["m2"]]
 
 
 def test_check_writes_nothing(tmp_path):
