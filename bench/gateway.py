@@ -127,6 +127,52 @@ def failover_run(lab: PairLab, kind: str, held_per_machine: int) -> dict:
             "survived": survived, "held": len(held)}
 
 
+def detection_ms(lab: PairLab, runs: int) -> list[float]:
+    """Both gateways cut off from the fabric -> the daemon on w1 has synced the app
+    IP as unusable (its status.json, polled every 10 ms), `runs` times."""
+    import json
+    config = f"{lab.run_dir}/w1/config.yaml"
+    status = f"{lab.run_dir}/w1/state/status.json"
+    daemon = subprocess.Popen(nsenter_prefix(lab.ns("w1")) + [
+        sys.executable, "-m", "egress_agent.cli", "run", "-c", config, "--metrics", "off"],
+        cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def usable() -> bool | None:
+        try:
+            with open(status) as f:
+                conds = json.load(f)["conditions"]
+        except (OSError, ValueError, KeyError):
+            return None
+        c = conds.get("egress_ip/app-ip/IPv4Usable")
+        return None if c is None else c["status"]
+
+    def wait(want: bool, timeout: float = 10.0) -> float:
+        t0 = time.monotonic()
+        while usable() is not want:
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"the daemon on w1 did not see the app IP usable={want}")
+            time.sleep(0.01)
+        return time.monotonic() - t0
+
+    out = []
+    try:
+        wait(True)
+        for _ in range(runs):
+            t0 = time.monotonic()
+            for g in ("g1", "g2"):
+                ip(lab.ns(g), "link", "set", "fabr0", "down")
+            wait(False)
+            out.append((time.monotonic() - t0) * 1000)
+            for g in ("g1", "g2"):
+                link_up(lab.ns(g), "fabr0")
+            wait(True, 20.0)
+            lab.wait_active("g1" if lab.holds_app_ip("g1") else "g2", 20.0)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+    return out
+
+
 def rtt_ms(lab: PairLab, ns: str, n: int = 200) -> float:
     p = subprocess.Popen(nsenter_prefix(lab.ns(ns)) + [
         sys.executable, "-c", STREAM, ORIGIN, str(PORT), str(n * 0.01), "0.01"],
@@ -148,6 +194,8 @@ def main() -> int:
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--runs", type=int, default=20, help="failovers (alternating kinds; default 20)")
     ap.add_argument("--held", type=int, default=5, help="TCP connections held per machine (default 5)")
+    ap.add_argument("--detection-runs", type=int, default=5,
+                    help="times both gateways are cut off to time the probe (default 5)")
     ap.add_argument("--rate-seconds", type=float, default=3.0,
                     help="seconds per connect-rate measurement (default 3; 0 skips it)")
     args = ap.parse_args()
@@ -182,6 +230,11 @@ def main() -> int:
             print(f"| {kind} | {len(rs)} | {statistics.median(gaps):.0f} | {pct(gaps, 99):.0f} | "
                   f"{max(gaps):.0f} | {sum(r['udp_same_mapping'] for r in rs)}/{len(rs)} | "
                   f"{sum(r['survived'] for r in rs)}/{sum(r['held'] for r in rs)} |")
+        if args.detection_runs:
+            d = detection_ms(lab, args.detection_runs)
+            print(f"\nboth gateways cut off -> the workload host's daemon has the app IP "
+                  f"unusable (probe every 200 ms, 3 missed), {len(d)} runs: median "
+                  f"{statistics.median(d):.0f} ms, max {max(d):.0f} ms")
         active = "g1" if lab.holds_app_ip("g1") else "g2"
         through, direct = rtt_ms(lab, "m1"), rtt_ms(lab, active)
         print(f"\nround trip to the origin, median of 200 UDP pings: m1 through the pair "
