@@ -131,6 +131,7 @@ class Layout:
 class Rendered:
     files: dict[str, dict[str, str]] = field(default_factory=dict)  # host -> name -> text
     allocations: dict[str, Allocations] = field(default_factory=dict)  # pair -> its blocks
+    events: dict[str, list] = field(default_factory=dict)  # pair -> what its allocation changed
 
 
 def load(path: str) -> tuple[Fleet, dict]:
@@ -283,7 +284,7 @@ def allocate_pair(f: Fleet, p: FleetPair, prev: Allocations) -> tuple[Allocation
                 f"<pair {p.id}>").config
     a, events = allocate(cfg, prev)
     a.lingering.clear()  # the fleet cannot see connections: a freed block is free
-    return a, events
+    return a, [e for e in events if e.kind != "linger"]
 
 
 def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) -> Rendered:
@@ -294,7 +295,7 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
     # app choice is the one the gateways translate to)
     blocks: dict[str, dict[str, str]] = {}
     for p in f.pairs:
-        a, _ = allocate_pair(f, p, prev.get(p.id, Allocations()))
+        a, out.events[p.id] = allocate_pair(f, p, prev.get(p.id, Allocations()))
         out.allocations[p.id] = a
         for (w, ip), lease in a.leases.items():
             if lease.ports:
@@ -402,7 +403,7 @@ def run(path: str, state: str, out_dir: Optional[str], layout: Layout = Layout()
         raise ConfigError([capacity_problem(e, f, lines, path)]) from None
     changes = {}
     for p in f.pairs:
-        _, events = allocate_pair(f, p, prev[p.id])
+        events = r.events[p.id]
         changes[p.id] = [f"{e.kind} {e.lease.workload} {e.lease.ip} "
                          + ("%d-%d" % e.lease.ports if e.lease.ports else "") for e in events]
         if out_dir is not None:

@@ -119,3 +119,15 @@ def test_the_cli_renders_with_json(tmp_path, capsys):
                  "--state", str(tmp_path / "state"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] and len(doc["written"]) == 14 and doc["blocks"]["app"]["m1 app-ip"] == "1024-2047"
+
+
+def test_a_removed_workload_frees_its_block_at_once(tmp_path):
+    state, out = str(tmp_path / "state"), str(tmp_path / "out")
+    fleet.run(write(tmp_path, FLEET), state, out)
+    without = FLEET.replace('  - {id: m1, app: app, host: w1, source: [10.1.1.2, "fd00:1::2"], '
+                            'interface: m1}\n', "")
+    r = fleet.run(write(tmp_path, without), state, out)
+    assert r["changes"]["app"] == ["release m1 app-ip 1024-2047", "release m1 partner-ip 1024-2047"]
+    back = fleet.run(write(tmp_path, without.replace("workloads:\n", "workloads:\n" + M3)),
+                     state, out)
+    assert back["blocks"]["app"]["m3 app-ip"] == "1024-2047"  # m1's, free again
