@@ -182,7 +182,7 @@ def rtt_ms(lab: PairLab, ns: str, n: int = 200) -> float:
 
 def connect_rate(binary: str, client_ns: str, server: str, seconds: float) -> float:
     import json
-    p = subprocess.run(nsenter_prefix(client_ns) + [binary, "connect", server, str(PORT + 1), "64",
+    p = subprocess.run(nsenter_prefix(client_ns) + [binary, "connect", server, str(PORT + 100), "64",
                                                     str(seconds), "64", "2"],
                        capture_output=True, text=True, timeout=seconds + 60, check=True)
     return json.loads(p.stdout.strip().splitlines()[-1])["conn_per_s"]
@@ -246,7 +246,7 @@ def main() -> int:
             subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", binary, datapath.C_SOURCE],
                            check=True)
             server = subprocess.Popen(nsenter_prefix(lab.ns("o")) + [
-                binary, "server", str(PORT + 1), "64", "300", "1"], stdout=subprocess.PIPE, text=True)
+                binary, "server", str(PORT + 100), "64", "300", "1"], stdout=subprocess.PIPE, text=True)
             single = datapath.Topology(f"{lab.prefix}s", "maps", 10, 64, tmp, None)
             try:
                 server.stdout.readline()
