@@ -130,46 +130,22 @@ def failover_run(lab: PairLab, kind: str, held_per_machine: int) -> dict:
 def detection_ms(lab: PairLab, runs: int) -> list[float]:
     """Both gateways cut off from the fabric -> the daemon on w1 has synced the app
     IP as unusable (its status.json, polled every 10 ms), `runs` times."""
-    import json
-    config = f"{lab.run_dir}/w1/config.yaml"
-    status = f"{lab.run_dir}/w1/state/status.json"
-    daemon = subprocess.Popen(nsenter_prefix(lab.ns("w1")) + [
-        sys.executable, "-m", "egress_agent.cli", "run", "-c", config, "--metrics", "off"],
-        cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def usable() -> bool | None:
-        try:
-            with open(status) as f:
-                conds = json.load(f)["conditions"]
-        except (OSError, ValueError, KeyError):
-            return None
-        c = conds.get("egress_ip/app-ip/IPv4Usable")
-        return None if c is None else c["status"]
-
-    def wait(want: bool, timeout: float = 10.0) -> float:
-        t0 = time.monotonic()
-        while usable() is not want:
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"the daemon on w1 did not see the app IP usable={want}")
-            time.sleep(0.01)
-        return time.monotonic() - t0
-
     out = []
+    lab.start_daemon("w1")
     try:
-        wait(True)
+        lab.wait_usable("w1", True)
         for _ in range(runs):
             t0 = time.monotonic()
             for g in ("g1", "g2"):
                 ip(lab.ns(g), "link", "set", "fabr0", "down")
-            wait(False)
+            lab.wait_usable("w1", False)
             out.append((time.monotonic() - t0) * 1000)
             for g in ("g1", "g2"):
                 link_up(lab.ns(g), "fabr0")
-            wait(True, 20.0)
+            lab.wait_usable("w1", True, 20.0)
             lab.wait_active("g1" if lab.holds_app_ip("g1") else "g2", 20.0)
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
+        lab.stop("w1-agent")
     return out
 
 

@@ -207,7 +207,8 @@ def add_lab_commands(sub) -> None:
                                               "(the agent, keepalived, conntrackd) and an origin, "
                                               "built from a fleet file; compare what the origin "
                                               "sees with the fleet's blocks, fail the active "
-                                              "gateway over, compare again; then remove it"),
+                                              "gateway over, compare again, cut both gateways "
+                                              "off (drop fallback); then remove it"),
                            ("_checks", cmd_checks, argparse.SUPPRESS)):
         sp = lsub.add_parser(name, help=help, description=help if isinstance(help, str) else None)
         sp.add_argument("--prefix", default=DEFAULT_PREFIX,

@@ -186,6 +186,33 @@ class PairLab:
                 "-r", f"{d}/vrrp.pid"],
             stdout=open(f"{d}/keepalived.log", "a"), stderr=subprocess.STDOUT)
 
+    def start_daemon(self, h: str) -> None:
+        """`egress-agent run` on host `h` (its probe watches the pair)."""
+        self.procs[f"{h}-agent"] = subprocess.Popen(
+            nsenter_prefix(self.ns(h)) + [sys.executable, "-m", "egress_agent.cli", "run", "-c",
+                                          f"{self.run_dir}/{h}/config.yaml", "--metrics", "off",
+                                          "--log-format", "json"],
+            cwd="/", stdout=subprocess.DEVNULL, stderr=open(f"{self.run_dir}/{h}/agent.log", "w"))
+
+    def app_ip_usable(self, h: str, ip_id: str = "app-ip") -> bool | None:
+        """IPv4Usable of `ip_id` as the daemon on `h` last synced it (its status.json);
+        None before its first sync."""
+        try:
+            with open(f"{self.run_dir}/{h}/state/status.json") as f:
+                c = json.load(f)["conditions"].get(f"egress_ip/{ip_id}/IPv4Usable")
+        except (OSError, ValueError, KeyError):
+            return None
+        return None if c is None else c["status"]
+
+    def wait_usable(self, h: str, want: bool, timeout: float = 10.0) -> float:
+        """Seconds until the daemon on `h` has the app IP usable (or not)."""
+        t0 = time.monotonic()
+        while self.app_ip_usable(h) is not want:
+            assert time.monotonic() - t0 < timeout, \
+                f"the daemon on {h} did not see the app IP usable={want}\n{self.transitions()}"
+            time.sleep(0.01)
+        return time.monotonic() - t0
+
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
         if proc is not None and proc.poll() is None:
@@ -243,7 +270,8 @@ def demo(prefix: str, say=print) -> list[dict]:
     """`egress-agent lab pair`: build the pair lab, compare what the origin sees of
     each machine with the fleet's blocks, stop the active gateway's keepalived with
     a connection held from each machine, compare again through the other gateway,
-    remove the lab. One row per check: what, expected, observed, ok."""
+    cut both gateways off (the daemon on w1 drops m1's traffic), remove the lab.
+    One row per check: what, expected, observed, ok."""
     lab = PairLab(prefix)
     rows: list[dict] = []
     if os.path.exists(lab.run_dir) or os.path.exists(f"/run/netns/{lab.ns('o')}"):
@@ -281,6 +309,24 @@ def demo(prefix: str, say=print) -> list[dict]:
             with lab.hold(k, port=POLICY_PORT) as h:
                 row(f"m{k} tcp :{POLICY_PORT} (policy to-partner)", k, 4, h.first,
                     ip_id="partner-ip")
+        # both gateways cut off: w1's daemon finds the pair unreachable (its probe) and
+        # m1 falls back to `unavailable: drop`: nothing leaves
+        lab.start_daemon("w1")
+        lab.wait_usable("w1", True)
+        for g in ("g1", "g2"):
+            ip(lab.ns(g), "link", "set", "fabr0", "down")
+        took = lab.wait_usable("w1", False)
+        try:
+            lab.hold(1, timeout=1.0).close()
+            seen = "an answer"
+        except ConnectionError:
+            seen = "no answer"
+        rows.append({"check": "m1, both gateways cut off (drop fallback)",
+                     "expected": "no answer (dropped on w1)",
+                     "observed": f"{seen} (unusable after {took * 1000:.0f} ms)",
+                     "ok": seen == "no answer"})
+        say(f"{rows[-1]['check']:44} {rows[-1]['expected']:40} {rows[-1]['observed']:28} "
+            f"{'yes' if rows[-1]['ok'] else 'NO'}")
         leaked = lab.leaked()
         rows.append({"check": "packets at the origin from another source",
                      "expected": "0", "observed": str(leaked), "ok": leaked == 0})

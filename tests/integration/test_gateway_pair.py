@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from egress_agent.lab.netns import ip, link_up, nsenter_prefix
+from egress_agent.lab.netns import ip, link_up
 from egress_agent.lab.pairlab import MACHINES, PairLab, in_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,42 +103,31 @@ def test_both_gateways_unreachable_make_the_ip_unusable_and_one_back_restores_it
     and the IP is usable again, new connections get their block."""
     lab, config = pair_lab, f"{pair_lab.run_dir}/w1/config.yaml"
 
-    def usable() -> dict:
+    def reason() -> str:
         st = json.loads(lab.agent("w1", "status", "-c", config, "--json"))
         ip = next(i for i in st["egress_ips"] if i["id"] == "app-ip")
-        return next(c for c in ip["conditions"] if c["type"] == "IPv4Usable")
+        return next(c for c in ip["conditions"] if c["type"] == "IPv4Usable")["reason"]
 
-    def wait(want: bool, timeout: float = 5.0) -> float:
-        t0 = time.monotonic()
-        while usable()["status"] is not want:
-            assert time.monotonic() - t0 < timeout, (usable(), lab.transitions())
-            time.sleep(0.05)
-        return time.monotonic() - t0
-
-    daemon = subprocess.Popen(
-        nsenter_prefix(lab.ns("w1")) + [sys.executable, "-m", "egress_agent.cli", "run", "-c",
-                                        config, "--metrics", "off", "--log-format", "json"],
-        cwd="/", stdout=subprocess.DEVNULL, stderr=open(f"{lab.run_dir}/w1/agent.log", "w"))
+    lab.start_daemon("w1")
     try:
-        wait(True)
+        lab.wait_usable("w1", True)
         leaked = lab.leaked()
         for g in ("g1", "g2"):
             ip(lab.ns(g), "link", "set", "fabr0", "down")
-        wait(False)  # 0.6 s of probes and a sync (bench/gateway.py measures it)
-        assert usable()["reason"] == "GatewayUnreachable", usable()
+        lab.wait_usable("w1", False, timeout=5.0)  # 0.6 s of probes and a sync (bench/gateway.py)
+        assert reason() == "GatewayUnreachable", reason()
         with pytest.raises(ConnectionError):  # dropped on the workload host
             lab.hold(1, timeout=1.0)
         for g in ("g1", "g2"):
             link_up(lab.ns(g), "fabr0")
-        wait(True, timeout=15.0)
+        lab.wait_usable("w1", True, timeout=15.0)
         active = next(g for g in ("g1", "g2") if lab.holds_app_ip(g))
         lab.wait_active(active)
         with lab.hold(1) as h:
             assert in_block(lab, h.first, 1), h.first
         assert lab.leaked() == leaked
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
+        lab.stop("w1-agent")
 
 
 def test_lab_pair_demo_matches_the_fleets_blocks_across_a_failover() -> None:
@@ -148,7 +137,7 @@ def test_lab_pair_demo_matches_the_fleets_blocks_across_a_failover() -> None:
                         prefix, "--json"], capture_output=True, text=True, timeout=180, cwd="/")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads(p.stdout)
-    assert len(rows) == 13 and all(r["ok"] for r in rows), rows
+    assert len(rows) == 14 and all(r["ok"] for r in rows), rows
     assert sum("IPv6" in r["check"] for r in rows) == 4
     assert sum("policy" in r["check"] for r in rows) == 2
     assert not os.path.exists(f"/run/netns/{prefix}-o")  # removed afterwards
