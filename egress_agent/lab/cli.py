@@ -178,9 +178,15 @@ def cmd_down(args) -> int:
 
 
 def cmd_pair(args) -> int:
-    from .pairlab import demo
+    from .pairlab import PairLab, demo
+    if args.down:
+        lab = PairLab(args.prefix)
+        lab.down()
+        print(f"pair lab {args.prefix} removed")
+        return 0
     try:
-        rows = demo(args.prefix, say=(lambda s: print(s, file=sys.stderr)) if args.json else print)
+        rows = demo(args.prefix, say=(lambda s: print(s, file=sys.stderr)) if args.json else print,
+                    keep=args.keep)
     except FileExistsError as e:
         print(f"lab pair: {e}", file=sys.stderr)
         return 2
@@ -217,6 +223,11 @@ def add_lab_commands(sub) -> None:
         if name == "up":
             sp.add_argument("--replace", action="store_true",
                             help="remove this prefix's lab first, if `lab up` built it")
+        if name == "pair":
+            sp.add_argument("--keep", action="store_true",
+                            help="leave the lab up afterwards, to look around")
+            sp.add_argument("--down", action="store_true",
+                            help="remove a pair lab left up with --keep")
         if name == "_checks":
             sp.add_argument("-c", "--config", required=True)
         if name == "demo":

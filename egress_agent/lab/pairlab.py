@@ -34,6 +34,8 @@ PARTNER_IP, POLICY_PORT = "203.0.113.141", 7001
 VIP6 = "2001:db8:f::1"  # the pair's on the uplink: the origin routes APP_RANGE there
 MACHINES = {1: ("10.1.1.2", "fd00:1::2"), 2: ("10.1.2.2", "fd00:2::2")}  # m{k} on w{k}
 HOSTS = ("w1", "w2", "g1", "g2")
+NAMESPACES = ("fab", "inet", "o", *HOSTS, "m1", "m2")
+PIDS = "pids.json"  # in the lab's run dir: what `down` stops
 
 # The whole lab's egress, as a fleet file: `egress-agent fleet render` writes each
 # host's files from it (its allocation gives the blocks, the same on g1 and g2).
@@ -81,7 +83,7 @@ class PairLab:
 
     def up(self) -> None:
         os.makedirs(self.run_dir, mode=0o755)
-        for n in ("fab", "inet", "o", "w1", "w2", "g1", "g2", "m1", "m2"):
+        for n in NAMESPACES:
             ns_add(self.ns(n))
         for seg in ("fab", "inet"):
             ip(self.ns(seg), "link", "add", "br0", "type", "bridge")
@@ -129,7 +131,7 @@ class PairLab:
                 f.write(f'#!/bin/sh\necho "$(date +%s.%N) {g} $1" >> {self.run_dir}/transitions\n'
                         f'exec {d}/notify.rendered "$@"\n')
             os.chmod(f"{d}/notify", 0o755)
-        self.procs["echo"] = subprocess.Popen(
+        self._spawn("echo",
             nsenter_prefix(self.ns("o")) + [sys.executable, "-m", "egress_agent.lab.echo", "--tcp",
                                              f"{ORIGIN}:{PORT}", "--udp", f"{ORIGIN}:{PORT}",
                                              "--tcp", f"[{ORIGIN6}]:{PORT}",
@@ -148,10 +150,17 @@ class PairLab:
             self.start_conntrackd(g)
         for g in ("g1", "g2"):
             self.start_keepalived(g)
-        # nopreempt: whichever times out first becomes active (g1 usually: its higher
-        # priority shortens its wait)
-        deadline = time.monotonic() + 15
-        while not any(self.holds_app_ip(g) and self.gate_open(g) for g in ("g1", "g2")):
+        self.wait_any_active()
+
+    def wait_any_active(self, timeout: float = 15.0) -> str:
+        """The gateway that holds the app IP with its gate open, once one does
+        (nopreempt: whichever times out first, g1 usually: its higher priority
+        shortens its wait)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for g in ("g1", "g2"):
+                if self.holds_app_ip(g) and self.gate_open(g):
+                    return g
             assert time.monotonic() < deadline, self.transitions()
             time.sleep(0.05)
 
@@ -169,7 +178,7 @@ class PairLab:
 
     def start_conntrackd(self, g: str) -> None:
         d = f"{self.run_dir}/{g}"
-        self.procs[f"{g}-ct"] = subprocess.Popen(
+        self._spawn(f"{g}-ct",
             nsenter_prefix(self.ns(g)) + ["conntrackd", "-C", f"{d}/conntrackd.conf"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -179,16 +188,33 @@ class PairLab:
 
     def start_keepalived(self, g: str) -> None:
         d = f"{self.run_dir}/{g}"
-        self.procs[f"{g}-ka"] = subprocess.Popen(
+        self._spawn(f"{g}-ka",
             nsenter_prefix(self.ns(g)) + [
                 "keepalived", "--dont-fork", "--log-console", "--log-detail", "--vrrp",
                 "-f", f"{d}/keepalived.conf", "-p", f"{d}/keepalived.pid",
                 "-r", f"{d}/vrrp.pid"],
             stdout=open(f"{d}/keepalived.log", "a"), stderr=subprocess.STDOUT)
 
+    def _spawn(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
+        """Start `cmd`, and note its pid in PIDS: a lab kept up (`lab pair --keep`) is
+        taken down later by another process, which stops these and nothing else."""
+        self.procs[name] = p = subprocess.Popen(cmd, **kw)
+        pids = self._pids()
+        pids[name] = p.pid
+        with open(f"{self.run_dir}/{PIDS}", "w") as f:
+            json.dump(pids, f)
+        return p
+
+    def _pids(self) -> dict[str, int]:
+        try:
+            with open(f"{self.run_dir}/{PIDS}") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
     def start_daemon(self, h: str) -> None:
         """`egress-agent run` on host `h` (its probe watches the pair)."""
-        self.procs[f"{h}-agent"] = subprocess.Popen(
+        self._spawn(f"{h}-agent",
             nsenter_prefix(self.ns(h)) + [sys.executable, "-m", "egress_agent.cli", "run", "-c",
                                           f"{self.run_dir}/{h}/config.yaml", "--metrics", "off",
                                           "--log-format", "json"],
@@ -261,22 +287,52 @@ class PairLab:
     def down(self) -> None:
         for name in list(self.procs):
             self.stop(name)
-        for n in ("fab", "inet", "o", "w1", "w2", "g1", "g2", "m1", "m2"):
-            ns_del(self.ns(n))
+        # a lab another process kept up: its processes by their recorded pids, each
+        # only while it still runs in one of this lab's namespaces (a pid reused since
+        # is somebody else's)
+        ours = {self._netns_id(n) for n in NAMESPACES} - {None}
+
+        def running() -> list[int]:
+            out = []
+            for pid in self._pids().values():
+                try:
+                    if os.stat(f"/proc/{pid}/ns/net").st_ino in ours:
+                        out.append(pid)
+                except OSError:
+                    pass
+            return out
+
+        for pid in running():
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while (left := running()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        for n in NAMESPACES:
+            if os.path.exists(f"/run/netns/{self.ns(n)}"):
+                ns_del(self.ns(n))
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    def _netns_id(self, n: str) -> int | None:
+        try:
+            return os.stat(f"/run/netns/{self.ns(n)}").st_ino
+        except OSError:
+            return None
 
-def demo(prefix: str, say=print) -> list[dict]:
+
+def demo(prefix: str, say=print, keep: bool = False) -> list[dict]:
     """`egress-agent lab pair`: build the pair lab, compare what the origin sees of
     each machine with the fleet's blocks, stop the active gateway's keepalived with
     a connection held from each machine, compare again through the other gateway,
-    cut both gateways off (the daemon on w1 drops m1's traffic), remove the lab.
-    One row per check: what, expected, observed, ok."""
+    cut both gateways off (the daemon on w1 drops m1's traffic), bring them back,
+    and remove the lab (with `keep`, leave it up). One row per check: what,
+    expected, observed, ok."""
     lab = PairLab(prefix)
     rows: list[dict] = []
     if os.path.exists(lab.run_dir) or os.path.exists(f"/run/netns/{lab.ns('o')}"):
         raise FileExistsError(f"a lab named {prefix!r} is up ({lab.run_dir}): give another "
-                              f"--prefix, or remove it (egress-agent lab down --prefix {prefix})")
+                              f"--prefix, or remove it (egress-agent lab pair --down --prefix {prefix})")
 
     def row(what: str, k: int, fam: int, seen: Seen | None, held: Seen | None = None,
             ip_id: str = "app-ip") -> None:
@@ -303,6 +359,7 @@ def demo(prefix: str, say=print) -> list[dict]:
         for (k, fam), h in held.items():
             row(f"m{k} held IPv{fam}, after {active} stopped", k, fam, h.ping(), h.first)
             h.close()
+        lab.start_keepalived(active)  # it rejoins as the standby (nopreempt)
         for k in MACHINES:
             with lab.hold(k) as h:
                 row(f"m{k} on w{k}, new tcp IPv4, through {other}", k, 4, h.first)
@@ -321,6 +378,8 @@ def demo(prefix: str, say=print) -> list[dict]:
             seen = "an answer"
         except ConnectionError:
             seen = "no answer"
+        for g in ("g1", "g2"):
+            link_up(lab.ns(g), "fabr0")
         rows.append({"check": "m1, both gateways cut off (drop fallback)",
                      "expected": "no answer (dropped on w1)",
                      "observed": f"{seen} (unusable after {took * 1000:.0f} ms)",
@@ -332,8 +391,16 @@ def demo(prefix: str, say=print) -> list[dict]:
                      "expected": "0", "observed": str(leaked), "ok": leaked == 0})
         say(f"{rows[-1]['check']:44} {'0':40} {rows[-1]['observed']:28} "
             f"{'yes' if rows[-1]['ok'] else 'NO'}")
+        if keep:
+            lab.wait_any_active()  # VRRP elects again after the cut
+            say(f"\nthe lab stays up: namespaces {prefix}-*, files in {lab.run_dir}; "
+                f"egress-agent lab pair --down --prefix {prefix} removes it")
+    except BaseException:
+        keep = False
+        raise
     finally:
-        lab.down()
+        if not keep:
+            lab.down()
     return rows
 
 

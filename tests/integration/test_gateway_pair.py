@@ -30,7 +30,7 @@ import time
 import pytest
 
 from egress_agent.lab.netns import ip, link_up
-from egress_agent.lab.pairlab import MACHINES, PairLab, in_block
+from egress_agent.lab.pairlab import APP_IP, MACHINES, PairLab, in_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -131,13 +131,29 @@ def test_both_gateways_unreachable_make_the_ip_unusable_and_one_back_restores_it
 
 
 def test_lab_pair_demo_matches_the_fleets_blocks_across_a_failover() -> None:
-    """`egress-agent lab pair`: expected against observed, as a new user runs it."""
+    """`egress-agent lab pair`: expected against observed, as a new user runs it; with
+    --keep the lab stays up and works, and --down removes it and its processes."""
     prefix = "gd" + secrets.token_hex(2)
-    p = subprocess.run([sys.executable, "-m", "egress_agent.cli", "lab", "pair", "--prefix",
-                        prefix, "--json"], capture_output=True, text=True, timeout=180, cwd="/")
-    assert p.returncode == 0, p.stdout + p.stderr
-    rows = json.loads(p.stdout)
-    assert len(rows) == 14 and all(r["ok"] for r in rows), rows
-    assert sum("IPv6" in r["check"] for r in rows) == 4
-    assert sum("policy" in r["check"] for r in rows) == 2
-    assert not os.path.exists(f"/run/netns/{prefix}-o")  # removed afterwards
+
+    def lab(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "egress_agent.cli", "lab", "pair", "--prefix",
+                               prefix, *args], capture_output=True, text=True, timeout=180, cwd="/")
+
+    p = lab("--json", "--keep")
+    try:
+        assert p.returncode == 0, p.stdout + p.stderr
+        rows = json.loads(p.stdout)
+        assert len(rows) == 14 and all(r["ok"] for r in rows), rows
+        assert sum("IPv6" in r["check"] for r in rows) == 4
+        assert sum("policy" in r["check"] for r in rows) == 2
+        kept = PairLab(prefix)
+        assert kept.holds_app_ip("g1") != kept.holds_app_ip("g2")
+        with kept.hold(1) as h:  # still serving, from the app IP
+            assert h.first.address == APP_IP, h.first
+        assert lab("--json").returncode == 2  # it refuses to build over a lab that is up
+    finally:
+        down = lab("--down")
+    assert down.returncode == 0, down.stderr
+    assert not [n for n in os.listdir("/run/netns") if n.startswith(f"{prefix}-")]
+    left = subprocess.run(["pgrep", "-f", prefix], capture_output=True, text=True).stdout.split()
+    assert left == [], left  # keepalived, conntrackd, the echo server and the daemon: gone
