@@ -517,11 +517,20 @@ def cmd_status(args) -> int:
                     "conditions": health.with_since("workload", w.id, health.workload_conditions(
                         cfg, w, a.app_choice.get(w.id), leases, ip_conds, cgroup_ok), known)})
     d = daemon["daemon"] if daemon else {"running": False}
+    gateway = None
+    if cfg.host.role == "gateway":  # keepalived's last word (gateway.py)
+        from .gateway import read_role
+        gateway = read_role(cfg.state_dir) or {"role": None, "since": None}
     if args.json:
-        print(json.dumps({"daemon": d, "egress_ips": ips, "workloads": wls}, indent=2))
+        print(json.dumps({"daemon": d, **({"gateway": gateway} if gateway else {}),
+                          "egress_ips": ips, "workloads": wls}, indent=2))
         return Exit.OK
     for line in health.daemon_lines(d, cfg.state_dir):
         print(line)
+    if gateway:
+        print(f"gateway: {gateway['role']} since {health.iso(gateway['since'])}" if gateway["role"]
+              else "gateway: no role yet (keepalived's notify has not run: the gate is as "
+                   "`egress-agent gateway` last left it)")
     print()
     print(f"{'EGRESS IP':12} {'IPV4':16} {'PRESENT':8} {'STATE':12} WORKLOADS")
     for i in ips:

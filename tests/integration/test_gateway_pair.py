@@ -70,6 +70,10 @@ def fail_over(lab: PairLab, fail, restore) -> None:
         time.sleep(1.0)  # the returning gateway resyncs; it does not take the IP back
         assert lab.holds_app_ip(other) and not lab.holds_app_ip(active), lab.transitions()
         assert not lab.gate_open(active), "the returning standby's gate is open"
+        for g, role in ((other, "primary"), (active, "backup")):  # as status tells it
+            st = json.loads(lab.agent(g, "status", "-c", f"{lab.run_dir}/{g}/config.yaml",
+                                      "--json"))
+            assert st["gateway"]["role"] == role, (g, st["gateway"], lab.transitions())
         for h in held.values():
             assert h.ping() == h.first, f"broke when {active} returned\n{lab.transitions()}"
     finally:
