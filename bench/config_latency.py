@@ -10,10 +10,12 @@ For each size, in a fresh network namespace (eacl<hex>, deleted in `finally`),
 this script runs itself again inside the namespace (`ip netns exec NS python
 bench/config_latency.py --inner N ...`), which:
 
-1. writes bench/gen_config.py's config of N workloads and adds its egress
-   addresses to the namespace's `lo` (so every egress IP is usable);
-2. starts the daemon, exactly as operators do, with its own state dir:
-       .venv/bin/egress-agent run -c CFG --resync 3600 --metrics off \\
+1. writes bench/gen_config.py's config of N workloads (--ipv6: with quoted
+   IPv6 ranges and sources) and adds its egress addresses to the namespace's
+   `lo` (so every egress IP is usable; an address in each IPv6 range);
+2. starts the daemon as operators do, but as this checkout's module, with its
+   own state dir:
+       python -m egress_agent.cli run -c CFG --resync 3600 --metrics off \\
            --log-format json --state-dir DIR
    and waits for its first sync (the JSON line with "event": "sync");
 3. makes --changes changes, one at a time. Change 2k adds workload lat<k>
@@ -61,6 +63,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -78,8 +81,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-AGENT = os.path.join(ROOT, ".venv", "bin", "egress-agent")
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+# The daemon runs as `python -m egress_agent.cli` from ROOT, so it is this checkout's
+# code even where the venv's egress-agent is an editable install of another tree
+# (a git worktree); the interpreter is the one running this script.
+PYTHON = sys.executable
 TABLE, SOURCE_MAP = "egress_agent", "source4"
 NEW_SOURCES = ipaddress.IPv4Address("10.128.0.0")  # above every generated source (10.0.1.0 + N)
 
@@ -209,23 +214,26 @@ def inner(args) -> int:
         etc, state = os.path.join(tmp, "etc"), os.path.join(tmp, "state")
         os.mkdir(etc)
         cfg = os.path.join(etc, "config.yaml")
-        text = config_text(n, state)
+        text = config_text(n, state, ipv6=args.ipv6)
         with open(cfg, "w") as f:
             f.write(text)
         frags: list[str] = []
         if args.include:  # the workloads in include: fragments of 1,000
             cfg, frags = fragments(text, etc)
-        egress = [line.split("ipv4: ")[1].rstrip("}") for line in text.splitlines() if "ipv4: " in line]
+        egress = re.findall(r"ipv4: ([0-9.]+)", text)
+        # an IPv6 range is usable when an address in it is on the host
+        egress6 = [f"{prefix}1/64 nodad" for prefix in re.findall(r'ipv6: "([0-9a-f:]+::)/64"', text)]
         subprocess.run(["ip", "-batch", "-"], check=True, text=True, input="link set lo up\n"
-                       + "".join(f"addr add {a}/32 dev lo\n" for a in egress))
+                       + "".join(f"addr add {a}/32 dev lo\n" for a in egress)
+                       + "".join(f"addr add {a} dev lo\n" for a in egress6))
 
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         run = ["run", "-c", cfg, "--resync", "3600", "--metrics", "off", "--log-format", "json",
                "--state-dir", state]
         prof_file = os.path.join(tmp, "daemon.prof")
-        cmd = ([PYTHON, "-m", "cProfile", "-o", prof_file, "-m", "egress_agent.cli"] + run
-               if args.profile else [AGENT] + run)
+        cmd = ([PYTHON, "-m", "cProfile", "-o", prof_file] if args.profile else [PYTHON]) \
+            + ["-m", "egress_agent.cli"] + run
         t_start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
@@ -349,7 +357,7 @@ def run_size(n: int, args) -> dict:
                "--changes", str(args.changes), "--timeout", str(args.timeout),
                "--budget", str(args.budget), "--seed", str(args.seed),
                "--start-timeout", str(args.start_timeout)] + (["--profile"] if args.profile else []) \
-            + (["--include"] if args.include else [])
+            + (["--include"] if args.include else []) + (["--ipv6"] if args.ipv6 else [])
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
                            timeout=args.start_timeout + args.budget + args.timeout + 120)
         if p.returncode != 0:
@@ -391,6 +399,8 @@ def main() -> int:
                     help="run the daemon of the largest size under cProfile and print the hot spots")
     ap.add_argument("--include", action="store_true",
                     help="the workloads in include: fragments of 1,000; each change edits one")
+    ap.add_argument("--ipv6", action="store_true",
+                    help="gen_config.py's quoted IPv6 too: a range per egress IP, a source per workload")
     ap.add_argument("--inner", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -454,7 +464,7 @@ def main() -> int:
     elapsed = time.monotonic() - started
     print(f"load average before: {load_before}, after: {load_after}; {os.cpu_count()} CPUs; "
           f"kernel {os.uname().release}; total {elapsed:.0f} s")
-    print(json.dumps({"bench": "config_latency", "changes": args.changes,
+    print(json.dumps({"bench": "config_latency", "changes": args.changes, "ipv6": args.ipv6,
                       "loadavg_before": load_before, "loadavg_after": load_after,
                       "kernel": os.uname().release, "elapsed_s": round(elapsed, 1),
                       "results": summary}))

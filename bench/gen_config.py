@@ -3,6 +3,8 @@
 N workloads of one app spread over enough egress IPs (64-port blocks: 1008
 per IPv4), each machine with one IPv4 source; two policies. Addresses: 10/8
 sources, 203.0.113.0/24 and 198.51.100.0/24 egress IPs (bench netns only).
+With ipv6, each egress IP also has an IPv6 range and each machine an IPv6 source,
+quoted as the lab's config and most writers quote them ("fd00::1:0").
 """
 
 from __future__ import annotations
@@ -28,16 +30,23 @@ def source(i: int) -> str:
     return str(ipaddress.IPv4Address("10.0.0.0") + 256 + i)
 
 
-def config_text(n: int, state_dir: str = "/tmp/egress-bench-state", extra_ips: int = 0) -> str:
+def source6(i: int) -> str:
+    return str(ipaddress.IPv6Address("fd00::") + 256 + i)
+
+
+def config_text(n: int, state_dir: str = "/tmp/egress-bench-state", extra_ips: int = 0,
+                ipv6: bool = False) -> str:
     n_ips = max(1, math.ceil(n / BLOCKS_PER_IP * 1.1)) + extra_ips
     lines = ["version: 1", "host: {name: bench, region: r}", f"state_dir: {state_dir}",
              f"defaults: {{ports_per_workload: {PORTS}}}", "egress_ips:"]
     for j, addr in enumerate(egress_addresses(n_ips)):
-        lines.append(f"  - {{id: ip{j}, app: app, ipv4: {addr}}}")
+        v6 = f', ipv6: "2001:db8:{j:x}::/64"' if ipv6 else ""
+        lines.append(f"  - {{id: ip{j}, app: app, ipv4: {addr}{v6}}}")
     lines.append("workloads:")
     for i in range(n):
-        lines.append(f"  - {{id: w{i}, app: app, source: [{source(i)}]}}")
-    lines += ["managed_sources: [10.0.0.0/8]",
+        v6 = f', "{source6(i)}"' if ipv6 else ""
+        lines.append(f"  - {{id: w{i}, app: app, source: [{source(i)}{v6}]}}")
+    lines += ["managed_sources: [10.0.0.0/8" + (', "fd00::/64"]' if ipv6 else "]"),
               "exclude: {destinations: [172.16.0.0/12]}",
               "policies:",
               "  - {name: to-partner, match: {destinations: [192.0.2.0/24], ports: [443]}, egress: default}",
@@ -70,4 +79,4 @@ def fragments(text: str, d: str) -> tuple[str, list[str]]:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(config_text(int(sys.argv[1])))
+    sys.stdout.write(config_text(int(sys.argv[1]), ipv6="--ipv6" in sys.argv[2:]))

@@ -788,6 +788,13 @@ class _FastLoader(_EventLoader):  # type: ignore[misc,valid-type]
 #   something else if it was plain (yes, ~, 0x1F, 1_000, 2001-01-01, <<, an empty
 #   key, ...) sends the file to the slow path, as does a duplicate key
 #   (_no_duplicates) or JSON that json refuses.
+# - quoted scalars (`ipv6: "2001:db8::1"`, as most writers quote) never reach
+#   rapidyaml: _unquoted replaces each one-line quoted scalar with a plain
+#   placeholder _q_<i> and all of the above is judged on that text; its JSON must
+#   then hold every placeholder exactly once as a whole string, which is put back
+#   as the quoted scalar's value (always a str). A placeholder that is only part
+#   of a string, or missing, means the quotes were not where a scalar starts (a
+#   plain `it's 'x'`, a continued line, a comment): declined. See _unquoted.
 # Anything else takes the libyaml path below, which stays the reference.
 
 def _yaml11_patterns() -> re.Pattern:
@@ -808,7 +815,8 @@ def _yaml11_patterns() -> re.Pattern:
 
 _NOT_PLAIN_STR = _yaml11_patterns()
 _YAML11_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?")
-_NOT_FOR_RYML = re.compile(r"[?&|>%@`\x00-\x09\x0b-\x1f\x7f]")
+_NOT_FOR_RYML = re.compile(r"[?&|>%@`]")
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # tabs too: checked before quotes are masked
 _ODD_COLON = re.compile(r":(?:[,\[\]{}]|(?<=[\s,\[{]:)\S)")  # written so that re scans for ':' alone
 
 
@@ -831,16 +839,72 @@ def _no_constant(s: str) -> Any:
     raise _Declined  # NaN, Infinity: YAML 1.1 reads them as strings; let libyaml say
 
 
+# A one-line quoted scalar of at most 256 characters where a scalar may start
+# (after a blank, `[`, `{` or `,`, or at a line's start; the possessive repeats
+# end it where YAML does), or a comment, whose text may hold quotes. The bound keeps
+# a quoted key well within YAML 1.1's 1,024 characters for a key, which the
+# shorter placeholder would otherwise hide.
+_QUOTED_OR_COMMENT = re.compile(r"""(?<![^ \n\[{,])(?:"(?:[^"\\\n]|\\.){0,256}+"|'(?:[^'\n]|''){0,256}+')"""
+                                r"|(?<![^ \n])#[^\n]*")
+_PLACEHOLDER = re.compile(r'"_q_([0-9]+)"')
+
+
+def _unquoted(text: str) -> tuple[str, list[str]]:
+    """`text` with each quoted scalar replaced by the plain scalar _q_<i> and each
+    comment by a bare `#` (its text may hold quotes, and a comment still ends a plain
+    scalar), and the quoted scalars as written. A quote that is left (a multi-line
+    or longer quoted scalar, an apostrophe in a plain scalar) is declined later."""
+    quoted: list[str] = []
+
+    def replace(m: re.Match) -> str:
+        if m[0][0] == "#":
+            return "#"
+        quoted.append(m[0])
+        return f"_q_{len(quoted) - 1}"
+    return _QUOTED_OR_COMMENT.sub(replace, text), quoted
+
+
+def _quoted_values(quoted: list[str]) -> Optional[list[str]]:
+    """The strings one-line quoted scalars stand for, as the reference reads them;
+    None when it would refuse one. Only backslash escapes need a reader: they are
+    read together by both of the reference's (libyaml walks the events first and
+    refuses \\ud800, which SafeLoader takes), and must agree."""
+    escaped = [q for q in quoted if q[0] == '"' and "\\" in q]
+    if escaped:
+        seq = "[" + ",".join(escaped) + "]"
+        try:
+            values = yaml.load(seq, Loader=yaml.SafeLoader)
+            if values != yaml.load(seq, Loader=_EventLoader):
+                return None
+        except yaml.YAMLError:
+            return None
+        read = iter(values)
+    return [q[1:-1].replace("''", "'") if q[0] == "'"
+            else next(read) if "\\" in q else q[1:-1] for q in quoted]
+
+
 def _ryml_data(text: str) -> Any:
     """The data of `text` through rapidyaml, or None when it may differ from
     SafeLoader's (then the caller takes the libyaml path)."""
-    if not text.isascii() or _NOT_FOR_RYML.search(text) or _ODD_COLON.search(text) \
+    if not text.isascii() or _CONTROL.search(text) or "_q_" in text:
+        return None
+    quoted: list[str] = []
+    if "'" in text or '"' in text:
+        text, quoted = _unquoted(text)
+    if _NOT_FOR_RYML.search(text) or _ODD_COLON.search(text) \
             or text.startswith((":", "---", "...")) or "\n---" in text or "\n..." in text \
             or not _plainly_bounded(text):
         return None
     js = _quiet_ryml_json(text.encode("ascii"))
     if js is None or _NOT_PLAIN_STR.search(js):
         return None
+    if quoted:  # each placeholder must be a whole string, once: then it was a scalar
+        values = _quoted_values(quoted)
+        if values is None or js.count("_q_") != len(quoted):
+            return None
+        js, n = _PLACEHOLDER.subn(lambda m: json.dumps(values[int(m[1])]), js)
+        if n != len(quoted):
+            return None
     try:
         return json.loads(js, object_pairs_hook=_no_duplicates, parse_float=_yaml11_float,
                           parse_constant=_no_constant)

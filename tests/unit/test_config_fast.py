@@ -1,12 +1,13 @@
 """The fast YAML path (rapidyaml, config._ryml_data) gives the data of the
 line-tracking path (libyaml, config._read_yaml) whenever it answers, and declines
 (None) whenever the line-tracking path refuses the text; random documents in
-block and flow style, with YAML 1.1's odd scalars, the fixtures and the
-generated benchmark configs."""
+block and flow style, with YAML 1.1's odd scalars, plain and quoted, the
+fixtures and the generated benchmark configs."""
 
 import glob
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,10 +51,30 @@ SCALARS = [
 ]
 KEYS = ["id", "app", "source", "ipv4", "ports", "dns", "yes", "1", "null", "~", "x y", "1.5", "on"]
 
+# Quoted scalars: always strings, whatever they would be plain, with what a plain
+# scalar may not hold, escapes, and some that are not one scalar or not YAML at all.
+QUOTED = [
+    r'"2001:db8::1"', r"'10.0.0.1'", r'"fd00:1::/64"', r'"yes"', r"'no'", r'"1"', r"'1.5'",
+    r'"null"', r"'~'", r'"0x10"', r"'017'", r'"1_000"', r'"2001-01-01"', r'".inf"', r'"<<"',
+    r"'='", r'""', r"''", r'"#"', r"'#'", r'"a # b"', r"' #'", r'": "', r"'x: y'", r'"[a, b]"',
+    r"'{a: b}'", r'"*a"', r"'&a'", r'"!x"', r'"? x"', r'"- x"', r"'|'", r'"%x"', r'"@x"',
+    r'"`x`"', r'" lead"', r"'trail '", r'"\\"', r'"a\"b"', r'"it\"s"', r"'it''s'", r"''''",
+    r"""'"'""", r'''"'"''', r"'a\b'", r'"\t\n"', r'"\u00e9"', r'"\x41\x7f"', r'"\N\_\L\P"',
+    r'"\/"', r'"\ "', r'"\0"', r'"\ud800"', r'"\q"', r'"\x4"', r'"_q_0"', r"'_q_1'",
+    r'"open', r"'open", r'"a"b', r"'a'b", r'"a""b"', r"'a' 'b'", r"'a'#c",
+]
+_TEXT = st.text(st.sampled_from(" abcxy01:#,-[]{}'\"\\*&!?|>%@`~"), max_size=8)
+quoted = st.one_of(
+    st.sampled_from(QUOTED),
+    _TEXT.map(lambda t: "'" + t.replace("'", "''") + "'"),
+    _TEXT.map(lambda t: '"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'),
+    _TEXT.map(lambda t: '"' + t + '"'))  # stray backslashes and quotes too
+
 COMMON = SCALARS[:9]  # what configs mostly hold: drawn more often, so most documents take the fast path
-scalars = st.one_of(st.sampled_from(COMMON), st.sampled_from(COMMON), st.sampled_from(SCALARS))
+scalars = st.one_of(st.sampled_from(COMMON), st.sampled_from(COMMON), st.sampled_from(SCALARS),
+                    st.sampled_from(QUOTED[:3]), quoted)
 keys = st.one_of(st.sampled_from(KEYS[:6]), st.sampled_from(KEYS[:6]), st.sampled_from(KEYS[:6]),
-                 st.sampled_from(KEYS))
+                 st.sampled_from(KEYS), quoted)
 docs = st.recursive(
     scalars,
     lambda inner: st.one_of(st.lists(inner, max_size=4),
@@ -101,9 +122,11 @@ def test_the_fast_path_gives_the_line_tracking_data_or_declines(doc, style_bits,
         assert typed(fast) == typed(reference), text
 
 
-@pytest.mark.parametrize("token", SCALARS)
+@pytest.mark.parametrize("token", SCALARS + QUOTED)
 @pytest.mark.parametrize("form", ["key: {t}\n", "{t}: v\n", "k: [{t}, x]\n", "k: {{a: {t}}}\n",
-                                  "k:\n  - {t}\n"])
+                                  "k:\n  - {t}\n", "k: {t}  # {t}\n", "k: [x,{t}]\n",
+                                  "k: {{{t}: {t}}}\n", "k: a, {t}\n", "k: a\n  {t}\n", "k: [x {t}]\n",
+                                  "# {t}\nk: {t}\n"])
 def test_each_odd_scalar_reads_as_yaml_1_1_does(token, form):
     text = form.format(t=token)
     fast = _ryml_data(text)
@@ -113,6 +136,34 @@ def test_each_odd_scalar_reads_as_yaml_1_1_does(token, form):
         assert fast is None
         return
     assert fast is None or typed(fast) == typed(reference), text
+
+
+def lab_config() -> str:
+    """The lab's config as `egress-agent lab up` writes it: quoted IPv6, comments."""
+    return (ROOT / "egress_agent/lab/demo.yaml").read_text().replace("@PREFIX@", "eal0")
+
+
+def test_the_lab_config_with_its_quoted_ipv6_takes_the_fast_path_once_no_flow_mapping_spans_lines():
+    """Its quotes no longer decline it; its two flow mappings written over two lines
+    still do (_plainly_bounded bounds the depth line by line)."""
+    text = lab_config()
+    assert '"2001:db8:10::/64"' in text and _ryml_data(text) is None
+    one_line = re.sub(r",\n +(limits|via):", r", \1:", text)
+    fast = _ryml_data(one_line)
+    assert fast is not None and typed(fast) == typed(slow(one_line))
+
+
+def test_a_quoted_configs_problem_is_still_at_its_file_and_line(tmp_path):
+    """The fast path keeps no lines; a problem found in its data is placed by
+    reading again with them."""
+    p = tmp_path / "c.yaml"
+    p.write_text(config_text(5, ipv6=True).replace('"fd00::103"', '"fd00::zz"'))
+    assert _ryml_data(p.read_text()) is not None
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    [problem] = e.value.problems
+    assert (problem.file, problem.line, problem.path) == (str(p), 11, "workloads[3].source[1]")
+    assert "'fd00::zz'" in problem.message
 
 
 def fixtures():
@@ -134,8 +185,10 @@ def test_every_fixture_reads_the_same_on_both_paths(path):
 
 
 @pytest.mark.parametrize("n", [1, 7, 300])
-def test_the_generated_configs_take_the_fast_path_with_the_same_data(n):
-    text = config_text(n)
+@pytest.mark.parametrize("ipv6", [False, True])
+def test_the_generated_configs_take_the_fast_path_with_the_same_data(n, ipv6):
+    text = config_text(n, ipv6=ipv6)
+    assert ('"' in text) == ipv6
     fast = _ryml_data(text)
     assert fast is not None
     assert typed(fast) == typed(slow(text))
@@ -194,17 +247,21 @@ def test_what_yaml_1_1_and_rapidyaml_read_apart_in_flow_collections_declines(tex
     assert _ryml_data(text) is None
 
 
-PIECES = SCALARS + [" ", "\n", ":", ": ", "- ", "  ", ",", "[", "]", "{", "}", "#", " #", "?", ":x",
-                    "x:", "{a: b}", "[a, b]", "\n  - ", "~", "---\n", "...\n"]
+PIECES = SCALARS + QUOTED + [" ", "\n", ":", ": ", "- ", "  ", ",", "[", "]", "{", "}", "#", " #",
+                             "?", ":x", "x:", "{a: b}", "[a, b]", "\n  - ", "~", "---\n", "...\n",
+                             '"', "'", "\\", "''"]
 MUTATION = st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from(["insert", "delete", "line"]),
                      st.one_of(st.sampled_from(PIECES), st.sampled_from([":", ":x", "?", "x:"])),
                      st.integers(1, 10))
 
 
 def _seeds() -> list[str]:
-    data = yaml.safe_load(config_text(4))
-    return [config_text(3), yaml.safe_dump(data, default_flow_style=False, sort_keys=False),
-            yaml.safe_dump(data, default_flow_style=None, sort_keys=False, indent=4)]
+    data = yaml.safe_load(config_text(4, ipv6=True))
+    return [config_text(3), config_text(3, ipv6=True), lab_config(),
+            yaml.safe_dump(data, default_flow_style=False, sort_keys=False),
+            yaml.safe_dump(data, default_flow_style=None, sort_keys=False, indent=4),
+            yaml.safe_dump(data, default_flow_style=None, sort_keys=False, default_style="'"),
+            yaml.safe_dump(data, default_flow_style=True, sort_keys=False, default_style='"')]
 
 
 @settings(max_examples=1000)
