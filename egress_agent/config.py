@@ -818,6 +818,9 @@ _YAML11_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?")
 _NOT_FOR_RYML = re.compile(r"[?&|>%@`]")
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # tabs too: checked before quotes are masked
 _ODD_COLON = re.compile(r":(?:[,\[\]{}]|(?<=[\s,\[{]:)\S)")  # written so that re scans for ':' alone
+# something after a flow collection closes other than `,` `]` `}` or a comment: YAML
+# 1.1 refuses `- {a: 1}  - {b: 2}` on one line, which rapidyaml reads as two entries
+_AFTER_FLOW = re.compile(r"[\]}](?:[ \t]*[^\s,\]}#]|#)")
 
 
 class _Declined(Exception):
@@ -891,7 +894,7 @@ def _ryml_data(text: str) -> Any:
     quoted: list[str] = []
     if "'" in text or '"' in text:
         text, quoted = _unquoted(text)
-    if _NOT_FOR_RYML.search(text) or _ODD_COLON.search(text) \
+    if _NOT_FOR_RYML.search(text) or _ODD_COLON.search(text) or _AFTER_FLOW.search(text) \
             or text.startswith((":", "---", "...")) or "\n---" in text or "\n..." in text \
             or not _plainly_bounded(text):
         return None

@@ -149,7 +149,7 @@ def test_outside_the_agents_namespace_commands_say_so_and_apply_names_unusable_i
     # no up1: a route through a link that does not exist is a config error, exit 3)
     elsewhere = write_variant(lab, "elsewhere.yaml", edited(
         lab, (f"{lab.prefix}/state\n", f"{lab.prefix}/state-elsewhere\n"),
-        (",\n     via: {dev: up1, gateway: 203.0.113.129}}", "}")))
+        ("\n    via: {dev: up1, gateway: 203.0.113.129}", "")))
     p = run_in(lab, lab.origin, "apply", "-c", elsewhere)
     assert p.returncode == 9, (p.returncode, p.stdout, p.stderr)
     assert ("not usable on this host (address absent or link down): billing-1, billing-2, "

@@ -143,14 +143,16 @@ def lab_config() -> str:
     return (ROOT / "egress_agent/lab/demo.yaml").read_text().replace("@PREFIX@", "eal0")
 
 
-def test_the_lab_config_with_its_quoted_ipv6_takes_the_fast_path_once_no_flow_mapping_spans_lines():
-    """Its quotes no longer decline it; its two flow mappings written over two lines
-    still do (_plainly_bounded bounds the depth line by line)."""
+def test_the_lab_config_with_its_quoted_ipv6_takes_the_fast_path():
+    """Its quotes do not decline it (and no flow mapping of it spans lines, which
+    would: _plainly_bounded bounds the depth line by line)."""
     text = lab_config()
-    assert '"2001:db8:10::/64"' in text and _ryml_data(text) is None
-    one_line = re.sub(r",\n +(limits|via):", r", \1:", text)
-    fast = _ryml_data(one_line)
-    assert fast is not None and typed(fast) == typed(slow(one_line))
+    assert '"2001:db8:10::/64"' in text
+    fast = _ryml_data(text)
+    assert fast is not None and typed(fast) == typed(slow(text))
+    spanning = text.replace("    via: {dev: up1, gateway: 203.0.113.129}",
+                            "    via: {dev: up1,\n          gateway: 203.0.113.129}")
+    assert _ryml_data(spanning) is None and typed(slow(spanning)) == typed(slow(text))
 
 
 def test_a_quoted_configs_problem_is_still_at_its_file_and_line(tmp_path):
@@ -240,6 +242,7 @@ def test_with_no_memory_file_nor_stderr_the_fast_path_still_reads(monkeypatch):
     "a: {ports:}\n", "a: [x:, y]\n", "a: {b: c:}\n", "a: [:x]\n", "a: {b: x, :y}\n", ":x: 1\n",
     "a: {b: dest?inations}\n", "a: {b: to? -x}\n", "? a\n: b\n",
     "...\nversion: 1\n",  # rapidyaml skips a document end before the first document
+    "a:\n  - {x: 1}  - {y: 2}\n",  # two entries on one line: rapidyaml reads both
 ])
 def test_what_yaml_1_1_and_rapidyaml_read_apart_in_flow_collections_declines(text):
     """Found by mutating configs: in a flow collection YAML 1.1 (PyYAML) ends a plain

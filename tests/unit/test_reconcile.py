@@ -44,8 +44,8 @@ LEGACY_POLICY = ("  - name: legacy-udp\n"
 PARTNER_POLICY = ("  - name: partner-via-link\n"
                   "    match: {destinations: [198.51.100.10/32]}\n"
                   "    egress: {ipv4: partner-link, ipv4_fallback: drop}\n")
-PARTNER_IP = ("  - {id: partner-link, app: partners, ipv4: 203.0.113.140,\n"
-              "     via: {dev: up1, gateway: 203.0.113.129}}\n")
+PARTNER_IP = ("  - id: partner-link\n    app: partners\n    ipv4: 203.0.113.140\n"
+              "    via: {dev: up1, gateway: 203.0.113.129}\n")
 
 
 def demo() -> str:
