@@ -9,6 +9,7 @@ it is about, found through the path -> line map built while parsing.
 from __future__ import annotations
 
 import difflib
+import functools
 import gc
 import glob
 import hashlib
@@ -1326,6 +1327,9 @@ class _FileSeen:
     digest: bytes
     text: str
     data: dict  # the file's data, with the validated model in place of each entry of _KEPT
+    # the _entry_key of each entry of _KEPT as read (beside data's models): a changed
+    # file's unchanged entries are found by them, without reading its old text again
+    keys: Optional[dict[str, list[str]]] = None
 
 
 class Reader:
@@ -1339,7 +1343,8 @@ class Reader:
 
     def __init__(self) -> None:
         self._files: dict[str, _FileSeen] = {}
-        self._order: list[tuple[str, bytes, str, dict]] = []  # this load's files, in include order
+        # this load's files, in include order: (file, digest, text, data, entry keys)
+        self._order: list[tuple[str, bytes, str, dict, Optional[dict[str, list[str]]]]] = []
 
     def load(self, path: Union[str, Path]) -> Loaded:
         return load(path, self)
@@ -1349,30 +1354,33 @@ class Reader:
         entry did not change, plain data where they did."""
         digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
         seen = self._files.get(file)
+        keys = None
         if seen is not None and seen.digest == digest:
             data = dict(seen.data)  # _include replaces the main file's lists: never the cache's
+            keys = seen.keys
         else:
             data = _read_data(text, file, with_lines=False)[0]
-            if isinstance(data, dict) and seen is not None and len(seen.text) <= _REUSE_TEXT:
+            if isinstance(data, dict) and len(text) <= _REUSE_TEXT:
+                keys = {key: [_entry_key(e) for e in data[key]] for key in _KEPT
+                        if isinstance(data.get(key), list)}
+            if isinstance(data, dict) and seen is not None and seen.keys is not None:
                 data = dict(data)
                 for key, models in self._still_valid(seen).items():
-                    if isinstance(data.get(key), list):
-                        data[key] = [models.get(_entry_key(e), e) if isinstance(e, dict) else e
-                                     for e in data[key]]
+                    if key in (keys or {}):
+                        data[key] = [models.get(k, e) if isinstance(e, dict) else e
+                                     for k, e in zip(keys[key], data[key])]
         if isinstance(data, dict):  # a copy: _include replaces the main file's lists
-            self._order.append((file, digest, text, dict(data)))
+            self._order.append((file, digest, text, dict(data), keys))
         return data
 
     @staticmethod
     def _still_valid(seen: _FileSeen) -> dict[str, dict[str, BaseModel]]:
-        """The models of a changed file's last version, by the data they came from
-        (its text read again: only a changed file pays for this)."""
-        old = _read_data(seen.text, "", with_lines=False)[0]
+        """The models of a changed file's last version, by the data they came from."""
         out: dict[str, dict[str, BaseModel]] = {}
-        for key in _KEPT:
-            entries, models = old.get(key), seen.data.get(key)
-            if isinstance(entries, list) and isinstance(models, list) and len(entries) == len(models):
-                out[key] = {_entry_key(e): m for e, m in zip(entries, models)}
+        for key, keys in (seen.keys or {}).items():
+            models = seen.data.get(key)
+            if isinstance(models, list) and len(keys) == len(models):
+                out[key] = dict(zip(keys, models))
         return out
 
     def _parse(self, text: str, file: str) -> Loaded:
@@ -1385,14 +1393,14 @@ class Reader:
         # the order the files were read, the main file's first.
         offsets = {key: 0 for key in _KEPT}
         files: dict[str, _FileSeen] = {}
-        for f, digest, ftext, fdata in self._order:
+        for f, digest, ftext, fdata, keys in self._order:
             kept = dict(fdata)
             for key in _KEPT:
                 if isinstance(fdata.get(key), list):
                     n = len(fdata[key])
                     kept[key] = getattr(cfg, key)[offsets[key]:offsets[key] + n]
                     offsets[key] += n
-            files[f] = _FileSeen(digest, ftext, kept)
+            files[f] = _FileSeen(digest, ftext, kept, keys)
         self._files, self._order = files, []
         return Loaded(cfg, file, text, (file, *included))
 
@@ -1403,9 +1411,10 @@ def _entry_key(entry: Any) -> str:
     return repr(entry)
 
 
-# A changed file's unchanged entries keep their models when the file is at most
-# this big (an include of ~20,000 workloads): finding them means reading its last
-# version again, which for a far bigger file costs what validating it does.
+# A changed file's unchanged entries keep their models when its last version was
+# at most this big (an include of ~20,000 workloads): finding them takes the key of
+# each of its entries, kept in memory, which for a far bigger file would cost more
+# memory than validating it again costs time.
 _REUSE_TEXT = 1 << 20
 
 
@@ -1670,6 +1679,11 @@ def _fixed_block_problems(cfg: Config, number: Numbering, known_ips: set[str]) -
     return out
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _v6_int(s: str) -> int:
+    return int(ipaddress.IPv6Address(s))
+
+
 def _egress_addresses_of_workloads(cfg: Config, ranges, number: Numbering,
                                    sources: list[str]) -> list[tuple]:
     """An egress address that is a workload's own source, or inside managed_sources,
@@ -1677,6 +1691,7 @@ def _egress_addresses_of_workloads(cfg: Config, ranges, number: Numbering,
     out: list[tuple] = []
     v4 = {ip.ipv4: i for i, ip in number("egress_ips", cfg.egress_ips) if ip.ipv4}
     clash = not v4.keys().isdisjoint(sources) or bool(ranges) and any(":" in s for s in sources)
+    bounds = [(int(net.network_address), int(net.broadcast_address)) for _, net in ranges]
     for i, w in number("workloads", cfg.workloads) if clash else ():
         for j, s in enumerate(w.source):
             if s in v4:
@@ -1684,9 +1699,9 @@ def _egress_addresses_of_workloads(cfg: Config, ranges, number: Numbering,
                             f"{s} is also the source of workload {w.id!r} (workloads[{i}]"
                             f".source[{j}]); an egress address must not be a workload's address"))
             elif ranges and ":" in s:
-                a = ipaddress.IPv6Address(s)
-                for k, net in ranges:
-                    if a in net:
+                a = _v6_int(s)  # a reload checks the same sources again: parsed once
+                for (k, net), (lo, hi) in zip(ranges, bounds):
+                    if lo <= a <= hi:
                         out.append((("egress_ips", k, "ipv6"),
                                     f"range {net} holds {s}, the source of workload {w.id!r} "
                                     f"(workloads[{i}].source[{j}]); use a range of its own"))
