@@ -61,8 +61,11 @@ def test_a_draining_ips_open_connection_keeps_its_block_and_who_names_it(lab: La
     st = status(lab, config)
     lease = app_lease(st, "m42")
     ip_id, addr = lease["ip"], lease["ipv4"]
-    line = next(l for l in open(config) if l.strip().startswith(f"- {{id: {ip_id},"))
-    drained_text = edited(lab, (line, line.replace(f"id: {ip_id},", f"id: {ip_id}, state: draining,")))
+    # billing-1 is written in block style, billing-2 in flow style
+    line = next(l for l in open(config) if l.strip() in (f"- id: {ip_id}",)
+                or l.strip().startswith(f"- {{id: {ip_id},"))
+    drained_text = edited(lab, (line, line.replace(f"id: {ip_id},", f"id: {ip_id}, state: draining,")
+                                if "{" in line else line + "    state: draining\n"))
     drained = write_variant(lab, "draining.yaml", drained_text)
 
     with lab.hold("m42", *ECHO) as held:

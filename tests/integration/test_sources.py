@@ -165,7 +165,7 @@ def test_invalid_packets_never_leave_raw(lab: Lab) -> None:
     assert origin.read()["raw4"] == 0
 
 
-B1 = ('ipv4: 203.0.113.10, ipv6: "2001:db8:10::/64",', "ipv4: 203.0.113.10,")
+B1 = ('    ipv6: "2001:db8:10::/64"\n', "")  # billing-1 is written in block style
 B2 = ('ipv4: 203.0.113.11, ipv6: "2001:db8:11::/64"}', "ipv4: 203.0.113.11}")
 
 
