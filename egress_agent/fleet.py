@@ -317,19 +317,19 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
             for h in region_hosts:
                 host_addr, pair_addr = _tunnel_addrs(p, h)
                 dev = f"t{h.vni}"
-                tun += [f"ip link add {dev} type vxlan id {h.vni} remote {h.fabric_addr} "
+                tun += [f"ip link show {dev} >/dev/null 2>&1 || ip link add {dev} type vxlan id {h.vni} remote {h.fabric_addr} "
                         f"dstport {VXLAN_PORT} dev {g.fabric_dev} nolearning",
                         f"ip link set {dev} address {_mac(h.vni)} addrgenmode none",
-                        f"ip link set {dev} up", f"ip addr add {pair_addr}/30 dev {dev}"]
+                        f"ip link set {dev} up", f"ip addr replace {pair_addr}/30 dev {dev}"]
                 host6 = None
                 if _v6(p, f):
                     host6, pair6 = _tunnel_addrs(p, h, 6)
                     # a link-local address of its own (no generated one: addrgenmode none),
                     # without which the kernel sends no neighbour solicitation for a
                     # forwarded packet
-                    tun += [f"ip addr add {pair6}/126 dev {dev} nodad",
-                            f"ip addr add {_LINK_LOCAL['pair']} dev {dev} nodad"]
-                tun += [f"ip route add {_host_prefix(s)} via {host6 if ':' in s else host_addr} "
+                    tun += [f"ip addr replace {pair6}/126 dev {dev} nodad",
+                            f"ip addr replace {_LINK_LOCAL['pair']} dev {dev} nodad"]
+                tun += [f"ip route replace {_host_prefix(s)} via {host6 if ':' in s else host_addr} "
                         f"dev {dev}" for w in f.workloads if w.host == h.name for s in w.source
                         if ":" not in s or host6]
             state = layout.of("state_dir", g.host, f)
@@ -352,15 +352,15 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
         for p in pairs:
             host_addr, pair_addr = _tunnel_addrs(p, h)
             dev = f"t-{p.id}"
-            tun += [f"ip link add {dev} type vxlan id {h.vni} local {h.fabric_addr} remote {p.vip} "
+            tun += [f"ip link show {dev} >/dev/null 2>&1 || ip link add {dev} type vxlan id {h.vni} local {h.fabric_addr} remote {p.vip} "
                     f"dstport {VXLAN_PORT} dev {h.fabric_dev} nolearning",
                     f"ip link set {dev} addrgenmode none", f"ip link set {dev} up",
-                    f"ip addr add {host_addr}/30 dev {dev}"]
+                    f"ip addr replace {host_addr}/30 dev {dev}"]
             via: dict = {"dev": dev, "gateway": pair_addr}
             if _v6(p, f):
                 host6, pair6 = _tunnel_addrs(p, h, 6)
-                tun += [f"ip addr add {host6}/126 dev {dev} nodad",
-                        f"ip addr add {_LINK_LOCAL['host']} dev {dev} nodad"]
+                tun += [f"ip addr replace {host6}/126 dev {dev} nodad",
+                        f"ip addr replace {_LINK_LOCAL['host']} dev {dev} nodad"]
                 via["gateway6"] = pair6
             ips += [{**_ip_doc(ip), "remote": True,
                      "via": {k: v for k, v in via.items() if k != "gateway6" or ip.ipv6}}
@@ -380,6 +380,8 @@ def render(f: Fleet, prev: dict[str, Allocations], layout: Layout = Layout()) ->
 
 
 def _script(lines: list[str]) -> str:
+    """The host's set-up as a script that may run again (at boot, after a render):
+    what exists is kept, addresses and routes are replaced, not added twice."""
     return "#!/bin/sh\n# the host's tunnels for egress-agent (egress-agent fleet render)\nset -e\n" \
         + "".join(f"{x}\n" for x in lines)
 

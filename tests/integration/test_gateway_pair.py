@@ -29,8 +29,8 @@ import time
 
 import pytest
 
-from egress_agent.lab.netns import ip, link_up
-from egress_agent.lab.pairlab import APP_IP, MACHINES, PairLab, in_block
+from egress_agent.lab.netns import ip, link_up, ns_exec
+from egress_agent.lab.pairlab import APP_IP, HOSTS, MACHINES, PairLab, in_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -112,6 +112,8 @@ def test_both_gateways_unreachable_make_the_ip_unusable_and_one_back_restores_it
         ip = next(i for i in st["egress_ips"] if i["id"] == "app-ip")
         return next(c for c in ip["conditions"] if c["type"] == "IPv4Usable")["reason"]
 
+    for h in HOSTS:  # the rendered set-up runs again (at boot, after a render) unharmed
+        ns_exec(lab.ns(h), ["sh", f"{lab.run_dir}/{h}/tunnels.sh"])
     lab.start_daemon("w1")
     try:
         lab.wait_usable("w1", True)

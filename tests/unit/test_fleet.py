@@ -53,9 +53,9 @@ def test_every_host_gets_files_that_validate_and_both_gateways_the_same_blocks(t
     # forwarding, a strict TCP conntrack, IPv6 with a link-local address of its own
     # (without one the kernel solicits no neighbour for a forwarded packet)
     for line in ("sysctl -qw net.netfilter.nf_conntrack_tcp_loose=0",
-                 "ip addr add fd00:250::196/126 dev t101 nodad",
-                 "ip addr add fe80::1/64 dev t101 nodad",
-                 "ip route add fd00:1::2/128 via fd00:250::195 dev t101"):
+                 "ip addr replace fd00:250::196/126 dev t101 nodad",
+                 "ip addr replace fe80::1/64 dev t101 nodad",
+                 "ip route replace fd00:1::2/128 via fd00:250::195 dev t101"):
         assert line in tun, line
     keepalived = (tmp_path / "out" / "g1" / "keepalived.conf").read_text()
     assert "virtual_ipaddress_excluded {\n\t\t2001:db8:f::1/64 dev up0" in keepalived
