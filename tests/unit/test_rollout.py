@@ -134,3 +134,40 @@ def test_rollout_gates_the_staged_candidate_then_switches_in_one_rename(tmp_path
         == sorted([first, second])
     assert (live / "config.yaml").read_text() == head + "# v3\n"
     assert (live / "conf.d/web.yaml").read_text() == new.read_text()
+
+
+def test_pair_playbook_installs_the_rendered_set_up_and_changes_nothing_the_second_time(tmp_path):
+    """packaging/ansible/pair.yml with the files `fleet render` wrote: every host's
+    tunnels script, and a gateway's keepalived.conf, notify and conntrackd.conf, at
+    paths in tmp (services and the tunnels script are not run here)."""
+    from egress_agent import fleet
+    from egress_agent.lab.pairlab import FLEET
+    (tmp_path / "fleet.yaml").write_text(FLEET)
+    fleet.run(str(tmp_path / "fleet.yaml"), str(tmp_path / "state"), str(tmp_path / "rendered"))
+    inv = tmp_path / "inventory"
+    local = "ansible_connection=local ansible_become=false ansible_python_interpreter=/usr/bin/python3"
+    inv.write_text(f"[egress_gateways]\ng1 {local}\n[egress_hosts]\nw1 {local}\n")
+    root = tmp_path / "root"
+    paths = {"tunnels_script": "{{ inventory_hostname }}/tunnels",
+             "keepalived_conf": "{{ inventory_hostname }}/keepalived.conf",
+             "keepalived_notify": "{{ inventory_hostname }}/notify",
+             "conntrackd_conf": "{{ inventory_hostname }}/conntrackd.conf"}
+    for h in ("g1", "w1"):
+        (root / h).mkdir(parents=True)
+    argv = ["ansible-playbook", "-i", str(inv), str(ROOT / "packaging/ansible/pair.yml"),
+            "-e", f"rendered_dir={tmp_path / 'rendered'}", "-e", "run_tunnels=false",
+            "-e", "manage_services=false",
+            *[x for k, v in paths.items() for x in ("-e", f"{k}={root}/{v}")]]
+    env = {**os.environ, "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"), "ANSIBLE_NOCOLOR": "1"}
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rendered = tmp_path / "rendered"
+    for src, dest, mode in (("tunnels.sh", "tunnels", 0o755), ("keepalived.conf", "keepalived.conf", 0o644),
+                            ("notify", "notify", 0o755), ("conntrackd.conf", "conntrackd.conf", 0o644)):
+        assert (root / "g1" / dest).read_text() == (rendered / "g1" / src).read_text(), dest
+        assert (root / "g1" / dest).stat().st_mode & 0o777 == mode, dest
+    assert sorted(p.name for p in (root / "w1").iterdir()) == ["tunnels"]  # no pair files
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    recap = [line for line in again.stdout.splitlines() if " ok=" in line]
+    assert again.returncode == 0 and len(recap) == 2 and all("changed=0" in x for x in recap), \
+        again.stdout
