@@ -78,8 +78,9 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))]
 
 
-def stream(lab: PairLab, machine: str, seconds: float, gap: float = 0.005) -> subprocess.Popen:
-    return subprocess.Popen(nsenter_prefix(lab.ns(machine)) + [
+def stream(lab: PairLab, ns: str, seconds: float, gap: float = 0.005) -> subprocess.Popen:
+    """STREAM in the lab's namespace `ns` (a machine, or a gateway host)."""
+    return subprocess.Popen(nsenter_prefix(lab.ns(ns)) + [
         sys.executable, "-c", STREAM, ORIGIN, str(PORT), str(seconds), str(gap)],
         stdout=subprocess.PIPE, text=True)
 
@@ -150,10 +151,9 @@ def detection_ms(lab: PairLab, runs: int) -> list[float]:
 
 
 def rtt_ms(lab: PairLab, ns: str, n: int = 200) -> float:
-    p = subprocess.Popen(nsenter_prefix(lab.ns(ns)) + [
-        sys.executable, "-c", STREAM, ORIGIN, str(PORT), str(n * 0.01), "0.01"],
-        stdout=subprocess.PIPE, text=True)
-    return statistics.median((got - sent) * 1000 for sent, got, _ in answers(p))
+    """Median round trip of `n` datagrams, one every 10 ms, from namespace `ns`."""
+    return statistics.median((got - sent) * 1000
+                             for sent, got, _ in answers(stream(lab, ns, n * 0.01, 0.01)))
 
 
 def connect_rate(binary: str, client_ns: str, server: str, seconds: float) -> float:

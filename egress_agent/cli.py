@@ -220,8 +220,7 @@ def cmd_explain(args) -> int:
                 usable)
     d = e.to_json()
     human = "\n".join(f"{k:15} {'-' if v is None else v}" for k, v in d.items())
-    missing = [ip.id for ip in cfg.ips_here() if ip.state == "active"
-               and not (usable.ok(ip, 4) or usable.ok(ip, 6))]
+    missing = [ip.id for ip, lost in _unusable(cfg, usable) if lost == _families(ip)]
     if missing:
         human += (f"\nnote: not usable on this host (address absent or link down): "
                   f"{', '.join(missing)}; --assume-usable explains as if they were")
@@ -292,8 +291,10 @@ def cmd_apply(args) -> int:
         print(f"note: {n}", file=sys.stderr)
     unusable = _unusable(cfg, r.usable)
     if unusable:
+        named = [ip.id if lost == _families(ip) else f"{ip.id} (IPv{lost[0]})"
+                 for ip, lost in unusable]
         print(f"egress-agent apply: not usable on this host (address absent or link down): "
-              f"{', '.join(unusable)}; their workloads follow their fallback (drop, or the "
+              f"{', '.join(named)}; their workloads follow their fallback (drop, or the "
               f"host's own address), and the daemon moves them back when the address "
               f"returns", file=sys.stderr)
     if r.store_error:
@@ -301,24 +302,26 @@ def cmd_apply(args) -> int:
               f"written ({r.store_error}); fix it and apply again", file=sys.stderr)
         return Exit.STORE
     active = [ip for ip in cfg.ips_here() if ip.state == "active"]
-    if active and not any(r.usable.ok(ip, 4) or r.usable.ok(ip, 6) for ip in active):
+    dead = [ip for ip, lost in unusable if lost == _families(ip)]
+    if active and len(dead) == len(active):
         print("egress-agent apply: no egress IP of this host is usable: is this the agent's "
               "network namespace, are its addresses configured?", file=sys.stderr)
         return Exit.UNUSABLE
     return Exit.OK
 
 
-def _unusable(cfg, usable) -> list[str]:
-    """The active egress IPs of this host unusable in a family they have, as `ID
-    (IPv4)`, `ID (IPv6)` or `ID` (both)."""
+def _families(ip) -> list[int]:
+    return [f for f, a in ((4, ip.ipv4), (6, ip.ipv6)) if a]
+
+
+def _unusable(cfg, usable) -> list[tuple]:
+    """(egress IP, the families it has that are not usable) for each active IP of this
+    host that lost some (lost == _families(ip): the IP is not usable at all)."""
     out = []
     for ip in cfg.ips_here():
-        if ip.state != "active":
-            continue
-        lost = [f"IPv{f}" for f, a in ((4, ip.ipv4), (6, ip.ipv6)) if a and not usable.ok(ip, f)]
-        if lost:
-            out.append(ip.id if len(lost) == 2 or not (ip.ipv4 and ip.ipv6)
-                       else f"{ip.id} ({lost[0]})")
+        lost = [f for f in _families(ip) if not usable.ok(ip, f)]
+        if ip.state == "active" and lost:
+            out.append((ip, lost))
     return out
 
 
@@ -393,8 +396,7 @@ def cmd_list(args) -> int:
     print(f"{'WORKLOAD':12} {'EGRESS IP':13} {'IPV4:PORTS':26} {'IPV6':24} {'ROUTE':8} FROM")
     for p in rows:
         for x in p.leases or [None]:
-            v4 = "-" if x is None or not x.ipv4 else \
-                f"{x.ipv4}:{x.ports[0]}-{x.ports[1]}" if x.ports else x.ipv4
+            v4 = (x.v4_text() if x else None) or "-"
             print(f"{p.workload:12} {x.ip if x else '-':13} {v4:26} "
                   f"{(x.ipv6 if x else None) or '-':24} "
                   f"{'-' if x is None else 'default' if x.default else 'policy':8} {p.from_text()}")

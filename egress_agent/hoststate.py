@@ -91,13 +91,14 @@ def usable_from(cfg: Config, host: HostState) -> Usable:
     (an IPv6 range: while some address of it is). On a gateway host the address is
     the pair's to move (keepalived): both hosts translate alike, held or not."""
     gateway = cfg.host.role == "gateway"  # a remote IP: its gateway's to hold
-    v4 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv4
-                   and (gateway or ip.remote or host.has_address(ip.ipv4))
-                   and (ip.via is None or host.link_up(ip.via.dev)) and host.reaches(ip))
-    v6 = frozenset(ip.id for ip in cfg.ips_here() if ip.ipv6
-                   and (gateway or ip.remote or host.has_address_in(ip.ipv6))
-                   and (ip.via is None or host.link_up(ip.via.dev)) and host.reaches(ip))
-    return Usable(v4, v6)
+
+    def usable(ip: EgressIP, addr: Optional[str], held: Callable[[str], bool]) -> bool:
+        return bool(addr) and (gateway or ip.remote or held(addr)) \
+            and (ip.via is None or host.link_up(ip.via.dev)) and host.reaches(ip)
+
+    ips = cfg.ips_here()
+    return Usable(frozenset(ip.id for ip in ips if usable(ip, ip.ipv4, host.has_address)),
+                  frozenset(ip.id for ip in ips if usable(ip, ip.ipv6, host.has_address_in)))
 
 
 def cgroup_exists(root: str) -> Callable[[str], bool]:

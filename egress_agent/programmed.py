@@ -63,11 +63,15 @@ class Lease:
     ipv6: Optional[str]
     default: bool  # the workload's default route (not only a policy's)
 
+    def v4_text(self) -> Optional[str]:
+        """`203.0.113.10:1024-2047`, the address alone without a block, or None."""
+        if not self.ipv4:
+            return None
+        return f"{self.ipv4}:{self.ports[0]}-{self.ports[1]}" if self.ports else self.ipv4
+
     def text(self) -> str:
-        v4 = (f"{self.ipv4}:{self.ports[0]}-{self.ports[1]}" if self.ports else self.ipv4) \
-            if self.ipv4 else None
-        return " ".join(x for x in (self.ip, v4, self.ipv6) if x) + ("" if self.default
-                                                                     else " (policy)")
+        return " ".join(x for x in (self.ip, self.v4_text(), self.ipv6) if x) \
+            + ("" if self.default else " (policy)")
 
     def to_json(self) -> dict:
         return {"ip": self.ip, "ipv4": self.ipv4, "ports": list(self.ports) if self.ports else None,

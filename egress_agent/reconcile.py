@@ -19,8 +19,8 @@ kernel's live maps are adopted (adopt.py), with history for what was adopted.
 from __future__ import annotations
 
 import ctypes
-import heapq
 import errno as errno_mod
+import heapq
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -33,6 +33,7 @@ from .adopt import adopt
 from .applied import Applied, Change, plan_change
 from .config import Config
 from .drift import Finding, findings
+from .gateway import gate_batch
 from .hoststate import (HostFacts, HostState, Usable, cgroup_exists, existing_cgroups,
                         usable_from)
 from .model import Desired, Observed
@@ -428,9 +429,9 @@ class Reconciler:
         ops = diff_routes(frozenset(), frozenset(), observed.routes, observed.rules)
         before, after = split_ops(ops)  # the guard rules go before the table
         self.routing.apply(before)
-        # the gate of a gateway host (gateway.py) goes too, whether or not it is there
+        # the gate of a gateway host goes too, whether or not it is there
         self.nft.run((f"delete table {names.TABLE}\n" if observed.table else "")
-                     + f"add table {names.GATE_TABLE}\ndelete table {names.GATE_TABLE}\n")
+                     + gate_batch(closed=False))
         self.routing.apply(after)
         removed = sum(len(v) for v in observed.elements.values())
         self.index, self.alloc, self.full_next = None, None, True
