@@ -40,6 +40,9 @@ class NftPort(Protocol):
     def generation(self) -> int:
         """The ruleset's generation number: changed by every commit, ours or not."""
 
-    def list_table(self, terse: bool = False) -> dict:
-        """`nft -j list table inet egress_agent` as a dict; {"nftables": []} if absent.
-        `terse`: without set elements."""
+    def list_table(self) -> dict:
+        """`nft -j list table inet egress_agent` as a dict; {"nftables": []} if absent."""
+
+    def skeleton_listing(self) -> dict:
+        """How this kernel and nft list the skeleton alone (as `list_table`, without
+        elements, policy rules or policy sets)."""
