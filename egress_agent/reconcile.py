@@ -40,7 +40,6 @@ from .model import Desired, Observed
 from .nft import NftPort
 from .plan import Plan, build
 from .nft.diff import transaction
-from .nft.listing import observed_from_json
 from .nft.text import skeleton_shape
 from .routing import RoutingPort, diff_routes, split_ops
 from .store import Store, StoreCorrupt, event_record, lease_key, now_iso, open_assigns
@@ -147,7 +146,7 @@ class Reconciler:
 
     def observe(self) -> Observed:
         routes, rules = self.routing.dump()
-        return observed_from_json(self.nft.list_table(), routes, rules)
+        return replace(self.nft.read_table(), routes=routes, rules=rules)
 
     def plan(self, cfg: Config, observed: Observed, reuse_facts: bool = False
              ) -> tuple[Plan, list[alloc_mod.Event], bool, HostFacts]:
@@ -225,8 +224,7 @@ class Reconciler:
             assert self.index is not None
             mode = "drift"
             applied = self.applied
-            observed = replace(observed_from_json(self.nft.list_table()),
-                               routes=applied.routes, rules=applied.rules)
+            observed = replace(self.nft.read_table(), routes=applied.routes, rules=applied.rules)
         else:
             observed = self.observe()
             applied = self.applied if self.index is not None else None

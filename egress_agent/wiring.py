@@ -49,8 +49,7 @@ def nft_runner() -> Callable[[str], None]:
 def running_table():
     """The agent's table in this network namespace, read whole (an `Observed`)."""
     from .nft.libnft import Libnft
-    from .nft.listing import observed_from_json
-    return observed_from_json(Libnft().list_table())
+    return Libnft().read_table()
 
 
 def reconciler(cfg: Optional[Config] = None, read_host: Callable = read_host_state):

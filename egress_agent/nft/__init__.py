@@ -6,7 +6,10 @@ python3-nftables) and `FakeNft` (in memory, for unit tests) both provide it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..model import Observed
 
 
 class NftError(Exception):
@@ -42,6 +45,9 @@ class NftPort(Protocol):
 
     def list_table(self) -> dict:
         """`nft -j list table inet egress_agent` as a dict; {"nftables": []} if absent."""
+
+    def read_table(self) -> "Observed":
+        """`list_table` read into an `Observed` (nft/listing.py), without routes."""
 
     def skeleton_listing(self) -> dict:
         """How this kernel and nft list the skeleton alone (as `list_table`, without

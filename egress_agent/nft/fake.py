@@ -119,6 +119,10 @@ class FakeNft:
     def generation(self) -> int:
         return self.gen
 
+    def read_table(self):
+        from .listing import observed_from_json
+        return observed_from_json(self.list_table())
+
     def skeleton_listing(self) -> dict:
         from .text import skeleton_text
         scratch = type(self)()  # a subclass lists as it does

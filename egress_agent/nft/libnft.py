@@ -7,6 +7,10 @@ spawning `nft` costs 4-18 ms (docs/design.md, "Measured constraints").
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import signal
+from typing import Callable, TypeVar
 
 import nftables  # Debian's python3-nftables, wrapping the installed libnftables
 
@@ -65,6 +69,17 @@ class Libnft:
     def list_table(self) -> dict:
         return self._list(f"list table {names.TABLE}")
 
+    def read_table(self):
+        """Our table as an `Observed` (elements, generated chains, skeleton), read and
+        decoded by a child process: at 100k workloads the listing takes libnftables
+        ~500 MB and its JSON as dicts ~600 MB more, heap this process would keep."""
+        from .listing import observed_from_json
+        return in_child(lambda: observed_from_json(self._context_list()))
+
+    def _context_list(self) -> dict:
+        self._nft = self._context()  # the parent's is not shared across fork()
+        return self.list_table()
+
     def skeleton_listing(self) -> dict:
         """The skeleton loaded into a dormant table of its own (no hook runs its chains)
         and listed: nft 1.0.6 fetches every element of a table it lists, terse or not
@@ -105,6 +120,49 @@ class Libnft:
                 return {"nftables": []}
             raise NftError(err)
         return json.loads(out)
+
+
+T = TypeVar("T")
+
+
+def in_child(fn: Callable[[], T]) -> T:
+    """`fn()` in a forked child, its result pickled back: what it allocates dies with
+    the child instead of fragmenting this process's heap. NftError when `fn` raised
+    or the child ended without an answer (killed, out of memory). The child runs
+    only `fn`, no other thread, with default signal dispositions."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its exit status says how it went
+        status = 1
+        try:
+            os.close(r)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            try:
+                payload = pickle.dumps((True, fn()), protocol=pickle.HIGHEST_PROTOCOL)
+            except NftError as e:
+                payload = pickle.dumps((False, e.message))
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                payload = pickle.dumps((False, f"{type(e).__name__}: {e}"))
+            with os.fdopen(w, "wb") as f:
+                f.write(payload)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if not data:
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.WEXITSTATUS(status)}")
+        raise NftError(f"the process reading nftables ended without an answer ({how})")
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise NftError(value)
+    return value
 
 
 def _relabel(err: str) -> str:

@@ -69,6 +69,10 @@ left = [t["table"]["name"] for t in kernel._list("list tables")["nftables"] if "
 steps.append({"step": "skeleton listing", "same": k == f == skeleton_shape()
               and left == [names.TABLE_NAME] and read(kernel.list_table())["elements"] == elements,
               "differs": {"tables": left, "kernel": repr(k), "fake": repr(f)}})
+# read by a child process, as the reconciler reads it: the same Observed
+child, here = kernel.read_table(), observed_from_json(kernel.list_table())
+steps.append({"step": "read in a child", "same": child == here and fake.read_table() == observed_from_json(fake.list_table()),
+              "differs": {} if child == here else {"child": repr(child)[:2000], "here": repr(here)[:2000]}})
 print(json.dumps(steps))
 '''
 
@@ -84,6 +88,7 @@ def test_the_fake_lists_what_the_kernel_lists():
     finally:
         subprocess.run(["ip", "netns", "del", ns])
     assert [s["step"] for s in steps] == ["first apply", "an edit", "a flushed chain",
-                                          "its repair", "a flushed map", "skeleton listing"]
+                                          "its repair", "a flushed map", "skeleton listing",
+                                          "read in a child"]
     for s in steps:
         assert s["same"], (s["step"], s["differs"])
