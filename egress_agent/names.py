@@ -17,10 +17,6 @@ TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
 # a gateway host's gate (gateway.py): keepalived's notify owns it, not the daemon
 GATE_TABLE_NAME = "egress_agent_gate"
 GATE_TABLE = f"{TABLE_FAMILY} {GATE_TABLE_NAME}"
-# a dormant copy of the skeleton, for milliseconds, to learn how this kernel lists it
-# (nft/libnft.py, skeleton_listing): listing our own table would fetch every element
-SHAPE_TABLE_NAME = "egress_agent_shape"
-SHAPE_TABLE = f"{TABLE_FAMILY} {SHAPE_TABLE_NAME}"
 
 # --- packet / conntrack mark layout -------------------------------------------
 # bits  0-19  workload id (wid), 1..WID_MAX; 0 means "not a workload"

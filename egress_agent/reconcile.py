@@ -413,7 +413,7 @@ class Reconciler:
         """Right after this process first wrote (some of) the skeleton: does the kernel list
         it as shape.py expects? If not, compare with the kernel's listing from now on."""
         self.shape_checked = True
-        got = shape_mod.from_json(self.nft.skeleton_listing())
+        got = shape_mod.from_json(self.nft.list_table(terse=True))
         want = skeleton_shape()
         if got != want:
             self.expected_shape = got

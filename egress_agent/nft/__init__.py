@@ -43,12 +43,9 @@ class NftPort(Protocol):
     def generation(self) -> int:
         """The ruleset's generation number: changed by every commit, ours or not."""
 
-    def list_table(self) -> dict:
-        """`nft -j list table inet egress_agent` as a dict; {"nftables": []} if absent."""
+    def list_table(self, terse: bool = False) -> dict:
+        """`nft -j list table inet egress_agent` as a dict; {"nftables": []} if absent.
+        `terse`: without set elements."""
 
     def read_table(self) -> "Observed":
         """`list_table` read into an `Observed` (nft/listing.py), without routes."""
-
-    def skeleton_listing(self) -> dict:
-        """How this kernel and nft list the skeleton alone (as `list_table`, without
-        elements, policy rules or policy sets)."""

@@ -123,12 +123,6 @@ class FakeNft:
         from .listing import observed_from_json
         return observed_from_json(self.list_table())
 
-    def skeleton_listing(self) -> dict:
-        from .text import skeleton_text
-        scratch = type(self)()  # a subclass lists as it does
-        scratch.run(skeleton_text())
-        return scratch.list_table(terse=True)
-
     def list_table(self, terse: bool = False) -> dict:
         """`terse`: without elements (`nft -t`)."""
         if self.table is None:

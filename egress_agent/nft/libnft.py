@@ -66,9 +66,6 @@ class Libnft:
             self._gen_socket = None
             raise
 
-    def list_table(self) -> dict:
-        return self._list(f"list table {names.TABLE}")
-
     def read_table(self):
         """Our table as an `Observed` (elements, generated chains, skeleton), read and
         decoded by a child process: at 100k workloads the listing takes libnftables
@@ -80,19 +77,15 @@ class Libnft:
         self._nft = self._context()  # the parent's is not shared across fork()
         return self.list_table()
 
-    def skeleton_listing(self) -> dict:
-        """The skeleton loaded into a dormant table of its own (no hook runs its chains)
-        and listed: nft 1.0.6 fetches every element of a table it lists, terse or not
-        (4.4 s and 400 MB of heap for 500k elements), and this takes 5 ms."""
-        from .text import skeleton_text
-        scratch = f"table {names.SHAPE_TABLE}\ndelete table {names.SHAPE_TABLE}\n"
-        src = skeleton_text().replace(f"table {names.TABLE} {{",
-                                      f"table {names.SHAPE_TABLE} {{\n  flags dormant;", 1)
-        self.run(scratch + src)
+    def list_table(self, terse: bool = False) -> dict:
+        """`terse`: without set elements (`nft -t`), to read the skeleton cheaply."""
+        if not terse:
+            return self._list(f"list table {names.TABLE}")
+        self._nft.set_terse_output(True)
         try:
-            return self._list(f"list table {names.SHAPE_TABLE}")
+            return self._list(f"list table {names.TABLE}")
         finally:
-            self.run(scratch)
+            self._nft.set_terse_output(False)
 
     def has_table(self) -> bool:
         """Is the agent's table in this network namespace? PermissionError when

@@ -209,8 +209,7 @@ def test_a_route_the_kernel_dropped_with_its_link_is_not_drift(synced, trigger, 
 
 
 class OtherNft(FakeNft):
-    """A kernel whose nft lists one skeleton rule otherwise (another nft version);
-    `skeleton_listing` lists a scratch OtherNft, so it too."""
+    """A kernel whose nft lists one skeleton rule otherwise (another nft version)."""
 
     def list_table(self, terse: bool = False) -> dict:
         doc = super().list_table(terse)
