@@ -78,14 +78,20 @@ class Libnft:
         return self.list_table()
 
     def list_table(self, terse: bool = False) -> dict:
-        """`terse`: without set elements (`nft -t`), to read the skeleton cheaply."""
+        """`terse`: without set elements (`nft -t`), to read the skeleton cheaply.
+
+        nft 1.0.6 fetches every set element for `list table -t` and only leaves
+        them out of the output (4-7 s at 100k workloads, right after the full
+        sync); `list ruleset inet -t` does not fetch them (2 ms). That lists the
+        family's other tables too: only our table's objects are kept."""
         if not terse:
             return self._list(f"list table {names.TABLE}")
         self._nft.set_terse_output(True)
         try:
-            return self._list(f"list table {names.TABLE}")
+            doc = self._list(f"list ruleset {names.TABLE_FAMILY}")
         finally:
             self._nft.set_terse_output(False)
+        return {"nftables": [i for i in doc.get("nftables", []) if _ours(i)]}
 
     def has_table(self) -> bool:
         """Is the agent's table in this network namespace? PermissionError when
@@ -113,6 +119,15 @@ class Libnft:
                 return {"nftables": []}
             raise NftError(err)
         return json.loads(out)
+
+
+def _ours(item: dict) -> bool:
+    """Is this item of a listing the metainfo or an object of our table?"""
+    if "metainfo" in item:
+        return True
+    (kind, obj), = item.items()
+    name = obj.get("name") if kind == "table" else obj.get("table")
+    return name == names.TABLE_NAME and obj.get("family") == names.TABLE_FAMILY
 
 
 T = TypeVar("T")
