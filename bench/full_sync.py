@@ -5,7 +5,8 @@
 In a fresh network namespace (deleted afterwards) and a fresh process: load the
 config (not timed in the sync), then one `Reconciler.sync(full=True)` against an
 empty kernel, as bench/sync.py's "full sync from empty". Prints the sync's time,
-the time spent in libnftables' `cmd` (the batch), the store write, and peak RSS.
+the time spent in its parts (allocate, build, the diff's transaction, libnftables'
+`cmd` with the batch, the store's history and allocations, ...), and peak RSS.
 """
 
 from __future__ import annotations
@@ -56,9 +57,17 @@ def measure(n: int, profile: str | None) -> dict:
             finally:
                 spent[key] += time.perf_counter() - t
         return wrapper
+    spent.update(allocate_s=0.0, build_s=0.0, transaction_s=0.0, persist_s=0.0,
+                 learn_shape_s=0.0, applied_s=0.0)
     nft.run = timed("nft_s", nft.run)
     store.write_allocations = timed("store_s", store.write_allocations)
+    rmod.alloc_mod.allocate = timed("allocate_s", rmod.alloc_mod.allocate)
+    rmod.build = timed("build_s", rmod.build)
+    rmod.transaction = timed("transaction_s", rmod.transaction)
+    rmod.Applied.of = timed("applied_s", rmod.Applied.of)
     rec = Reconciler(nft, FakeRouting(), store, lambda: host)
+    rec.persist = timed("persist_s", rec.persist)
+    rec._learn_shape = timed("learn_shape_s", rec._learn_shape)
     prof = None
     if profile:
         import cProfile

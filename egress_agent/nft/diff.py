@@ -13,7 +13,7 @@ from typing import Optional
 
 from .. import names, shape
 from ..model import Desired, Observed
-from .text import comments, element_text, kinds_of, skeleton_digest, skeleton_shape, skeleton_text
+from .text import comments, element_writer, kinds_of, skeleton_digest, skeleton_shape, skeleton_text
 
 T = names.TABLE
 CHUNK = 2000  # elements per `add element` statement
@@ -115,7 +115,9 @@ def transaction(desired: Desired, observed: Observed,
             tx.lines.append(f"flush map {T} {name}")
             tx.removed += len(have)
             have = frozenset()
-        if vk is None:
+        if not have:  # a full sync, a new map: no comparison
+            gone, new = frozenset(), want
+        elif vk is None:
             gone, new = have - want, want - have
         else:
             want_map = dict(want)
@@ -124,11 +126,11 @@ def transaction(desired: Desired, observed: Observed,
             new = {e for e in want if have_map.get(e[0], _MISSING) != e[1]}
         if gone:
             tx.removed += len(gone)
-            for chunk in _chunks(sorted(element_text(name, e, with_value=False) for e in gone)):
+            for chunk in _chunks(sorted(map(element_writer(name, False), gone))):
                 tx.lines.append(f"delete element {T} {name} {{ {', '.join(chunk)} }}")
         if new:
             tx.added += len(new)
-            for chunk in _chunks(sorted(element_text(name, e) for e in new)):
+            for chunk in _chunks(sorted(map(element_writer(name), new))):
                 adds.append(f"add element {T} {name} {{ {', '.join(chunk)} }}")
     tx.lines += adds
     for chain in changed_chains:
