@@ -73,12 +73,14 @@ def measure(n: int, profile: str | None) -> dict:
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     r = rec.sync(cfg, "start", full=True)
-    out = {"workloads": n, "full_sync_s": time.perf_counter() - t, "elements": r.added, **spent}
+    out = {"workloads": n, "full_sync_s": time.perf_counter() - t,
+           "cpu_s": time.process_time() - c, "elements": r.added, **spent}
     if prof:
         prof.disable()
         prof.dump_stats(profile)
+    out["load"] = os.getloadavg()[0]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     nft.run("delete table inet egress_agent\n")
     subprocess.run(["rm", "-rf", state])
