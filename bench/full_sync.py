@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def measure(n: int, profile: str | None) -> dict:
+def measure(n: int, profile: str | None, part: int | None = None) -> dict:
     from gen_config import config_text
     from egress_agent import hoststate
     from egress_agent.alloc import Usable
@@ -36,6 +36,9 @@ def measure(n: int, profile: str | None) -> dict:
     from egress_agent.routing.fake import FakeRouting
     from egress_agent.store import Store
     import egress_agent.reconcile as rmod
+    if part:
+        from egress_agent.nft import diff
+        diff.PART_ELEMENTS = part
 
     state = f"/tmp/egress-bench-{os.getpid()}"
     os.makedirs(state)
@@ -91,10 +94,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=100_000)
     ap.add_argument("--profile", help="write a cProfile of the sync here")
+    ap.add_argument("--part-elements", type=int, help="elements per batch of a table made "
+                    "from nothing (nft.diff.PART_ELEMENTS)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.size, args.profile)))
+        print(json.dumps(measure(args.size, args.profile, args.part_elements)))
         return
     ns = f"eafullsync{secrets.token_hex(2)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -102,6 +107,8 @@ def main() -> None:
         cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--one", "--size", str(args.size)]
         if args.profile:
             cmd += ["--profile", os.path.abspath(args.profile)]
+        if args.part_elements:
+            cmd += ["--part-elements", str(args.part_elements)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if p.returncode != 0:
             raise SystemExit(p.stderr[-3000:])

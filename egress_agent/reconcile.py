@@ -140,6 +140,7 @@ class Reconciler:
         self.trusted = False  # memory is what the kernel held at that generation
         self._gen_start: Optional[int] = None
         self._after_ops: list = []
+        self._batches = 1  # nft batches (commits) the last sync sent
         self.full_next = True
         self.quarantine = True  # move a corrupt store aside (False: plan only, touch nothing)
         self.unsaved: list[dict] = []  # history records the kernel took and the disk has not
@@ -301,7 +302,15 @@ class Reconciler:
         tx = transaction(d, observed, self.expected_shape)
         before, self._after_ops = split_ops(ops)
         self.routing.apply(before)
-        self.nft.run(tx.text)
+        if tx.full and not observed.table:
+            # a table made from nothing: in several batches (Transaction.parts)
+            batches = tx.parts()
+            self._batches = len(batches)  # commits: _learn_generation
+            for part in batches:
+                self.nft.run(part)
+        else:
+            self._batches = 1
+            self.nft.run(tx.text)
         return drift, ops, tx
 
     def _after(self, trigger, mode, ops, tx, notes, usable, events, adopted, replaced, drift,
@@ -356,7 +365,7 @@ class Reconciler:
         start and now (ours adds exactly one, or none for an empty batch)."""
         g0, g1 = self._gen_start, self._generation()
         before = mode != "incremental" or (self.trusted and g0 == self.generation)
-        step = 1 if sent else 0
+        step = self._batches if sent else 0
         self.trusted = (before and g0 is not None and g1 is not None
                         and g1 == (g0 + step) % (1 << 32))
         self.generation = g1
