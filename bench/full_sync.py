@@ -5,7 +5,8 @@
 In a fresh network namespace (deleted afterwards) and a fresh process: load the
 config (not timed in the sync), then one `Reconciler.sync(full=True)` against an
 empty kernel, as bench/sync.py's "full sync from empty". Prints the sync's time,
-the time spent in libnftables' `cmd` (the batch), the store write, and peak RSS.
+the time spent in its parts (allocate, build, the diff's transaction, libnftables'
+`cmd` with the batch, the store's history and allocations, ...), and peak RSS.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def measure(n: int, profile: str | None) -> dict:
+def measure(n: int, profile: str | None, part: int | None = None) -> dict:
     from gen_config import config_text
     from egress_agent import hoststate
     from egress_agent.alloc import Usable
@@ -35,6 +36,9 @@ def measure(n: int, profile: str | None) -> dict:
     from egress_agent.routing.fake import FakeRouting
     from egress_agent.store import Store
     import egress_agent.reconcile as rmod
+    if part:
+        from egress_agent.nft import diff
+        diff.PART_ELEMENTS = part
 
     state = f"/tmp/egress-bench-{os.getpid()}"
     os.makedirs(state)
@@ -56,20 +60,30 @@ def measure(n: int, profile: str | None) -> dict:
             finally:
                 spent[key] += time.perf_counter() - t
         return wrapper
+    spent.update(allocate_s=0.0, build_s=0.0, transaction_s=0.0, persist_s=0.0,
+                 learn_shape_s=0.0, applied_s=0.0)
     nft.run = timed("nft_s", nft.run)
     store.write_allocations = timed("store_s", store.write_allocations)
+    rmod.alloc_mod.allocate = timed("allocate_s", rmod.alloc_mod.allocate)
+    rmod.build = timed("build_s", rmod.build)
+    rmod.transaction = timed("transaction_s", rmod.transaction)
+    rmod.Applied.of = timed("applied_s", rmod.Applied.of)
     rec = Reconciler(nft, FakeRouting(), store, lambda: host)
+    rec.persist = timed("persist_s", rec.persist)
+    rec._learn_shape = timed("learn_shape_s", rec._learn_shape)
     prof = None
     if profile:
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     r = rec.sync(cfg, "start", full=True)
-    out = {"workloads": n, "full_sync_s": time.perf_counter() - t, "elements": r.added, **spent}
+    out = {"workloads": n, "full_sync_s": time.perf_counter() - t,
+           "cpu_s": time.process_time() - c, "elements": r.added, **spent}
     if prof:
         prof.disable()
         prof.dump_stats(profile)
+    out["load"] = os.getloadavg()[0]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     nft.run("delete table inet egress_agent\n")
     subprocess.run(["rm", "-rf", state])
@@ -80,10 +94,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=100_000)
     ap.add_argument("--profile", help="write a cProfile of the sync here")
+    ap.add_argument("--part-elements", type=int, help="elements per batch of a table made "
+                    "from nothing (nft.diff.PART_ELEMENTS)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.size, args.profile)))
+        print(json.dumps(measure(args.size, args.profile, args.part_elements)))
         return
     ns = f"eafullsync{secrets.token_hex(2)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -91,6 +107,8 @@ def main() -> None:
         cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--one", "--size", str(args.size)]
         if args.profile:
             cmd += ["--profile", os.path.abspath(args.profile)]
+        if args.part_elements:
+            cmd += ["--part-elements", str(args.part_elements)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if p.returncode != 0:
             raise SystemExit(p.stderr[-3000:])

@@ -344,18 +344,20 @@ class _Room:
         # failover block borrowed for one family and widened to both is taken whole);
         # not where its block is fixed, nor one that a block released since reaches
         # into (fixed blocks need not be aligned with the others)
-        held = self.held.get(workload, [])
-        own = [old for old in held if fixed is None and not (old.ports and any(
-            a <= old.ports[1] and old.ports[0] <= b for a, b in self.odd))]
-        shapes = [(bool(old.ports), bool(old.ipv6)) for old in own]
-        i = next((i for i, s in enumerate(shapes) if s == want), None)
-        if i is None:
-            i = next((i for i, s in enumerate(shapes) if s[0] >= want[0] and s[1] >= want[1]), None)
-        if i is not None:
-            self.workloads.add(workload)
-            self.reserved -= 1 if own[i].ports else 0
-            held.remove(own[i])
-            return replace(own[i], temporary=temporary)
+        held = self.held.get(workload)
+        if held:  # most workloads of a full allocation have none: a new lease
+            own = [old for old in held if fixed is None and not (old.ports and any(
+                a <= old.ports[1] and old.ports[0] <= b for a, b in self.odd))]
+            shapes = [(bool(old.ports), bool(old.ipv6)) for old in own]
+            i = next((i for i, s in enumerate(shapes) if s == want), None)
+            if i is None:
+                i = next((i for i, s in enumerate(shapes) if s[0] >= want[0] and s[1] >= want[1]),
+                         None)
+            if i is not None:
+                self.workloads.add(workload)
+                self.reserved -= 1 if own[i].ports else 0
+                held.remove(own[i])
+                return replace(own[i], temporary=temporary)
         ports = None
         ipv4 = self.ip.ipv4 if 4 in families else None
         if ipv4 and fixed is not None:
@@ -394,14 +396,23 @@ class _Room:
                        ipv6=lease.ipv6 or more.ipv6)
 
 
-def needed_ips(cfg: Config, w: Workload) -> list[str]:
+def needed_ips(cfg: Config, w: Workload, by_policy: Optional[list] = None) -> list[str]:
     """Every egress IP this workload may leave from, by policy or assignment, and
-    those where its block is fixed (held whether or not it is its app choice now)."""
+    those where its block is fixed (held whether or not it is its app choice now).
+    `by_policy`: (policy, policy_ips) of the policies with IPs, worked out once
+    for many workloads (policies_with_ips)."""
     out: list[str] = [ip.id for ip in own_ips(cfg, w)]
-    for p in cfg.policies:
+    for p, ips in (policies_with_ips(cfg) if by_policy is None else by_policy):
         if policy_matches(p, w):
-            out += policy_ips(p, cfg)
+            out += ips
+    if not out and not w.blocks:
+        return []
     return list(dict.fromkeys([*out, *w.blocks]))
+
+
+def policies_with_ips(cfg: Config) -> list:
+    """(policy, its IPs) of the policies that send some workloads to egress IPs."""
+    return [(p, ips) for p in cfg.policies if (ips := policy_ips(p, cfg))]
 
 
 def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
@@ -466,7 +477,8 @@ def allocate(cfg: Config, prev: Allocations, usable: Usable = Usable(),
     leases: dict[tuple[str, str], Lease] = {}
 
     # What each workload needs, before any new allocation.
-    need: dict[str, list[str]] = {w.id: needed_ips(cfg, w) for w in cfg.workloads}
+    by_policy = policies_with_ips(cfg)
+    need: dict[str, list[str]] = {w.id: needed_ips(cfg, w, by_policy) for w in cfg.workloads}
 
     # 1. keep what still fits (previous leases, in a stable order)
     for key in sorted(prev.leases):
@@ -835,11 +847,14 @@ def _place(cfg: Config, ws: Iterable[Workload], prev: Allocations, here: dict[st
 
     # 2b. IPv6 from another IP of the app when the app IP has no IPv6 range
     heaps6: dict[str, list[tuple[int, str]]] = {}
+    with_v6: dict[Optional[str], list[EgressIP]] = {}  # app -> its IPs with an IPv6 range
     for w in ws:
         choice = app_choice.get(w.id)
         if choice is None or here[choice].ipv6:
             continue
-        candidates = [ip for ip in app_ips(cfg, w) if ip.ipv6]
+        candidates = with_v6.get(w.app)
+        if candidates is None:
+            candidates = with_v6[w.app] = [ip for ip in app_ips(cfg, w) if ip.ipv6]
         if not candidates:
             continue  # the app has no IPv6: defaults.unavailable
         prev6 = prev.app_choice6.get(w.id)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import errno as errno_mod
+import functools
+import gc
 import heapq
 import time
 from dataclasses import dataclass, field, replace
@@ -101,6 +103,23 @@ NAMED = 20  # workloads a sync result names (SyncResult.workloads)
 BIG_BATCH = 10_000
 
 
+def _gc_paused(fn):
+    """Run `fn` with Python's cyclic garbage collector paused. A full sync at 100k
+    workloads allocates millions of tuples and strings, and the collector would walk
+    the growing heap again and again: a quarter of the sync's CPU (bench/README.md).
+    Reference counting frees them meanwhile; cycles wait for the next collection."""
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+    return paused
+
+
 class Reconciler:
     def __init__(self, nft: NftPort, routing: RoutingPort, store: Store,
                  read_host: Callable[[], HostState], cgroup_root: str = "/sys/fs/cgroup",
@@ -120,6 +139,7 @@ class Reconciler:
         self.trusted = False  # memory is what the kernel held at that generation
         self._gen_start: Optional[int] = None
         self._after_ops: list = []
+        self._batches = 1  # nft batches (commits) the last sync sent
         self.full_next = True
         self.quarantine = True  # move a corrupt store aside (False: plan only, touch nothing)
         self.unsaved: list[dict] = []  # history records the kernel took and the disk has not
@@ -194,6 +214,7 @@ class Reconciler:
                    if key not in open_]
         return events
 
+    @_gc_paused
     def sync(self, cfg: Config, trigger: str = "manual", full: bool = False) -> SyncResult:
         t0 = time.perf_counter()
         self._quarantined = None
@@ -279,7 +300,15 @@ class Reconciler:
         tx = transaction(d, observed, self.expected_shape)
         before, self._after_ops = split_ops(ops)
         self.routing.apply(before)
-        self.nft.run(tx.text)
+        if tx.full and not observed.table:
+            # a table made from nothing: in several batches (Transaction.parts)
+            batches = tx.parts()
+            self._batches = len(batches)  # commits: _learn_generation
+            for part in batches:
+                self.nft.run(part)
+        else:
+            self._batches = 1
+            self.nft.run(tx.text)
         return drift, ops, tx
 
     def _after(self, trigger, mode, ops, tx, notes, usable, events, adopted, replaced, drift,
@@ -334,7 +363,7 @@ class Reconciler:
         start and now (ours adds exactly one, or none for an empty batch)."""
         g0, g1 = self._gen_start, self._generation()
         before = mode != "incremental" or (self.trusted and g0 == self.generation)
-        step = 1 if sent else 0
+        step = self._batches if sent else 0
         self.trusted = (before and g0 is not None and g1 is not None
                         and g1 == (g0 + step) % (1 << 32))
         self.generation = g1
