@@ -9,6 +9,7 @@ it is about, found through the path -> line map built while parsing.
 from __future__ import annotations
 
 import bisect
+import collections
 import difflib
 import functools
 import gc
@@ -1566,6 +1567,7 @@ class Reader:
         self._order: list[tuple[str, bytes, str, dict, Optional[dict[str, list[str]]],
                                 Optional[_Shape]]] = []
         self.spliced = 0  # edits read by _splice (for tests and benchmarks)
+        self._checked: Optional[_Checked] = None  # the last good config's indexes
 
     def load(self, path: Union[str, Path]) -> Loaded:
         return load(path, self)
@@ -1614,8 +1616,14 @@ class Reader:
         self._order = []
         data, _, included = _assemble(text, file, with_lines=False, read=self._read)
         cfg = Config.model_validate(data)
-        if _check_semantics(cfg):
+        checked = self._checked.after(cfg) if self._checked is not None else None
+        if checked is None:
+            if _check_semantics(cfg):
+                raise ConfigError([])
+            checked = _Checked(cfg)
+        elif not checked:
             raise ConfigError([])
+        self._checked = checked
         # Remember each file's entries as models: _include appended the lists in
         # the order the files were read, the main file's first.
         offsets = {key: 0 for key in _KEPT}
@@ -1630,6 +1638,97 @@ class Reader:
             files[f] = _FileSeen(digest, ftext, kept, keys, shape)
         self._files, self._order = files, []
         return Loaded(cfg, file, text, (file, *included))
+
+
+class _Checked:
+    """A config that passed _check_semantics, with indexes of its workloads, so that
+    the next one, when only workloads changed, is checked for the changed ones
+    alone: `after` says whether it has a problem exactly when _check_semantics
+    would find one (tests/unit/test_config_incremental.py compares them).
+
+    A config without problems gets one only through what changed: an added
+    workload's id, source or cgroup already used (or used twice by the added ones),
+    its app served by no egress IP here (unless one is its own), a source that is
+    an egress IPv4 or lies in an egress IPv6 range; a removed workload named by an
+    egress IP (`workload:`) or a policy's match, or the last one of an app that a
+    policy's match names and no egress IP has. An added workload with fixed
+    `blocks:` takes the full check."""
+
+    def __init__(self, cfg: Config, index: Optional[tuple] = None) -> None:
+        self.cfg = cfg
+        if index is None:
+            ws = cfg.workloads
+            index = (set(map(id, ws)), {w.id for w in ws}, {s for w in ws for s in w.source},
+                     {w.cgroup for w in ws if w.cgroup}, collections.Counter(w.app for w in ws))
+        self.objects, self.ids, self.sources, self.cgroups, self.apps = index
+
+    def after(self, new: Config) -> "Union[_Checked, None, Literal[False]]":
+        """None: take the full check (more than workloads changed); else a false
+        value when `new` has a problem, a _Checked of `new` when not."""
+        old = self.cfg
+        if (new.version, new.host, new.defaults, new.managed_sources) != \
+                (old.version, old.host, old.defaults, old.managed_sources) or \
+                not _same(new.egress_ips, old.egress_ips) or not _same(new.policies, old.policies):
+            return None
+        objects = set(map(id, new.workloads))
+        if len(objects) != len(new.workloads):
+            return None  # one model twice
+        added = [w for w in new.workloads if id(w) not in self.objects]
+        gone = self.objects - objects
+        by_object = old.workloads_by_object
+        removed = [by_object[o] for o in gone]
+        if any(w.blocks for w in added):
+            return None
+        ids = [w.id for w in added]
+        sources = [s for w in added for s in w.source]
+        cgroups = [w.cgroup for w in added if w.cgroup]
+        gone_ids = {w.id for w in removed}
+        gone_sources = {s for w in removed for s in w.source}
+        gone_cgroups = {w.cgroup for w in removed if w.cgroup}
+
+        def clash(new_values, have, freed):
+            return len(set(new_values)) != len(new_values) or any(
+                v in have and v not in freed for v in new_values)
+
+        bad = clash(ids, self.ids, gone_ids) or clash(sources, self.sources, gone_sources) \
+            or clash(cgroups, self.cgroups, gone_cgroups)
+        apps = collections.Counter(w.app for w in added)
+        apps.subtract(w.app for w in removed)
+        if not bad and added:
+            here = {ip.app for ip in new.ips_here() if ip.app}
+            owned = {ip.workload for ip in new.ips_here() if ip.workload}
+            bad = any(w.app and w.app not in here and w.id not in owned for w in added)
+        if not bad and sources:
+            v4 = {ip.ipv4 for ip in new.egress_ips if ip.ipv4}
+            ranges = [ipaddress.ip_network(ip.ipv6) for ip in new.egress_ips if ip.ipv6]
+            bad = any(s in v4 for s in sources) or any(
+                ":" in s and any(ipaddress.IPv6Address(s) in net for net in ranges)
+                for s in sources)
+        if not bad and removed:
+            still = (gone_ids - set(ids))  # ids no workload has any more
+            bad = any(ip.workload in still for ip in new.egress_ips) or any(
+                wid in still for p in new.policies for wid in p.match.workloads)
+            gone_apps = {a for a, n in apps.items() if a is not None and n < 0
+                         and self.apps[a] + n <= 0}
+            if not bad and gone_apps:
+                ip_apps = {ip.app for ip in new.egress_ips if ip.app}
+                bad = any(a in gone_apps and a not in ip_apps for p in new.policies for a in p.match.apps)
+        if bad:
+            return False  # a problem: load()'s own path says which
+        # update the indexes in place: the old config is not checked again
+        self.ids -= gone_ids - set(ids)
+        self.ids.update(ids)
+        self.sources -= gone_sources - set(sources)
+        self.sources.update(sources)
+        self.cgroups -= gone_cgroups - set(cgroups)
+        self.cgroups.update(cgroups)
+        self.apps.update(apps)
+        self.apps = +self.apps if any(n <= 0 for n in apps.values()) else self.apps
+        return _Checked(new, (objects, self.ids, self.sources, self.cgroups, self.apps))
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b))
 
 
 def _entry_key(entry: Any) -> str:
