@@ -1658,9 +1658,10 @@ class _Checked:
         self.cfg = cfg
         if index is None:
             ws = cfg.workloads
-            index = (set(map(id, ws)), {w.id for w in ws}, {s for w in ws for s in w.source},
+            index = ({w.id for w in ws}, {s for w in ws for s in w.source},
                      {w.cgroup for w in ws if w.cgroup}, collections.Counter(w.app for w in ws))
-        self.objects, self.ids, self.sources, self.cgroups, self.apps = index
+        self.objects = cfg.workloads_by_object.keys()
+        self.ids, self.sources, self.cgroups, self.apps = index
 
     def after(self, new: Config) -> "Union[_Checked, None, Literal[False]]":
         """None: take the full check (more than workloads changed); else a false
@@ -1670,13 +1671,14 @@ class _Checked:
                 (old.version, old.host, old.defaults, old.managed_sources) or \
                 not _same(new.egress_ips, old.egress_ips) or not _same(new.policies, old.policies):
             return None
-        objects = set(map(id, new.workloads))
+        # unchanged entries are the same models (the Reader keeps them): told apart
+        # by identity with set operations in C (workloads_by_object is cached on
+        # the config, and applied.changed_workloads reads it too)
+        objects = new.workloads_by_object
         if len(objects) != len(new.workloads):
             return None  # one model twice
-        added = [w for w in new.workloads if id(w) not in self.objects]
-        gone = self.objects - objects
-        by_object = old.workloads_by_object
-        removed = [by_object[o] for o in gone]
+        added = list(map(objects.__getitem__, objects.keys() - self.objects))
+        removed = list(map(old.workloads_by_object.__getitem__, self.objects - objects.keys()))
         if any(w.blocks for w in added):
             return None
         ids = [w.id for w in added]
@@ -1724,7 +1726,7 @@ class _Checked:
         self.cgroups.update(cgroups)
         self.apps.update(apps)
         self.apps = +self.apps if any(n <= 0 for n in apps.values()) else self.apps
-        return _Checked(new, (objects, self.ids, self.sources, self.cgroups, self.apps))
+        return _Checked(new, (self.ids, self.sources, self.cgroups, self.apps))
 
 
 def _same(a: list, b: list) -> bool:

@@ -237,6 +237,7 @@ def _read_raw() -> HostState:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        socket.NETLINK_ROUTE) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.settimeout(5.0)  # a dump that never ends: pyroute2's read instead (OSError)
         sock.bind((0, 0))
         up: dict[int, str] = {}
         for mtype, buf, body, end in _dump(sock, 1, _RTM_GETLINK, struct.pack("=BxHiII", 0, 0, 0, 0, 0)):

@@ -324,3 +324,34 @@ def test_the_raw_host_read_equals_pyroute2s_in_every_state(netns):
     assert "198.51.100.2" not in both()
     ip(netns, "link", "set", "up1", "down")
     assert "192.0.2.1" not in both()
+
+
+_BOTH_DUMPS = """
+import json
+from pyroute2 import IPRoute
+from egress_agent.routing.iproute import IPRouteRouting
+raw = IPRouteRouting()
+ref = IPRouteRouting(ipr=IPRoute(ext_ack=True))
+assert raw._raw and not ref._raw
+a, b = raw.dump(), ref.dump()
+print(json.dumps([a == b, raw.unmodeled == ref.unmodeled, sorted(map(str, a[0])), list(raw.unmodeled)]))
+"""
+
+
+def test_the_raw_route_dump_equals_pyroute2s(netns):
+    """IPRouteRouting in its own namespace reads the route dump raw and decodes only
+    the routes of tables that may be ours: the same routes, rules and unmodeled
+    objects as pyroute2's whole dump, among hundreds of local routes."""
+    subprocess.run(["ip", "-n", netns, "-batch", "-"], check=True, text=True,
+                   input="".join(f"addr add 192.0.2.{j}/32 dev up1\n" for j in range(1, 201)))
+    t1, t2 = names.route_table(1), names.route_table(2)
+    ip(netns, "route", "add", "default", "via", "203.0.113.129", "dev", "up1", "table", str(t1))
+    ip(netns, "-6", "route", "add", "default", "dev", "up2", "table", str(t1))
+    ip(netns, "route", "add", "10.7.0.0/16", "dev", "up2", "table", str(t2))  # not a default: unmodeled
+    ip(netns, "route", "add", "default", "via", "198.51.100.1", "table", "300")  # not ours
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _BOTH_DUMPS],
+                         check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    same, same_unmodeled, routes, unmodeled = json.loads(out.stdout)
+    assert same and same_unmodeled
+    assert len(routes) == 2 and unmodeled, (routes, unmodeled)
