@@ -158,3 +158,25 @@ def test_an_edit_inside_a_block_entry_reads_that_entry(tmp_path, monkeypatch):
     assert reader.load(path).config == load(path).config
     assert reader.spliced == 1
     assert read[0] == "workloads:\n  - id: w1   # a comment\n    app: b\n    source:\n    - 10.0.0.3\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("ab\n", max_size=40), st.integers(0, 9000), st.lists(
+    st.tuples(st.booleans(), st.integers(0, 10**6), st.sampled_from("abx\n")), max_size=3))
+def test_the_common_prefix_and_suffix_are_those_of_a_plain_walk(head, pad, edits):
+    a = head + "x" * pad  # long enough for the block comparisons and the bisection
+    b = list(a)
+    for delete, at, c in edits:
+        if delete and b:
+            del b[at % len(b)]
+        else:
+            b.insert(at % (len(b) + 1), c)
+    b = "".join(b)
+    p = 0
+    while p < min(len(a), len(b)) and a[p] == b[p]:
+        p += 1
+    assert config._common_prefix(a, b) == p
+    limit, s = min(len(a), len(b)) - p, 0
+    while s < limit and a[-1 - s] == b[-1 - s]:
+        s += 1
+    assert config._common_suffix(a, b, limit) == s
