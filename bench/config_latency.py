@@ -350,7 +350,7 @@ def profile_text(path: str) -> str:
 # --- outside: one namespace per size ----------------------------------------------------
 
 def run_size(n: int, args) -> dict:
-    ns = f"eacl{secrets.token_hex(3)}"
+    ns = os.environ.get("EGRESS_BENCH_PREFIX", "eacl") + secrets.token_hex(3)  # a helper's own prefix
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         cmd = ["ip", "netns", "exec", ns, PYTHON, os.path.abspath(__file__), "--inner", str(n),

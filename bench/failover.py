@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.idle is not None:
         return main_idle(args)
-    lab = Lab("eabench" + secrets.token_hex(2))
+    lab = Lab(os.environ.get("EGRESS_BENCH_PREFIX", "eabench") + secrets.token_hex(2))
     out: dict = {"bench": "failover", "runs": args.runs, "resync_s": args.resync}
     t_start = time.monotonic()
     try:
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
 def main_idle(args) -> int:
     for n in args.idle:
         idle_addresses(n)  # refuse a count that does not fit before building anything
-    lab = Lab("eabench" + secrets.token_hex(2))
+    lab = Lab(os.environ.get("EGRESS_BENCH_PREFIX", "eabench") + secrets.token_hex(2))
     out: dict = {"bench": "failover_idle", "runs": args.runs, "resync_s": args.resync,
                  "idle": args.idle, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     t_start = time.monotonic()

@@ -8,6 +8,8 @@ it is about, found through the path -> line map built while parsing.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import difflib
 import functools
 import gc
@@ -974,25 +976,30 @@ def _read_data(text: str, file: str, with_lines: bool) -> tuple[Any, Optional[di
     libyaml, with no line tracking. Any error falls back to the line-tracking
     loader, which says where."""
     if not with_lines:
-        if text.lstrip().startswith("{"):
-            try:  # json's scanner stops deep nesting with RecursionError: the walk then says where
-                return json.loads(text, object_pairs_hook=_no_duplicates), None
-            except (ValueError, RecursionError, _Duplicate):
-                pass
-        data = _ryml_data(text)
-        if data is not None:
-            return data, None
-        checked = False
-        if not _plainly_bounded(text):
-            _check_structure(text, file)
-            checked = True
-        try:
-            return yaml.load(text, Loader=_FastLoader), None
-        except (yaml.YAMLError, _Duplicate, ValueError, TypeError, OverflowError,
-                AttributeError, RecursionError):
-            pass
-        return _read_yaml(text, file, checked=checked)
+        return _read_plain(text, file)[0], None
     return _read_yaml(text, file)
+
+
+def _read_plain(text: str, file: str) -> tuple[Any, bool]:
+    """_read_data without lines: (data, whether rapidyaml's fast path gave it)."""
+    if text.lstrip().startswith("{"):
+        try:  # json's scanner stops deep nesting with RecursionError: the walk then says where
+            return json.loads(text, object_pairs_hook=_no_duplicates), False
+        except (ValueError, RecursionError, _Duplicate):
+            pass
+    data = _ryml_data(text)
+    if data is not None:
+        return data, True
+    checked = False
+    if not _plainly_bounded(text):
+        _check_structure(text, file)
+        checked = True
+    try:
+        return yaml.load(text, Loader=_FastLoader), False
+    except (yaml.YAMLError, _Duplicate, ValueError, TypeError, OverflowError,
+            AttributeError, RecursionError):
+        pass
+    return _read_yaml(text, file, checked=checked)[0], False
 
 
 class _IncludeProblem(Exception):
@@ -1330,21 +1337,237 @@ class _FileSeen:
     # the _entry_key of each entry of _KEPT as read (beside data's models): a changed
     # file's unchanged entries are found by them, without reading its old text again
     keys: Optional[dict[str, list[str]]] = None
+    shape: Optional["_Shape"] = None  # when the fast path read it: where an edit may be spliced
+
+
+# --- splicing an edit into a file's last data (Reader) --------------------------------
+#
+# An editor or a fleet tool changes a few entries of a big file; reading the whole
+# file again (rapidyaml, JSON, the checks of the fast path) is ~30 ms at 10,000
+# workloads. When the file's last version took rapidyaml's fast path, its structure
+# is plain to see from its lines, and an edit confined to whole entries of one
+# top-level list is read alone:
+# - that fast path refuses multi-line quoted scalars, block scalars (| >), anchors
+#   and aliases, tags, document markers, tabs, and flow collections over more than
+#   one line. What is left is block structure: a line at column 0 (neither blank nor
+#   a comment) is always a top-level key, since a plain scalar continues only on
+#   lines indented more than its block; in a top-level list written as a block
+#   sequence at indent I (`workloads:` alone on its line, then `  - ...`), a line of
+#   I spaces and `- ` starts an entry and nothing else (an entry's own keys sit at
+#   I+2 or deeper, and no scalar continues at column I), and an entry's lines run
+#   to the next such line or top-level key;
+# - the text before and after the edit is byte for byte that of the last version;
+#   the edit is widened to whole lines, then to whole entries; it may hold blank
+#   and comment lines but no top-level line;
+# - the new lines are read as the document `KEY:\n` + lines by _ryml_data, so every
+#   check of the fast path applies to them (all of them are local to a line: the
+#   characters, quotes, brackets, line length), and their entries must be as many
+#   as their entry lines; the bound on nodes is kept as a count over the whole text
+#   (unmasked: at least what _plainly_bounded counts);
+# - the count of entry lines before, in and after the edit must add up to the
+#   list's length in the last data.
+# Then the new data is the last one with the edited entries replaced, which is what
+# reading the whole file gives (tests/unit/test_config_reader.py compares them after
+# random edits). Anything else reads the whole file.
+
+_NODE_CHARS = ":?-,[{"
+_HEADER = re.compile(r"\n(?=[^ \n#-])")  # a line starting at column 0, not a comment or `-`
+_KEPT_HEADER = re.compile(r"(" + "|".join(_KEPT) + r"):(?:[ ]+(?:#[^\n]*)?)?")
+_BLOCK = 4096
+
+
+@dataclass
+class _Shape:
+    headers: list[int]  # offset of each top-level line
+    lists: dict[int, tuple[str, str]]  # header index -> (its key, the indent of its entries)
+    nodes: int  # 3 x the characters that may bring a node, over the whole text
+
+    @classmethod
+    def of(cls, text: str, data: dict) -> Optional["_Shape"]:
+        headers = ([0] if text and text[0] not in " \n#-" else []) + \
+            [m.end() for m in _HEADER.finditer(text)]
+        lists: dict[int, tuple[str, str]] = {}
+        for k, h in enumerate(headers):
+            end = text.find("\n", h)
+            m = _KEPT_HEADER.fullmatch(text, h, len(text) if end < 0 else end)
+            if m is None or not isinstance(data.get(m[1]), list):
+                continue
+            first = _first_content_line(text, len(text) if end < 0 else end + 1)
+            if first is None:
+                continue
+            line = text[first:_line_end(text, first)]
+            indent = line[:len(line) - len(line.lstrip(" "))]
+            if _entry_line(line, indent):
+                lists[k] = (m[1], indent)
+        return cls(headers, lists, _nodes(text))
+
+
+def _nodes(text: str) -> int:
+    return 3 * sum(map(text.count, _NODE_CHARS))
+
+
+def _line_end(text: str, i: int) -> int:
+    """The offset of the newline ending the line at `i` (or the text's end)."""
+    end = text.find("\n", i)
+    return len(text) if end < 0 else end
+
+
+def _first_content_line(text: str, i: int, stop: Optional[int] = None) -> Optional[int]:
+    """The offset of the first line at or after `i` (a line start), before `stop`, that
+    is neither blank nor a comment; None if there is none."""
+    stop = len(text) if stop is None else stop
+    while i < stop:
+        end = _line_end(text, i)
+        body = text[i:end].lstrip(" ")
+        if body and not body.startswith("#"):
+            return i
+        i = end + 1
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _bad_lines(indent: str) -> re.Pattern:
+    """A line that is neither blank, a comment, an entry line at `indent`, nor
+    indented deeper than it (the inside of an entry)."""
+    n = len(indent)
+    return re.compile((rf"^ {{0,{n - 1}}}[^ \n#]|" if n else "") + rf"^ {{{n}}}(?!- |-$)[^ \n#]", re.M)
+
+
+def _entry_line(line: str, indent: str) -> bool:
+    return line.startswith(indent) and (line[len(indent):].startswith("- ") or line[len(indent):] == "-")
+
+
+def _count_entries(text: str, indent: str, start: int, end: int) -> int:
+    """Entry lines (`indent` then `- ` or a lone `-`) starting in text[start:end] after
+    a newline, i.e. every one but a line starting at `start` itself."""
+    return (text.count("\n" + indent + "- ", start, end + len(indent) + 2)
+            - (text.startswith("\n" + indent + "- ", end - 1) if end > start else 0)
+            + text.count("\n" + indent + "-\n", start, end + len(indent) + 2)
+            - (text.startswith("\n" + indent + "-\n", end - 1) if end > start else 0))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n, i = min(len(a), len(b)), 0
+    while i < n and a[i:i + _BLOCK] == b[i:i + _BLOCK]:
+        i += _BLOCK
+    j = min(i + _BLOCK, n)
+    while j - i > 16:
+        m = (i + j) // 2
+        if a[i:m] == b[i:m]:
+            i = m
+        else:
+            j = m
+    while i < n and a[i] == b[i]:
+        i += 1
+    return min(i, n)
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    la, lb, i = len(a), len(b), 0
+    while i < limit and a[la - min(i + _BLOCK, limit):la - i] == b[lb - min(i + _BLOCK, limit):lb - i]:
+        i = min(i + _BLOCK, limit)
+    j = min(i + _BLOCK, limit)
+    while j - i > 16:
+        m = (i + j) // 2
+        if a[la - m:la - i] == b[lb - m:lb - i]:
+            i = m
+        else:
+            j = m
+    while i < limit and a[la - i - 1] == b[lb - i - 1]:
+        i += 1
+    return i
+
+
+def _splice(seen: "_FileSeen", text: str) -> Optional[tuple[dict, "_Shape", Optional[dict]]]:
+    """The data of `text` from `seen` (its last version) when the edit is whole
+    entries of one top-level list (see above): (data, shape, entry keys); else None."""
+    shape, old = seen.shape, seen.text
+    if shape is None or not shape.lists:
+        return None
+    p = _common_prefix(old, text)
+    s = _common_suffix(old, text, min(len(old), len(text)) - p)
+    a = old.rfind("\n", 0, p) + 1
+    e = len(old) - s
+    b = e if e == 0 or old[e - 1] == "\n" else (old.find("\n", e) + 1 or len(old))
+    k = bisect.bisect_left(shape.headers, a) - 1
+    if k not in shape.lists:
+        return None
+    key, indent = shape.lists[k]
+    body = _line_end(old, shape.headers[k]) + 1  # the list's first line
+    end = shape.headers[k + 1] if k + 1 < len(shape.headers) else len(old)
+    if b > end or a < body:
+        return None
+    delta = len(text) - len(old)
+    # widen to whole entries: the edit starts at an entry line (or holds none), and
+    # what follows it (past blanks and comments) is an entry line, the next
+    # top-level line or the end
+    for _ in range(4):
+        firsts = [(old, _first_content_line(old, a, b)), (text, _first_content_line(text, a, b + delta))]
+        if not all(f is None or _entry_line(t[f:_line_end(t, f)], indent) for t, f in firsts):
+            a = max(old.rfind("\n" + indent + "- ", body - 1, a),
+                    old.rfind("\n" + indent + "-\n", body - 1, a)) + 1
+            if a < body:
+                return None
+            continue
+        after = _first_content_line(old, b, end)
+        if after is not None and not _entry_line(old[after:_line_end(old, after)], indent):
+            nxt = [x for x in (old.find("\n" + indent + "- ", after, end),
+                               old.find("\n" + indent + "-\n", after, end)) if x >= 0]
+            b = min(nxt) + 1 if nxt else end
+            continue
+        break
+    else:
+        return None
+    region_old, region_new = old[a:b], text[a:b + delta]
+    if _bad_lines(indent).search(region_new):
+        return None  # a top-level line, or a line at the entries' indent or less that starts none
+    nodes = shape.nodes - _nodes(region_old) + _nodes(region_new)
+    if nodes + 1 > MAX_NODES:
+        return None
+    i = _count_entries(old, indent, body - 1, a)
+    n_old = _count_entries(old, indent, a - 1, b)
+    models = seen.data.get(key)
+    if not isinstance(models, list) or i + n_old + _count_entries(old, indent, b - 1, end) != len(models):
+        return None
+    n_new = _count_entries(text, indent, a - 1, b + delta)
+    read = _ryml_data(key + ":\n" + region_new)
+    if not isinstance(read, dict) or list(read) != [key]:
+        return None
+    entries = read[key] if n_new else []
+    if n_new and (not isinstance(entries, list) or len(entries) != n_new) or \
+            not n_new and read[key] is not None:
+        return None
+    keys = seen.keys
+    if keys is not None and key in keys and len(keys[key]) == len(models):
+        new_keys = [_entry_key(e) for e in entries]
+        kept = dict(zip(keys[key][i:i + n_old], models[i:i + n_old]))  # a moved entry keeps its model
+        entries = [kept.get(k, e) for k, e in zip(new_keys, entries)]
+        keys = dict(keys)
+        keys[key] = [*keys[key][:i], *new_keys, *keys[key][i + n_old:]]
+    data = dict(seen.data)
+    data[key] = [*models[:i], *entries, *models[i + n_old:]]
+    headers = shape.headers[:k + 1] + [h + delta for h in shape.headers[k + 1:]]
+    return data, _Shape(headers, shape.lists, nodes), keys
 
 
 class Reader:
     """Loads one config again and again, as the daemon does on each change: a file
     (the main one or an include) whose bytes are those of the last good load is
     not parsed again, and in a file that changed, only the egress_ips, workloads
-    and policies entries whose data changed are validated again. Every file is
-    still read (bounded, as by load()) and hashed: an mtime has coarse ticks, and a
-    size or inode says nothing about an edit in place. The result equals load()'s;
-    a config with any problem is handed to load()'s own path, which reports it."""
+    and policies entries whose data changed are validated again (and when the
+    change is whole entries of one list, only its lines are read: _splice). Every
+    file is still read (bounded, as by load()) and hashed: an mtime has coarse
+    ticks, and a size or inode says nothing about an edit in place. The result
+    equals load()'s; a config with any problem is handed to load()'s own path,
+    which reports it."""
 
     def __init__(self) -> None:
         self._files: dict[str, _FileSeen] = {}
-        # this load's files, in include order: (file, digest, text, data, entry keys)
-        self._order: list[tuple[str, bytes, str, dict, Optional[dict[str, list[str]]]]] = []
+        # this load's files, in include order: (file, digest, text, data, entry keys, shape)
+        self._order: list[tuple[str, bytes, str, dict, Optional[dict[str, list[str]]],
+                                Optional[_Shape]]] = []
+        self.spliced = 0  # edits read by _splice (for tests and benchmarks)
+        self._checked: Optional[_Checked] = None  # the last good config's indexes
 
     def load(self, path: Union[str, Path]) -> Loaded:
         return load(path, self)
@@ -1354,12 +1577,18 @@ class Reader:
         entry did not change, plain data where they did."""
         digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
         seen = self._files.get(file)
-        keys = None
+        keys, shape = None, None
+        spliced = _splice(seen, text) if seen is not None and seen.digest != digest else None
         if seen is not None and seen.digest == digest:
             data = dict(seen.data)  # _include replaces the main file's lists: never the cache's
-            keys = seen.keys
+            keys, shape = seen.keys, seen.shape
+        elif spliced is not None:
+            data, shape, keys = spliced
+            self.spliced += 1
         else:
-            data = _read_data(text, file, with_lines=False)[0]
+            data, fast = _read_plain(text, file)
+            if isinstance(data, dict) and fast:
+                shape = _Shape.of(text, data)
             if isinstance(data, dict) and len(text) <= _REUSE_TEXT:
                 keys = {key: [_entry_key(e) for e in data[key]] for key in _KEPT
                         if isinstance(data.get(key), list)}
@@ -1370,7 +1599,7 @@ class Reader:
                         data[key] = [models.get(k, e) if isinstance(e, dict) else e
                                      for k, e in zip(keys[key], data[key])]
         if isinstance(data, dict):  # a copy: _include replaces the main file's lists
-            self._order.append((file, digest, text, dict(data), keys))
+            self._order.append((file, digest, text, dict(data), keys, shape))
         return data
 
     @staticmethod
@@ -1387,22 +1616,121 @@ class Reader:
         self._order = []
         data, _, included = _assemble(text, file, with_lines=False, read=self._read)
         cfg = Config.model_validate(data)
-        if _check_semantics(cfg):
+        checked = self._checked.after(cfg) if self._checked is not None else None
+        if checked is None:
+            if _check_semantics(cfg):
+                raise ConfigError([])
+            checked = _Checked(cfg)
+        elif not checked:
             raise ConfigError([])
+        self._checked = checked
         # Remember each file's entries as models: _include appended the lists in
         # the order the files were read, the main file's first.
         offsets = {key: 0 for key in _KEPT}
         files: dict[str, _FileSeen] = {}
-        for f, digest, ftext, fdata, keys in self._order:
+        for f, digest, ftext, fdata, keys, shape in self._order:
             kept = dict(fdata)
             for key in _KEPT:
                 if isinstance(fdata.get(key), list):
                     n = len(fdata[key])
                     kept[key] = getattr(cfg, key)[offsets[key]:offsets[key] + n]
                     offsets[key] += n
-            files[f] = _FileSeen(digest, ftext, kept, keys)
+            files[f] = _FileSeen(digest, ftext, kept, keys, shape)
         self._files, self._order = files, []
         return Loaded(cfg, file, text, (file, *included))
+
+
+class _Checked:
+    """A config that passed _check_semantics, with indexes of its workloads, so that
+    the next one, when only workloads changed, is checked for the changed ones
+    alone: `after` says whether it has a problem exactly when _check_semantics
+    would find one (tests/unit/test_config_incremental.py compares them).
+
+    A config without problems gets one only through what changed: an added
+    workload's id, source or cgroup already used (or used twice by the added ones),
+    its app served by no egress IP here (unless one is its own), a source that is
+    an egress IPv4 or lies in an egress IPv6 range; a removed workload named by an
+    egress IP (`workload:`) or a policy's match, or the last one of an app that a
+    policy's match names and no egress IP has. An added workload with fixed
+    `blocks:` takes the full check."""
+
+    def __init__(self, cfg: Config, index: Optional[tuple] = None) -> None:
+        self.cfg = cfg
+        if index is None:
+            ws = cfg.workloads
+            index = ({w.id for w in ws}, {s for w in ws for s in w.source},
+                     {w.cgroup for w in ws if w.cgroup}, collections.Counter(w.app for w in ws))
+        self.objects = cfg.workloads_by_object.keys()
+        self.ids, self.sources, self.cgroups, self.apps = index
+
+    def after(self, new: Config) -> "Union[_Checked, None, Literal[False]]":
+        """None: take the full check (more than workloads changed); else a false
+        value when `new` has a problem, a _Checked of `new` when not."""
+        old = self.cfg
+        if (new.version, new.host, new.defaults, new.managed_sources) != \
+                (old.version, old.host, old.defaults, old.managed_sources) or \
+                not _same(new.egress_ips, old.egress_ips) or not _same(new.policies, old.policies):
+            return None
+        # unchanged entries are the same models (the Reader keeps them): told apart
+        # by identity with set operations in C (workloads_by_object is cached on
+        # the config, and applied.changed_workloads reads it too)
+        objects = new.workloads_by_object
+        if len(objects) != len(new.workloads):
+            return None  # one model twice
+        added = list(map(objects.__getitem__, objects.keys() - self.objects))
+        removed = list(map(old.workloads_by_object.__getitem__, self.objects - objects.keys()))
+        if any(w.blocks for w in added):
+            return None
+        ids = [w.id for w in added]
+        sources = [s for w in added for s in w.source]
+        cgroups = [w.cgroup for w in added if w.cgroup]
+        gone_ids = {w.id for w in removed}
+        gone_sources = {s for w in removed for s in w.source}
+        gone_cgroups = {w.cgroup for w in removed if w.cgroup}
+
+        def clash(new_values, have, freed):
+            return len(set(new_values)) != len(new_values) or any(
+                v in have and v not in freed for v in new_values)
+
+        bad = clash(ids, self.ids, gone_ids) or clash(sources, self.sources, gone_sources) \
+            or clash(cgroups, self.cgroups, gone_cgroups)
+        apps = collections.Counter(w.app for w in added)
+        apps.subtract(w.app for w in removed)
+        if not bad and added:
+            here = {ip.app for ip in new.ips_here() if ip.app}
+            owned = {ip.workload for ip in new.ips_here() if ip.workload}
+            bad = any(w.app and w.app not in here and w.id not in owned for w in added)
+        if not bad and sources:
+            v4 = {ip.ipv4 for ip in new.egress_ips if ip.ipv4}
+            ranges = [ipaddress.ip_network(ip.ipv6) for ip in new.egress_ips if ip.ipv6]
+            bad = any(s in v4 for s in sources) or any(
+                ":" in s and any(ipaddress.IPv6Address(s) in net for net in ranges)
+                for s in sources)
+        if not bad and removed:
+            still = (gone_ids - set(ids))  # ids no workload has any more
+            bad = any(ip.workload in still for ip in new.egress_ips) or any(
+                wid in still for p in new.policies for wid in p.match.workloads)
+            gone_apps = {a for a, n in apps.items() if a is not None and n < 0
+                         and self.apps[a] + n <= 0}
+            if not bad and gone_apps:
+                ip_apps = {ip.app for ip in new.egress_ips if ip.app}
+                bad = any(a in gone_apps and a not in ip_apps for p in new.policies for a in p.match.apps)
+        if bad:
+            return False  # a problem: load()'s own path says which
+        # update the indexes in place: the old config is not checked again
+        self.ids -= gone_ids - set(ids)
+        self.ids.update(ids)
+        self.sources -= gone_sources - set(sources)
+        self.sources.update(sources)
+        self.cgroups -= gone_cgroups - set(cgroups)
+        self.cgroups.update(cgroups)
+        self.apps.update(apps)
+        self.apps = +self.apps if any(n <= 0 for n in apps.values()) else self.apps
+        return _Checked(new, (self.ids, self.sources, self.cgroups, self.apps))
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b))
 
 
 def _entry_key(entry: Any) -> str:

@@ -21,6 +21,7 @@ must re-add them. IPv4 addresses stay.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -35,8 +36,16 @@ IFA_F_TENTATIVE = 0x40
 _DOWN_STATES = frozenset({"DOWN", "LOWERLAYERDOWN", "NOTPRESENT"})
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def _canonical(ip: str) -> str:
+    # cached: every sync reads the same addresses again (hundreds, with many egress IPs)
     return ipaddress.ip_address(ip).compressed
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _as_int(ip: str) -> tuple[int, int]:
+    a = ipaddress.ip_address(ip)
+    return a.version, int(a)
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,17 @@ class HostState:
     def has_address_in(self, prefix: str) -> bool:
         """Some usable address lies inside `prefix` (an IPv6 egress range)."""
         net = ipaddress.ip_network(prefix, strict=False)
-        return any(ipaddress.ip_address(a) in net for a in self.addresses
-                   if ipaddress.ip_address(a).version == net.version)
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        return any(lo <= a <= hi for a in self._ints[net.version])
+
+    @functools.cached_property
+    def _ints(self) -> dict[int, list[int]]:
+        """The addresses as integers, by IP version (parsed once per read)."""
+        out: dict[int, list[int]] = {4: [], 6: []}
+        for a in self.addresses:
+            version, n = _as_int(a)
+            out[version].append(n)
+        return out
 
     def link_up(self, name: str) -> bool:
         return name in self.links_up
@@ -124,7 +142,17 @@ class HostFacts:
 
 
 def read_host_state(ipr: Optional[Any] = None) -> HostState:
-    """Observe the host (or the namespace of `ipr`, a pyroute2 IPRoute)."""
+    """Observe the host (or the namespace of `ipr`, a pyroute2 IPRoute).
+
+    The host's own read (no `ipr`, the daemon's every sync) dumps links and
+    addresses on a netlink socket of its own and reads the few fields it needs
+    with struct: pyroute2 decodes every attribute of every message, ~40 us an
+    address (7 ms with the 176 egress IPs of 10,000 workloads, on each failover)."""
+    if ipr is None:
+        try:
+            return _read_raw()
+        except OSError:
+            pass  # whatever the raw read cannot do, pyroute2 says in its own words below
     own = ipr is None
     if own:
         from pyroute2 import IPRoute  # not at module level: the planner imports us
@@ -156,3 +184,84 @@ def read_host_state(ipr: Optional[Any] = None) -> HostState:
     finally:
         if own:
             ipr.close()
+
+
+# --- the raw read: RTM_GETLINK and RTM_GETADDR dumps, the fields read_host_state reads
+
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_RTM_NEWLINK, _RTM_GETLINK, _RTM_NEWADDR, _RTM_GETADDR = 16, 18, 20, 22
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFLA_IFNAME, _IFLA_OPERSTATE = 3, 16
+_IFA_ADDRESS, _IFA_LOCAL, _IFA_FLAGS = 1, 2, 8
+_OPER_DOWN = frozenset({1, 2, 3})  # IF_OPER_NOTPRESENT, DOWN, LOWERLAYERDOWN (_DOWN_STATES)
+
+
+def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+    import struct
+    out: dict[int, bytes] = {}
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("=HH", buf, start)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = buf[start + 4:start + length]  # NLA_F_NESTED/NET_BYTEORDER off
+        start += (length + 3) & ~3
+    return out
+
+
+def _dump(sock, seq: int, kind: int, body: bytes):
+    """The messages of one dump request: (type, bytes, offset of the body, end)."""
+    import struct
+    sock.send(struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + body)
+    while True:
+        buf = sock.recv(1 << 20)
+        off = 0
+        while off + 16 <= len(buf):
+            length, mtype, _, mseq, _ = struct.unpack_from("=IHHII", buf, off)
+            if length < 16:
+                raise OSError("malformed netlink message")
+            if mseq == seq:
+                if mtype == _NLMSG_DONE:
+                    return
+                if mtype == _NLMSG_ERROR:
+                    err = struct.unpack_from("=i", buf, off + 16)[0]
+                    if err:
+                        raise OSError(-err, os.strerror(-err))
+                else:
+                    yield mtype, buf, off + 16, off + length
+            off += (length + 3) & ~3
+
+
+def _read_raw() -> HostState:
+    import socket
+    import struct
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.settimeout(5.0)  # a dump that never ends: pyroute2's read instead (OSError)
+        sock.bind((0, 0))
+        up: dict[int, str] = {}
+        for mtype, buf, body, end in _dump(sock, 1, _RTM_GETLINK, struct.pack("=BxHiII", 0, 0, 0, 0, 0)):
+            if mtype != _RTM_NEWLINK:
+                continue
+            _, _, index, flags, _ = struct.unpack_from("=BxHiII", buf, body)
+            attrs = _attrs(buf, body + 16, end)
+            state = attrs.get(_IFLA_OPERSTATE, b"\0")[0]
+            name = attrs.get(_IFLA_IFNAME, b"").split(b"\0")[0].decode("utf-8", "surrogateescape")
+            if flags & IFF_UP and state not in _OPER_DOWN:
+                up[index] = name
+        addresses = set()
+        for mtype, buf, body, end in _dump(sock, 2, _RTM_GETADDR, struct.pack("=BBBBI", 0, 0, 0, 0, 0)):
+            if mtype != _RTM_NEWADDR:
+                continue
+            family, _, flags, _, index = struct.unpack_from("=BBBBI", buf, body)
+            if index not in up:
+                continue
+            attrs = _attrs(buf, body + 8, end)
+            if _IFA_FLAGS in attrs:
+                flags = struct.unpack("=I", attrs[_IFA_FLAGS][:4])[0]
+            if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                continue
+            local = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+            if local and family in (socket.AF_INET, socket.AF_INET6):
+                addresses.add(socket.inet_ntop(family, local))
+        return HostState(frozenset(addresses), frozenset(up.values()))

@@ -376,6 +376,11 @@ def guard_rules(managed, host_addresses) -> set[Rule]:
     """The guard (names.py): one prohibit rule per managed_sources prefix; for each
     host address inside one, a goto past it (the host's own packets are routed
     before any hook can mark them); and the nop the gotos land on."""
+    return set(_guard_rules(tuple(managed), frozenset(host_addresses)))
+
+
+@functools.lru_cache(maxsize=8)  # the same every sync but a failover's: hundreds of addresses
+def _guard_rules(managed: tuple, host_addresses: frozenset[str]) -> frozenset[Rule]:
     nets = [ipaddress.ip_network(str(n), strict=False) for n in managed]
     rules = {Rule(n.version, names.GUARD_PRIORITY, 0, names.SEEN_FLAG, 0, n.with_prefixlen,
                   "prohibit") for n in nets}
@@ -385,7 +390,7 @@ def guard_rules(managed, host_addresses) -> set[Rule]:
                            ipaddress.ip_network(a).with_prefixlen, "goto", names.ANCHOR_PRIORITY))
     for family in {n.version for n in nets}:
         rules.add(Rule(family, names.ANCHOR_PRIORITY, 0, 0, 0, "", "nop"))
-    return rules
+    return frozenset(rules)
 
 
 def _choice_mark_or(alloc: Allocations, c: Optional[Choice]) -> Union[None, str, int]:

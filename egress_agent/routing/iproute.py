@@ -65,6 +65,8 @@ class IPRouteRouting:
     (they are left alone; the daemon should log them)."""
 
     def __init__(self, netns: Optional[str] = None, ipr: Optional[Any] = None):
+        # this process's own namespace: route dumps are read raw (_our_route_msgs)
+        self._raw = netns is None and ipr is None
         if ipr is None:
             ipr = (IPRoute(netns=netns, flags=0, ext_ack=True) if netns
                    else IPRoute(ext_ack=True))
@@ -79,7 +81,7 @@ class IPRouteRouting:
         routes: set[Route] = set()
         rules: set[Rule] = set()
         for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self._dump("route", family):
+            for msg in self._routes(family):
                 table = msg.get_attr("RTA_TABLE") or msg["table"]
                 if names.is_our_table(table):
                     routes.update(_parse_route(msg, table, ifnames, unmodeled))
@@ -116,6 +118,21 @@ class IPRouteRouting:
         self.close()
 
     # --- internals ------------------------------------------------------------
+    def _routes(self, family: int) -> Sequence[Any]:
+        """The route messages of `family` that may be in our tables. pyroute2 decodes
+        every route of every table (~60 us each: the local table alone holds one per
+        host address, hundreds with many egress IPs); read raw, only a route whose
+        table is ours or above 255 (its header then says RT_TABLE_COMPAT, the real
+        id is in RTA_TABLE) is decoded, by pyroute2's own message class."""
+        if self._raw:
+            try:
+                return _our_route_msgs(family)
+            except OSError as e:
+                if e.errno == errno.EAFNOSUPPORT and family == socket.AF_INET6:
+                    return ()
+                # anything else: pyroute2's dump, which raises in its own words
+        return self._dump("route", family)
+
     def _dump(self, kind: str, family: int) -> Sequence[Any]:
         try:
             return getattr(self.ipr, kind)("dump", family=family)
@@ -232,3 +249,29 @@ def _parse_rule(msg: Any, priority: int, unmodeled: list[str]) -> Optional[Rule]
         unmodeled.append(f"rule -{family} priority {priority}: lookup {table}")
         return None
     return Rule(family, priority, fwmark, mask, table)
+
+
+_RTM_GETROUTE, _RT_TABLE_COMPAT = 26, 252
+
+
+def _our_route_msgs(family: int) -> list[Any]:
+    import struct
+
+    from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+    from egress_agent.hoststate import _dump as netlink_dump
+    out = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.settimeout(5.0)
+        sock.bind((0, 0))
+        for mtype, buf, body, end in netlink_dump(sock, 1, _RTM_GETROUTE,
+                                                   struct.pack("=BBBBBBBBI", family, 0, 0, 0, 0, 0, 0, 0, 0)):
+            table = buf[body + 4]
+            if mtype != 24 or (table != _RT_TABLE_COMPAT and not names.is_our_table(table)):
+                continue  # RTM_NEWROUTE only, of a table that may be ours
+            msg = rtmsg(buf[body - 16:end])
+            msg.decode()
+            out.append(msg)
+    return out

@@ -10,9 +10,11 @@ Nothing is done outside that namespace, which is deleted even on failure.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 
 import pytest
@@ -39,7 +41,7 @@ def ip(ns: str, *args: str, check: bool = True) -> str:
 
 @pytest.fixture
 def netns():
-    name = "eart" + secrets.token_hex(4)
+    name = os.environ.get("EGRESS_TEST_NS_PREFIX", "eart") + secrets.token_hex(4)
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         for dev, v4, v6 in (("up1", "203.0.113.130/25", "2001:db8:1::2/64"),
@@ -285,3 +287,71 @@ def test_read_host_state_sees_addresses_and_link_state(netns):
         # a tentative (DAD still running) address is not usable yet
         ip(netns, "-6", "addr", "add", "2001:db8:1::7/64", "dev", "up1")
         assert not read_host_state(ipr).has_address("2001:db8:1::7")
+
+
+_BOTH_READS = """
+import json
+from pyroute2 import IPRoute
+from egress_agent.hoststate import _read_raw, read_host_state
+with IPRoute() as ipr:
+    ref = read_host_state(ipr)
+raw, default = _read_raw(), read_host_state()
+print(json.dumps([sorted(h.addresses) for h in (ref, raw, default)]
+                 + [sorted(h.links_up) for h in (ref, raw, default)]))
+"""
+
+
+def test_the_raw_host_read_equals_pyroute2s_in_every_state(netns):
+    """read_host_state() without an IPRoute parses the netlink dumps itself: the
+    same addresses and links as pyroute2's decoding, whatever their state (a link
+    down, a peer down, tentative and point-to-point addresses, many of them)."""
+    def both() -> list:
+        out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _BOTH_READS],
+                             check=True, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        ref, raw, default, lref, lraw, ldefault = json.loads(out.stdout)
+        assert ref == raw == default and lref == lraw == ldefault
+        return ref
+    subprocess.run(["ip", "-n", netns, "-batch", "-"], check=True, text=True,
+                   input="".join(f"addr add 192.0.2.{j}/32 dev up1\n" for j in range(1, 201)))
+    ip(netns, "addr", "add", "203.0.113.5", "peer", "203.0.113.6", "dev", "up2")
+    ip(netns, "-6", "addr", "add", "2001:db8:1::7/64", "dev", "up1")  # tentative
+    ip(netns, "link", "set", "lo", "up")
+    seen = both()
+    assert {"192.0.2.200", "203.0.113.5", "2001:db8:1::2", "127.0.0.1"} <= set(seen)
+    assert "203.0.113.6" not in seen and "2001:db8:1::7" not in seen
+    ip(netns, "link", "set", "up2p", "down")
+    assert "198.51.100.2" not in both()
+    ip(netns, "link", "set", "up1", "down")
+    assert "192.0.2.1" not in both()
+
+
+_BOTH_DUMPS = """
+import json
+from pyroute2 import IPRoute
+from egress_agent.routing.iproute import IPRouteRouting
+raw = IPRouteRouting()
+ref = IPRouteRouting(ipr=IPRoute(ext_ack=True))
+assert raw._raw and not ref._raw
+a, b = raw.dump(), ref.dump()
+print(json.dumps([a == b, raw.unmodeled == ref.unmodeled, sorted(map(str, a[0])), list(raw.unmodeled)]))
+"""
+
+
+def test_the_raw_route_dump_equals_pyroute2s(netns):
+    """IPRouteRouting in its own namespace reads the route dump raw and decodes only
+    the routes of tables that may be ours: the same routes, rules and unmodeled
+    objects as pyroute2's whole dump, among hundreds of local routes."""
+    subprocess.run(["ip", "-n", netns, "-batch", "-"], check=True, text=True,
+                   input="".join(f"addr add 192.0.2.{j}/32 dev up1\n" for j in range(1, 201)))
+    t1, t2 = names.route_table(1), names.route_table(2)
+    ip(netns, "route", "add", "default", "via", "203.0.113.129", "dev", "up1", "table", str(t1))
+    ip(netns, "-6", "route", "add", "default", "dev", "up2", "table", str(t1))
+    ip(netns, "route", "add", "10.7.0.0/16", "dev", "up2", "table", str(t2))  # not a default: unmodeled
+    ip(netns, "route", "add", "default", "via", "198.51.100.1", "table", "300")  # not ours
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _BOTH_DUMPS],
+                         check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    same, same_unmodeled, routes, unmodeled = json.loads(out.stdout)
+    assert same and same_unmodeled
+    assert len(routes) == 2 and unmodeled, (routes, unmodeled)

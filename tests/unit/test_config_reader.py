@@ -83,14 +83,14 @@ def test_one_changed_fragment_is_the_only_file_parsed_and_its_unchanged_entries_
     reader = Reader()
     before = reader.load(path).config
     write_fragment(tmp_path, "02.yaml", [*range(200, 205), 299, *range(206, 210)])  # w205 -> w299
-    parsed = []
-    real = config._read_data
-    monkeypatch.setattr(config, "_read_data",
-                        lambda text, file, with_lines: parsed.append(file) or real(text, file, with_lines))
+    parsed, read = [], []
+    real, real_ryml = config._read_plain, config._ryml_data
+    monkeypatch.setattr(config, "_read_plain", lambda text, file: parsed.append(file) or real(text, file))
+    monkeypatch.setattr(config, "_ryml_data", lambda text: read.append(text) or real_ryml(text))
     after = reader.load(path).config
     frag = str(tmp_path / "conf.d" / "02.yaml")
-    assert set(parsed) <= {frag, ""}  # the fragment, and its last version (for its old entries)
-    assert frag in parsed
+    assert parsed == []  # no file read whole: the edit is one entry, read alone (_splice)
+    assert read == ["workloads:\n" + workload(299)] and reader.spliced == 1
     assert after == load(path).config
     old = {w.id: w for w in before.workloads}
     for w in after.workloads:
