@@ -82,7 +82,9 @@ def qemu_argv(prefix: str, host: str, image_dir: str, run_dir: str, share: str,
     kernel, a copy-on-write disk over the image, the checkout and the lab's files
     by 9p, qemu-guest-agent's port, and one tap NIC per segment. No user-mode
     network, no display; the console goes to RUN/HOST.console."""
-    argv = ["qemu-system-x86_64", "-name", f"{prefix}-{host}", "-machine", f"q35,accel={accel}",
+    argv = ["qemu-system-x86_64", "-name", f"{prefix}-{host}", "-machine", "q35",
+            # TCG's translation cache is 1 GiB by default: 256 MiB per guest is plenty
+            "-accel", "kvm" if accel == "kvm" else "tcg,tb-size=256",
             "-cpu", "host" if accel == "kvm" else "max", "-smp", "1", "-m", str(MEMORY_MB), "-nodefaults", "-display", "none",
             "-kernel", f"{image_dir}/vmlinuz", "-initrd", f"{image_dir}/initrd.img",
             "-append", f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={host}",
@@ -375,7 +377,7 @@ systemd-run -q --unit {name}-pipe sh -c 'exec sleep infinity > /run/{name}.in'""
             return None
         return None if c is None else c["status"]
 
-    def wait_usable(self, h: str, want: bool, timeout: float = 20.0) -> float:
+    def wait_usable(self, h: str, want: bool, timeout: float = 60.0) -> float:
         t0 = time.monotonic()
         while self.usable(h) is not want:
             if time.monotonic() - t0 > timeout:

@@ -125,6 +125,14 @@ case $host in
       > /etc/systemd/system/egress-agent.service.d/probe.conf
     systemctl daemon-reload ;;
 esac
+if [ "$(systemd-detect-virt 2>/dev/null)" = qemu ]; then
+  # qemu's own emulation (TCG, no KVM): Python runs several times slower and the
+  # daemon's start (imports, first sync) outlasts the unit's 30 s watchdog
+  install -d /etc/systemd/system/egress-agent.service.d
+  printf '[Service]\nWatchdogSec=300\nTimeoutStartSec=600\n' \
+    > /etc/systemd/system/egress-agent.service.d/emulated.conf
+  systemctl daemon-reload
+fi
 systemctl enable egress-agent.service >/dev/null 2>&1
 systemctl restart egress-agent.service
 if [ "$host" = g1 ] || [ "$host" = g2 ]; then
