@@ -199,7 +199,7 @@ def cmd_pair(args) -> int:
 
 def cmd_vm_pair(args) -> int:
     from . import vmlab
-    prefix = args.prefix if args.prefix != DEFAULT_PREFIX else vmlab.DEFAULT_PREFIX
+    prefix = args.prefix
     try:
         lab = vmlab.VmPairLab(prefix, accel=args.accel)
     except ValueError as e:
@@ -251,8 +251,9 @@ def add_lab_commands(sub) -> None:
                             "script); the checks of `lab pair`; then stops its qemu processes"),
                            ("_checks", cmd_checks, argparse.SUPPRESS)):
         sp = lsub.add_parser(name, help=help, description=help if isinstance(help, str) else None)
-        sp.add_argument("--prefix", default=DEFAULT_PREFIX,
-                        help=f"lab name, prefix of its namespaces (default {DEFAULT_PREFIX})")
+        default = "vmlab" if name == "vm-pair" else DEFAULT_PREFIX  # vmlab.DEFAULT_PREFIX
+        sp.add_argument("--prefix", default=default,
+                        help=f"lab name, prefix of its namespaces (default {default})")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "up":
             sp.add_argument("--replace", action="store_true",

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 
+from ..names import GATE_TABLE
 from .pairlab import APP_IP, APP_RANGE, FLEET, ORIGIN, ORIGIN6, PARTNER_IP, POLICY_PORT, PORT
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -213,6 +214,9 @@ class VmPairLab:
         if not (os.path.isdir(dist) and any(f.endswith(".deb") for f in os.listdir(dist))):
             say("building the package the guests install (packaging/build-deb) ...")
             subprocess.run([f"{REPO}/packaging/build-deb"], check=True, stdout=subprocess.DEVNULL)
+        deb = sorted(f for f in os.listdir(dist) if f.endswith(".deb"))[-1]
+        built = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.stat(f"{dist}/{deb}").st_mtime))
+        say(f"the guests install dist/{deb} (built {built}; packaging/build-deb makes it anew)")
 
     def render(self, out: str) -> dict:
         """The lab's fleet file and every host's files from `egress-agent fleet
@@ -314,7 +318,7 @@ class VmPairLab:
         return APP_IP in self.sh(g, "ip -4 addr show dev up0")
 
     def gate_open(self, g: str) -> bool:
-        return self.agents[g].run("nft list table inet egress_agent_gate")[0] != 0
+        return self.agents[g].run(f"nft list table {GATE_TABLE}")[0] != 0
 
     def wait_active(self, g: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
