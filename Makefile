@@ -11,3 +11,8 @@ unit: venv
 
 bench: venv
 	bench/run-all
+
+# the guest image of `egress-agent lab vm-pair` (cached in build/vm; not in CI)
+.PHONY: vm-image
+vm-image:
+	vagrant/vm-image

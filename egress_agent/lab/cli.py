@@ -197,12 +197,41 @@ def cmd_pair(args) -> int:
     return 0 if all(r["ok"] for r in rows) else 4
 
 
+def cmd_vm_pair(args) -> int:
+    from . import vmlab
+    prefix = args.prefix
+    try:
+        lab = vmlab.VmPairLab(prefix, accel=args.accel)
+    except ValueError as e:
+        print(f"lab vm-pair: {e}", file=sys.stderr)
+        return 2
+    if args.down:
+        lab.down()
+        print(f"VM pair lab {prefix} removed")
+        return 0
+    if args.render:
+        r = lab.render(args.render)
+        print("\n".join(r["written"]))
+        return 0
+    try:
+        rows = vmlab.demo(lab, say=(lambda s: print(s, file=sys.stderr)) if args.json else print,
+                          keep=args.keep)
+    except FileExistsError as e:
+        print(f"lab vm-pair: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"\n{sum(r['ok'] for r in rows)} of {len(rows)} match")
+    return 0 if all(r["ok"] for r in rows) else 4
+
+
 def add_lab_commands(sub) -> None:
     lab = sub.add_parser("lab", help="the whole system on one machine, in network namespaces",
                          description="Build a host, machines (m42, m43, m44, spoof), a local "
                                      "cgroup workload and an origin with echo servers in network "
                                      "namespaces; run the agent there and check what the origin sees.")
-    lsub = lab.add_subparsers(dest="lab_cmd", metavar="up|demo|check|down|pair", required=True)
+    lsub = lab.add_subparsers(dest="lab_cmd", metavar="up|demo|check|down|pair|vm-pair", required=True)
     for name, fn, help in (("up", cmd_up, "build the lab namespaces and start the echo servers"),
                            ("demo", cmd_demo, "apply the lab config and compare expected with "
                                               "observed source addresses (builds the lab if needed)"),
@@ -215,10 +244,16 @@ def add_lab_commands(sub) -> None:
                                               "sees with the fleet's blocks, fail the active "
                                               "gateway over, compare again, cut both gateways "
                                               "off (drop fallback); then remove it"),
+                           ("vm-pair", cmd_vm_pair,
+                            "the pair lab as five VMs (w1 w2 g1 g2 origin; qemu, KVM or TCG) "
+                            "from an image built here (vagrant/vm-image, cached in build/vm), "
+                            "provisioned by vagrant/pair/provision.sh (the Vagrantfile's "
+                            "script); the checks of `lab pair`; then stops its qemu processes"),
                            ("_checks", cmd_checks, argparse.SUPPRESS)):
         sp = lsub.add_parser(name, help=help, description=help if isinstance(help, str) else None)
-        sp.add_argument("--prefix", default=DEFAULT_PREFIX,
-                        help=f"lab name, prefix of its namespaces (default {DEFAULT_PREFIX})")
+        default = "vmlab" if name == "vm-pair" else DEFAULT_PREFIX  # vmlab.DEFAULT_PREFIX
+        sp.add_argument("--prefix", default=default,
+                        help=f"lab name, prefix of its namespaces (default {default})")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "up":
             sp.add_argument("--replace", action="store_true",
@@ -228,6 +263,19 @@ def add_lab_commands(sub) -> None:
                             help="leave the lab up afterwards, to look around")
             sp.add_argument("--down", action="store_true",
                             help="remove a pair lab left up with --keep")
+        if name == "vm-pair":
+            sp.add_argument("--keep", action="store_true",
+                            help="leave the VMs up afterwards (their consoles and qemu pids in "
+                                 "build/vm/run-PREFIX)")
+            sp.add_argument("--down", action="store_true",
+                            help="stop the qemu processes of a lab left up (by their recorded "
+                                 "pids), remove its namespace and files")
+            sp.add_argument("--accel", choices=("kvm", "tcg"),
+                            help="qemu's accelerator (default: kvm when the CPU has vmx or svm, "
+                                 "else tcg)")
+            sp.add_argument("--render", metavar="DIR",
+                            help="only write the fleet file and each host's files into DIR "
+                                 "(for vagrant/pair/Vagrantfile: vagrant/pair/rendered)")
         if name == "_checks":
             sp.add_argument("-c", "--config", required=True)
         if name == "demo":

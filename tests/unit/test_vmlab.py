@@ -1,0 +1,120 @@
+"""The pure parts of the VM pair lab (egress_agent/lab/vmlab.py): names, MACs and
+qemu's command line, the choice of accelerator, and the guest agent's protocol
+against a fake agent. The VMs themselves run in `egress-agent lab vm-pair` (not
+in CI: it boots five guests)."""
+
+import base64
+import json
+import os
+import re
+import socket
+import threading
+
+import pytest
+
+from egress_agent.lab import vmlab
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_every_nic_has_its_own_mac_and_tap_and_provision_finds_it_by_that_mac():
+    macs, taps = set(), set()
+    for h in vmlab.HOSTS:
+        argv = vmlab.provision_argv(h, "/lab")
+        assert argv[:3] == ["/egress-agent/vagrant/pair/provision.sh", h, "/lab"]
+        assert argv[3:] == [f"{vmlab.IFNAMES[s]}={vmlab.mac(h, s)}" for s in vmlab.NICS[h]]
+        for s in vmlab.NICS[h]:
+            macs.add(vmlab.mac(h, s))
+            taps.add(vmlab.tap("vmlab", h, s))
+    n = sum(len(v) for v in vmlab.NICS.values())
+    assert len(macs) == len(taps) == n == 7
+    assert all(re.fullmatch(r"52:54:00:ea:0[12]:0[1-5]", m) for m in macs)
+    assert all(len(t) <= 15 for t in taps)
+
+
+def test_a_prefix_too_long_for_interface_names_is_refused():
+    assert vmlab.tap("a" * 11, "g1", "fab") == "a" * 11 + "-g1f"
+    with pytest.raises(ValueError, match="too long"):
+        vmlab.tap("a" * 12, "origin", "inet")
+
+
+def test_qemu_gets_taps_and_nothing_that_reaches_the_host_network():
+    argv = vmlab.qemu_argv("vmlab", "g1", "/img", "/run/x", "/src", accel="tcg")
+    joined = " ".join(argv)
+    netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
+    assert netdevs == ["tap,id=n0,ifname=vmlab-g1f,script=no,downscript=no",
+                       "tap,id=n1,ifname=vmlab-g1i,script=no,downscript=no"]
+    assert "user" not in joined.split("-netdev")[1:] and "hostfwd" not in joined
+    assert "-nodefaults" in argv and "-accel tcg,tb-size=256" in joined and "-cpu max" in joined
+    assert "mac=52:54:00:ea:01:03" in joined and "mac=52:54:00:ea:02:03" in joined
+    assert "local,path=/src,mount_tag=egress-agent,security_model=none,readonly=on" in argv
+    assert "systemd.hostname=g1" in joined and "-daemonize" in argv
+    kvm = vmlab.qemu_argv("vmlab", "w1", "/img", "/run/x", "/src")
+    assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
+    assert sum(a == "-netdev" for a in kvm) == 1
+
+
+def test_kvm_only_with_hardware_virtualization():
+    assert vmlab.default_accel("processor: 0\nflags\t\t: fpu vme vmx sse\n") == "kvm"
+    assert vmlab.default_accel("flags\t\t: fpu svm\n") == "kvm"
+    # a /dev/kvm of kvm_pvm (no vmx in the flags) runs no stock kernel: tcg
+    assert vmlab.default_accel("flags\t\t: fpu sse2 hypervisor avx2\n") == "tcg"
+    assert vmlab.default_accel("") == "tcg"
+
+
+def test_the_vagrantfile_has_the_same_hosts_nics_and_macs():
+    text = open(f"{REPO}/vagrant/pair/Vagrantfile").read()
+    assert "HOSTS = %w[" + " ".join(vmlab.HOSTS) + "]" in text
+    for h, segs in vmlab.NICS.items():
+        assert f'"{h}" => %w[{" ".join(segs)}]' in text
+    assert 'format("52:54:00:ea:%02x:%02x", %w[fab inet].index(seg) + 1, HOSTS.index(host) + 1)' \
+        in text and vmlab.SEGMENTS == ("fab", "inet")
+    assert 'path: "provision.sh"' in text
+
+
+def fake_agent(path: str, stale: list[int], exits: dict) -> threading.Thread:
+    """A guest agent that first answers syncs sent before it was up (stale ids),
+    then each command; guest-exec-status reports a run after one poll."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve():
+        c, _ = srv.accept()
+        f = c.makefile("rwb")
+        polls = 0
+        for line in f:
+            req = json.loads(line)
+            cmd, args = req["execute"], req.get("arguments", {})
+            if cmd == "guest-sync":
+                out = [{"return": i} for i in stale] + [{"return": args["id"]}]
+                stale.clear()
+            elif cmd == "guest-exec":
+                exits["script"] = args["arg"][1]
+                out = [{"return": {"pid": 42}}]
+            else:
+                polls += 1
+                out = [{"return": {"exited": False}}] if polls == 1 else [{"return": {
+                    "exited": True, "exitcode": 3,
+                    "out-data": base64.b64encode(b"out\n").decode(),
+                    "err-data": base64.b64encode(b"err\n").decode()}}]
+            for o in out:
+                f.write(b"\xff" + json.dumps(o).encode() + b"\n")
+            f.flush()
+        c.close()
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_guest_agent_skips_answers_to_old_syncs_and_runs_a_script(tmp_path):
+    exits: dict = {}
+    fake_agent(str(tmp_path / "qga"), stale=[1, 2, 3], exits=exits)
+    a = vmlab.GuestAgent(str(tmp_path / "qga"))
+    a.n = 3  # three syncs went unanswered while the guest booted
+    a.connect(timeout=5)
+    assert a.run("echo out; echo err >&2; exit 3", timeout=5) == (3, "out\n", "err\n")
+    assert exits["script"] == "echo out; echo err >&2; exit 3"
+    a.close()
