@@ -328,6 +328,9 @@ def _unusable(cfg, usable) -> list[tuple]:
 def cmd_run(args) -> int:
     from . import metrics, nslock
     log.configure(args.log_format)
+    # before anything that reads the kernel: a daemon whose first sync waits (on the
+    # kernel's locks, a huge table) has said that it runs, with which config
+    log.get().info("starting", config=os.path.abspath(args.config), pid=os.getpid())
     lock = nslock.acquire(serve=True)  # for the daemon's life; Busy is reported by main()
     state = metrics.State(detail=args.metrics_detail)
     if args.metrics != "off":
