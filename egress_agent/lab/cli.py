@@ -190,7 +190,13 @@ def cmd_pair(args) -> int:
     except FileExistsError as e:
         print(f"lab pair: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    return _report(rows, args.json)
+
+
+def _report(rows: list[dict], as_json: bool) -> int:
+    """A pair lab's rows: JSON, or the match count after the printed rows; exit 4 on
+    any mismatch."""
+    if as_json:
         print(json.dumps(rows, indent=2))
     else:
         print(f"\n{sum(r['ok'] for r in rows)} of {len(rows)} match")
@@ -219,11 +225,7 @@ def cmd_vm_pair(args) -> int:
     except FileExistsError as e:
         print(f"lab vm-pair: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(f"\n{sum(r['ok'] for r in rows)} of {len(rows)} match")
-    return 0 if all(r["ok"] for r in rows) else 4
+    return _report(rows, args.json)
 
 
 def add_lab_commands(sub) -> None:

@@ -206,11 +206,7 @@ class PairLab:
         return p
 
     def _pids(self) -> dict[str, int]:
-        try:
-            with open(f"{self.run_dir}/{PIDS}") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
+        return read_pids(self.run_dir)
 
     def start_daemon(self, h: str) -> None:
         """`egress-agent run` on host `h` (its probe watches the pair)."""
@@ -319,6 +315,15 @@ class PairLab:
             return os.stat(f"/run/netns/{self.ns(n)}").st_ino
         except OSError:
             return None
+
+
+def read_pids(run_dir: str) -> dict[str, int]:
+    """What a lab noted in its run dir's PIDS: name -> pid ({} if nothing)."""
+    try:
+        with open(f"{run_dir}/{PIDS}") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def demo(prefix: str, say=print, keep: bool = False) -> list[dict]:

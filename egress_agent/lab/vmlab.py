@@ -32,7 +32,8 @@ import threading
 import time
 
 from ..names import GATE_TABLE
-from .pairlab import APP_IP, APP_RANGE, FLEET, ORIGIN, ORIGIN6, PARTNER_IP, POLICY_PORT, PORT
+from .pairlab import (APP_IP, APP_RANGE, FLEET, ORIGIN, ORIGIN6, PARTNER_IP, PIDS, POLICY_PORT,
+                      PORT, read_pids)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_PREFIX = "vmlab"
@@ -43,7 +44,7 @@ NICS = {"w1": ("fab",), "w2": ("fab",), "g1": ("fab", "inet"), "g2": ("fab", "in
 IFNAMES = {"fab": "fabr0", "inet": "up0"}
 SEGMENTS = ("fab", "inet")
 MEMORY_MB = 640
-PIDS = "pids.json"  # in the run dir: qemu's pid per guest, what `--down` stops
+# PIDS in the run dir: qemu's pid per guest, what `--down` stops
 
 
 def mac(host: str, seg: str) -> str:
@@ -412,11 +413,7 @@ systemd-run -q --unit {name}-pipe sh -c 'exec sleep infinity > /run/{name}.in'""
     # --- taking it down -----------------------------------------------------------
 
     def _pids(self) -> dict[str, int]:
-        try:
-            with open(f"{self.run_dir}/{PIDS}") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
+        return read_pids(self.run_dir)
 
     def _ours(self, pid: int) -> bool:
         """The pid is still one of this lab's qemu (a pid reused since is not)."""

@@ -52,8 +52,8 @@ CHANGE = st.one_of(st.tuples(st.just("add"), st.integers(0, 10), WORKLOAD),
                    st.tuples(st.just("replace"), st.integers(0, 10), WORKLOAD))
 
 
-def changed(cfg: Config, change) -> Config:
-    ws = list(cfg.workloads)
+def edit(ws: list, change) -> None:
+    """Apply one CHANGE to the list of workloads, in place."""
     at = change[1] % (len(ws) + 1)
     if change[0] == "add":
         ws.insert(at, change[2])
@@ -61,6 +61,11 @@ def changed(cfg: Config, change) -> Config:
         del ws[at % len(ws)]
     elif ws:
         ws[at % len(ws)] = change[2]
+
+
+def changed(cfg: Config, change) -> Config:
+    ws = list(cfg.workloads)
+    edit(ws, change)
     data = {k: v for k, v in cfg.model_dump(exclude_defaults=True).items() if k != "workloads"}
     data["workloads"] = ws  # the unchanged models as they are: as a Reader hands them
     return Config.model_validate(data)
@@ -127,13 +132,7 @@ def test_a_reader_on_the_same_changes_reports_what_a_cold_load_reports(tmp_path_
     reader = Reader()
     reader.load(path)
     for change in changes:
-        at = change[1] % (len(ws) + 1)
-        if change[0] == "add":
-            ws.insert(at, change[2])
-        elif ws and change[0] == "remove":
-            del ws[at % len(ws)]
-        elif ws:
-            ws[at % len(ws)] = change[2]
+        edit(ws, change)
         path.write_text(HEAD + "".join(map(workload_line, ws)))
         try:
             got = ("config", reader.load(path).config)
