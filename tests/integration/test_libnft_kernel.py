@@ -77,6 +77,8 @@ g0 = nft.generation()
 r = rec.sync(cfg, "start", full=True)
 o = observed_from_json(nft.list_table())
 assert o.skeleton == skeleton_digest() and rec.trusted
+import shutil
+shutil.rmtree(state)
 print(json.dumps({"commits": nft.generation() - g0, "added": r.added,
                   "elements": {k: sorted(map(repr, v)) for k, v in o.elements.items()}}))
 '''
