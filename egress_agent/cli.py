@@ -328,6 +328,12 @@ def _unusable(cfg, usable) -> list[tuple]:
 def cmd_run(args) -> int:
     from . import metrics, nslock
     log.configure(args.log_format)
+    if args.metrics != "off":
+        try:  # a wrong argument is refused before the daemon says it starts
+            metrics.parse_listen(args.metrics, args.metrics_nonlocal)
+        except ValueError as e:
+            print(f"egress-agent run: {e}", file=sys.stderr)
+            return Exit.USAGE
     # before anything that reads the kernel: a daemon whose first sync waits (on the
     # kernel's locks, a huge table) has said that it runs, with which config
     log.get().info("starting", config=os.path.abspath(args.config), pid=os.getpid())
