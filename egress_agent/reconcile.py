@@ -266,7 +266,9 @@ class Reconciler:
         self.index = Applied.of(cfg, replace(plan, alloc=self.alloc), facts)
         r = self._after(trigger, mode, ops, tx, plan.notes, plan.usable, events, adopted,
                         bool(tx.full and observed.table), drift, t0, len(cfg.workloads))
-        if tx.added + tx.removed > BIG_BATCH:
+        if tx.added + tx.removed > BIG_BATCH or len(cfg.workloads) > BIG_BATCH:
+            # a big batch, or a whole plan of a big host (and the table read from the
+            # kernel for it): garbage now, 120 MB at 100k that glibc would keep
             del plan, d, observed, applied, tx
             _trim()
         return r
