@@ -342,6 +342,27 @@ class VmPairLab:
         return self.sh(g, "journalctl -q --no-pager -n 30 -u keepalived -u conntrackd "
                           "-u egress-agent", check=False)
 
+    def neighbours(self, host: str) -> str:
+        """The host's fabric neighbours (the pair's address among them) in one line."""
+        return " | ".join(self.sh(host, "ip neigh show dev fabr0", check=False).splitlines())
+
+    def diagnose(self, say=print) -> str:
+        """What the hosts knew when a check failed, into a file that outlives the lab
+        (its run dir goes with it): neighbours, tunnels, the daemons' conditions and
+        journals. Its path."""
+        path = f"{os.path.dirname(self.run_dir)}/diagnostics-{self.prefix}-{int(time.time())}.txt"
+        steps = {"w": ["ip -s neigh show dev fabr0", "ip -d link show type vxlan",
+                       "cat /var/lib/egress-agent/status.json",
+                       "journalctl -q --no-pager -n 80 -u egress-agent"],
+                 "g": ["ip -s neigh show dev fabr0", "ip -4 addr show",
+                       "journalctl -q --no-pager -n 80 -u keepalived -u conntrackd -u egress-agent"]}
+        with open(path, "w") as f:
+            for h in ("w1", "w2", "g1", "g2"):
+                for cmd in steps[h[0]]:
+                    f.write(f"### {h}: {cmd}\n{self.sh(h, cmd, check=False)}\n")
+        say(f"  a check failed: what the hosts knew is in {path}")
+        return path
+
     def probe(self, k: int, dst: str = ORIGIN, port: int = PORT, timeout: float = 2.0) -> dict:
         out = self.sh(f"w{k}", f"PYTHONPATH=/usr/lib/egress-agent ip netns exec m{k} python3 -m "
                                f"egress_agent.lab.echo probe --tcp {dst} {port} --json "
@@ -482,6 +503,8 @@ def checks(lab: VmPairLab, say=print) -> list[dict]:
     def show(r: dict) -> None:
         rows.append(r)
         say(f"{r['check']:44} {r['expected']:40} {r['observed']:28} {'yes' if r['ok'] else 'NO'}")
+        if not r["ok"] and sum(not x["ok"] for x in rows) == 1:
+            lab.diagnose(say)  # at the first failure, while the fault lasts
 
     def seen(result: dict | None) -> str:
         if not result or not result.get("ok"):
@@ -511,6 +534,8 @@ def checks(lab: VmPairLab, say=print) -> list[dict]:
     took = time.monotonic() - t_fail
     say(f"  keepalived stopped on {active}: {other} active after {took:.1f} s "
         f"(as seen through the guest agent)")
+    for w in ("w1", "w2"):  # the pair's fabric address must point at the new active one
+        say(f"  {w}'s fabric neighbours: {lab.neighbours(w)}")
     for (k, fam), n in names.items():
         lab.ping(k, n)
         row(f"m{k} held IPv{fam}, after {active} stopped", k, fam, lab.held(k, n, 1),

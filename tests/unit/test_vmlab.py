@@ -118,3 +118,68 @@ def test_guest_agent_skips_answers_to_old_syncs_and_runs_a_script(tmp_path):
     assert a.run("echo out; echo err >&2; exit 3", timeout=5) == (3, "out\n", "err\n")
     assert exits["script"] == "echo out; echo err >&2; exit 3"
     a.close()
+
+
+class _Lab:
+    """A VM pair lab whose m1 loses the pair after the failover (the fault of run 2
+    in README "A gateway pair in VMs"): every other answer is in its block."""
+
+    def __init__(self):
+        self.diagnosed, self.cut = 0, set()
+
+    def holds_app_ip(self, g):
+        return g == "g1"
+
+    def hold(self, k, fam):
+        return f"hold{k}{fam}"
+
+    def held(self, k, name, pings, timeout=15.0):
+        if k == 1 and pings == 1:
+            return {"ok": False, "error": "timed out"}
+        return {"ok": True, "source_address": "203.0.113.140", "source_port": 1100 * k}
+
+    def probe(self, k, port=None, timeout=2.0):
+        if self.cut == {"g1", "g2"}:  # both gateways cut off: w1 drops m1's traffic
+            return {"ok": False, "error": "timed out"}
+        return {"ok": True, "source_address": "203.0.113.140", "source_port": 1100 * k}
+
+    def in_block(self, result, k, fam=4, ip_id="app-ip"):
+        return bool(result and result.get("ok"))
+
+    def expected(self, k, fam=4, ip_id="app-ip"):
+        return "203.0.113.140:1024-4095"
+
+    def sh(self, host, script, timeout=60.0, check=True):
+        if "fabr0 down" in script:
+            self.cut.add(host)
+        elif "fabr0 up" in script:
+            self.cut.discard(host)
+        return ""
+
+    def wait_active(self, g, timeout=30.0):
+        pass
+
+    def neighbours(self, host):
+        return "10.200.0.10 lladdr 02:00:00:00:00:01 REACHABLE"
+
+    def ping(self, k, name):
+        pass
+
+    def wait_usable(self, h, want, timeout=60.0):
+        return 0.5
+
+    def leaked(self):
+        return 0
+
+    def diagnose(self, say=print):
+        self.diagnosed += 1
+        return "/tmp/diagnostics"
+
+
+def test_checks_keep_what_the_hosts_knew_at_the_first_failure_and_show_the_neighbours():
+    lab, said = _Lab(), []
+    rows = vmlab.checks(lab, said.append)
+    failed = [r["check"] for r in rows if not r["ok"]]
+    assert failed == ["m1 held IPv4, after g1 stopped", "m1 held IPv6, after g1 stopped"]
+    assert lab.diagnosed == 1  # once, at the first failure, while the fault lasts
+    assert any(s.startswith("  w1's fabric neighbours: 10.200.0.10 lladdr") for s in said)
