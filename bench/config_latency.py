@@ -145,6 +145,13 @@ class ElementProbe:
 
 # --- inside the namespace ------------------------------------------------------------
 
+def daemon_rss(pid: int) -> dict:
+    """The daemon's resident memory now and at its peak (VmRSS, VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        st = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    return {"rss": round(int(st["VmRSS"].split()[0]) / 1024), "peak": round(int(st["VmHWM"].split()[0]) / 1024)}
+
+
 def percentile(xs: list[float], p: float) -> float | None:
     """Nearest-rank percentile."""
     if not xs:
@@ -242,7 +249,7 @@ def inner(args) -> int:
         if first is None:
             raise RuntimeError(f"no first sync within {args.start_timeout}s: {log.lines[-5:]}")
         start = {"first_sync_s": round(first[0] - t_start, 3), **{k: first[1].get(k) for k in (
-            "trigger", "mode", "elements_added", "duration_ms")}}
+            "trigger", "mode", "elements_added", "duration_ms")}, "rss_mb": daemon_rss(proc.pid)}
         print(f"  {n} workloads: daemon's first sync after {start['first_sync_s']:.2f}s "
               f"(duration_ms {start['duration_ms']})", file=sys.stderr, flush=True)
 
@@ -317,7 +324,9 @@ def inner(args) -> int:
                   f"{sample.get('duration_ms')}, logged after {sample.get('log_after_write_ms')} ms",
                   file=sys.stderr, flush=True)
             time.sleep(rng.uniform(0.02, 0.08))
+        time.sleep(1.0)  # the last sync's garbage goes before the reading
         result = {"workloads": n, "start": start, "config_load_ms": round(load_ms, 2),
+                  "rss_mb_after": daemon_rss(proc.pid),
                   "debounce_ms": CONFIG_DEBOUNCE * 1000, "samples": samples,
                   "daemon_errors": log.problems()[:10]}
     finally:
@@ -449,10 +458,13 @@ def main() -> int:
               f"first sync {r['start']['first_sync_s']:.2f}s ({r['start']['duration_ms']} ms); "
               f"sync modes {','.join(modes)}; timeouts {timeouts}; not confirmed by nft {unconfirmed}; "
               f"daemon errors {len(r['daemon_errors'])}")
+        print(f"{'':>9} daemon RSS after its first sync {r['start']['rss_mb']['rss']} MB, after the "
+              f"changes {r['rss_mb_after']['rss']} MB (peak {r['rss_mb_after']['peak']} MB)")
         p99 = st["latency, all"]["p99"]
         summary.append({"workloads": r["workloads"], "changes": len(smp), "timeouts": timeouts,
                         "unconfirmed_by_nft": unconfirmed, "debounce_ms": r["debounce_ms"],
                         "config_load_ms": r["config_load_ms"], "start": r["start"],
+                        "rss_mb_after": r["rss_mb_after"],
                         **{k.replace(" ", "_").replace(",", ""): v for k, v in st.items()},
                         "target_p99_ms": 100, "target_met": p99 is not None and p99 < 100 and not timeouts,
                         "daemon_errors": r["daemon_errors"], "samples": smp})
