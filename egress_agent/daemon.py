@@ -44,7 +44,7 @@ from .config import Config, ConfigError, Reader
 from .inbox import Inbox, Trigger
 from .nft import NftError
 from .hoststate import usable_from
-from .reconcile import Reconciler, SyncResult
+from .reconcile import Reconciler, SyncResult, trim_heap
 from .routing import RoutingError
 from .sdnotify import Notifier
 from .watchers import watch_config, watch_links
@@ -578,6 +578,10 @@ class Daemon:
                 continue
             with self.metrics.lock:
                 self.metrics.snapshot = snap
+            # the collection's garbage (conntrack's dump, the rows before) back to the
+            # system, in this thread (ctypes lets go of the GIL): at 100k workloads the
+            # daemon's RSS after 40 config changes, 344 -> 292 MB (bench/README.md)
+            trim_heap()
             self._warn(snap)
             # a released block whose last connection is gone: the sync frees it
             # (after its own conntrack read; this dump may predate a release)

@@ -99,7 +99,7 @@ DRIFT_NFT, DRIFT_ROUTES = "drift", "drift-routes"
 RESYNC = "resync"
 NAMED = 20  # workloads a sync result names (SyncResult.workloads)
 # elements in a batch past which SyncResult keeps only a summary of it, and the
-# memory the sync used is given back (_trim)
+# memory the sync used is given back (trim_heap)
 BIG_BATCH = 10_000
 
 
@@ -270,7 +270,7 @@ class Reconciler:
             # a big batch, or a whole plan of a big host (and the table read from the
             # kernel for it): garbage now, 120 MB at 100k that glibc would keep
             del plan, d, observed, applied, tx
-            _trim()
+            trim_heap()
         return r
 
     def _apply_change(self, change: Change, trigger: str, routes, rules, reuse: bool,
@@ -468,7 +468,7 @@ class Reconciler:
                           duration_ms=(time.perf_counter() - t0) * 1000)
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     """Give the memory a whole plan and its batch used back to the system: glibc
     keeps freed heap (libnftables parses the batch in C), and the daemon's RSS would
     stay at the peak of its last full sync (bench/README.md, "Memory")."""
