@@ -12,7 +12,8 @@ unit: venv
 bench: venv
 	bench/run-all
 
-# the guest image of `egress-agent lab vm-pair` (cached in build/vm; not in CI)
+# the guest image of `egress-agent lab vm-pair`: Debian 12's own kernel, cached in
+# build/vm-stable (EGRESS_VM_KERNEL=backports: 6.12, in build/vm-backports); not in CI
 .PHONY: vm-image
 vm-image:
 	vagrant/vm-image

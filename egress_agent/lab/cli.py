@@ -207,7 +207,7 @@ def cmd_vm_pair(args) -> int:
     from . import vmlab
     prefix = args.prefix
     try:
-        lab = vmlab.VmPairLab(prefix, accel=args.accel)
+        lab = vmlab.VmPairLab(prefix, accel=args.accel, kernel=args.kernel)
     except ValueError as e:
         print(f"lab vm-pair: {e}", file=sys.stderr)
         return 2
@@ -248,7 +248,7 @@ def add_lab_commands(sub) -> None:
                                               "off (drop fallback); then remove it"),
                            ("vm-pair", cmd_vm_pair,
                             "the pair lab as five VMs (w1 w2 g1 g2 origin; qemu, KVM or TCG) "
-                            "from an image built here (vagrant/vm-image, cached in build/vm), "
+                            "from an image built here (vagrant/vm-image, cached in build/vm-stable), "
                             "provisioned by vagrant/pair/provision.sh (the Vagrantfile's "
                             "script); the checks of `lab pair`; then stops its qemu processes"),
                            ("_checks", cmd_checks, argparse.SUPPRESS)):
@@ -268,13 +268,17 @@ def add_lab_commands(sub) -> None:
         if name == "vm-pair":
             sp.add_argument("--keep", action="store_true",
                             help="leave the VMs up afterwards (their consoles and qemu pids in "
-                                 "build/vm/run-PREFIX)")
+                                 "build/vm-KERNEL/run-PREFIX)")
             sp.add_argument("--down", action="store_true",
                             help="stop the qemu processes of a lab left up (by their recorded "
                                  "pids), remove its namespace and files")
             sp.add_argument("--accel", choices=("kvm", "tcg"),
                             help="qemu's accelerator (default: kvm when the CPU has vmx or svm, "
                                  "else tcg)")
+            sp.add_argument("--kernel", choices=("stable", "backports"), default="stable",
+                            help="the guests' kernel: Debian 12's own, 6.1 (stable, the "
+                                 "default; image in build/vm-stable) or bookworm-backports' "
+                                 "6.12 (image in build/vm-backports)")
             sp.add_argument("--render", metavar="DIR",
                             help="only write the fleet file and each host's files into DIR "
                                  "(for vagrant/pair/Vagrantfile: vagrant/pair/rendered)")

@@ -24,6 +24,7 @@ import base64
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,13 +184,22 @@ class GuestAgent:
             self.sock = None
 
 
+PAIR_VIP = re.search(r"^    vip: (\S+)$", FLEET, re.M).group(1)  # type: ignore[union-attr]
+# the guests' kernel -> the image's folder under build/: Debian 12's own (6.1,
+# what a Debian 12 host runs) or bookworm-backports' (6.12)
+KERNELS = {"stable": "vm-stable", "backports": "vm-backports"}
+
+
 class VmPairLab:
-    def __init__(self, prefix: str = DEFAULT_PREFIX, image_dir: str = f"{REPO}/build/vm",
-                 share: str = REPO, accel: str | None = None):
+    def __init__(self, prefix: str = DEFAULT_PREFIX, image_dir: str | None = None,
+                 share: str = REPO, accel: str | None = None, kernel: str = "stable"):
         tap(prefix, "origin", "inet")  # refuses a prefix too long
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel {kernel!r}: one of {', '.join(KERNELS)}")
         self.prefix = prefix
-        self.image_dir = image_dir
-        self.run_dir = f"{image_dir}/run-{prefix}"
+        self.kernel = kernel
+        self.image_dir = image_dir or f"{REPO}/build/{KERNELS[kernel]}"
+        self.run_dir = f"{self.image_dir}/run-{prefix}"
         self.share = share
         self.hub = f"{prefix}-hub"
         if accel is None:
@@ -209,7 +219,8 @@ class VmPairLab:
             say(f"building the guest image in {self.image_dir} (vagrant/vm-image) ...")
             t0 = time.monotonic()
             subprocess.run([f"{REPO}/vagrant/vm-image", self.image_dir], check=True,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL,
+                           env={**os.environ, "EGRESS_VM_KERNEL": self.kernel})
             self.timings["image"] = time.monotonic() - t0
         dist = f"{self.share}/dist"
         if not (os.path.isdir(dist) and any(f.endswith(".deb") for f in os.listdir(dist))):
@@ -343,8 +354,10 @@ class VmPairLab:
                           "-u egress-agent", check=False)
 
     def neighbours(self, host: str) -> str:
-        """The host's fabric neighbours (the pair's address among them) in one line."""
-        return " | ".join(self.sh(host, "ip neigh show dev fabr0", check=False).splitlines())
+        """The host's neighbour entry for the pair's fabric address (its tunnel's
+        remote): whose MAC, in what state."""
+        return self.sh(host, f"ip neigh show dev fabr0 to {PAIR_VIP}", check=False).strip() \
+            or "none"
 
     def diagnose(self, say=print) -> str:
         """What the hosts knew when a check failed, into a file that outlives the lab
@@ -535,7 +548,7 @@ def checks(lab: VmPairLab, say=print) -> list[dict]:
     say(f"  keepalived stopped on {active}: {other} active after {took:.1f} s "
         f"(as seen through the guest agent)")
     for w in ("w1", "w2"):  # the pair's fabric address must point at the new active one
-        say(f"  {w}'s fabric neighbours: {lab.neighbours(w)}")
+        say(f"  {w}: the pair's address {PAIR_VIP} is {lab.neighbours(w)}")
     for (k, fam), n in names.items():
         lab.ping(k, n)
         row(f"m{k} held IPv{fam}, after {active} stopped", k, fam, lab.held(k, n, 1),

@@ -160,7 +160,7 @@ class _Lab:
         pass
 
     def neighbours(self, host):
-        return "10.200.0.10 lladdr 02:00:00:00:00:01 REACHABLE"
+        return "10.200.0.100 lladdr 52:54:00:ea:01:04 DELAY"
 
     def ping(self, k, name):
         pass
@@ -182,4 +182,15 @@ def test_checks_keep_what_the_hosts_knew_at_the_first_failure_and_show_the_neigh
     failed = [r["check"] for r in rows if not r["ok"]]
     assert failed == ["m1 held IPv4, after g1 stopped", "m1 held IPv6, after g1 stopped"]
     assert lab.diagnosed == 1  # once, at the first failure, while the fault lasts
-    assert any(s.startswith("  w1's fabric neighbours: 10.200.0.10 lladdr") for s in said)
+    assert "  w1: the pair's address 10.200.0.100 is 10.200.0.100 lladdr 52:54:00:ea:01:04 DELAY" \
+        in said
+
+
+def test_each_kernel_has_its_image_and_run_dir_and_stable_is_the_default():
+    lab = vmlab.VmPairLab("vmt", accel="tcg")
+    assert lab.kernel == "stable" and lab.image_dir == f"{REPO}/build/vm-stable"
+    assert lab.run_dir == f"{REPO}/build/vm-stable/run-vmt"
+    other = vmlab.VmPairLab("vmt", accel="tcg", kernel="backports")
+    assert other.run_dir == f"{REPO}/build/vm-backports/run-vmt"
+    with pytest.raises(ValueError, match="one of stable, backports"):
+        vmlab.VmPairLab("vmt", accel="tcg", kernel="6.1")
