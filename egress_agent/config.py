@@ -1550,6 +1550,24 @@ def _splice(seen: "_FileSeen", text: str) -> Optional[tuple[dict, "_Shape", Opti
     return data, _Shape(headers, shape.lists, nodes), keys
 
 
+_KEPT_MODELS = {"egress_ips": EgressIP, "workloads": Workload, "policies": Policy}
+
+
+def _validate_kept(data: Any) -> Config:
+    """Config.model_validate(data) for the Reader's data, whose lists hold the models
+    of the entries it kept and plain data for the others: only the others are
+    validated. pydantic runs a model's `after` validators again on every instance
+    it is given (100k calls of Workload._kind per reload at 100k workloads); the kept
+    ones passed them when they were made. Any problem raises ValidationError, and the
+    Reader hands the config to load()'s path, which says where it is."""
+    if not isinstance(data, dict):
+        return Config.model_validate(data)
+    lists = {k: data[k] for k in _KEPT if isinstance(data.get(k), list)}
+    entries = {k: [e if type(e) is _KEPT_MODELS[k] else _KEPT_MODELS[k].model_validate(e)
+                   for e in v] for k, v in lists.items()}
+    return Config.model_validate({**data, **{k: [] for k in lists}}).model_copy(update=entries)
+
+
 class Reader:
     """Loads one config again and again, as the daemon does on each change: a file
     (the main one or an include) whose bytes are those of the last good load is
@@ -1615,7 +1633,7 @@ class Reader:
     def _parse(self, text: str, file: str) -> Loaded:
         self._order = []
         data, _, included = _assemble(text, file, with_lines=False, read=self._read)
-        cfg = Config.model_validate(data)
+        cfg = _validate_kept(data)
         checked = self._checked.after(cfg) if self._checked is not None else None
         if checked is None:
             if _check_semantics(cfg):
