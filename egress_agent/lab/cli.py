@@ -212,6 +212,9 @@ def cmd_vm_pair(args) -> int:
         print(f"lab vm-pair: {e}", file=sys.stderr)
         return 2
     if args.down:
+        if not os.path.exists(lab.run_dir):  # kept with the other kernel's image
+            lab = next((x for x in (vmlab.VmPairLab(prefix, accel=args.accel, kernel=k)
+                                    for k in vmlab.KERNELS) if os.path.exists(x.run_dir)), lab)
         lab.down()
         print(f"VM pair lab {prefix} removed")
         return 0
