@@ -46,6 +46,7 @@ import math
 import os
 import random
 import secrets
+import signal
 import statistics
 import sys
 import time
@@ -374,8 +375,11 @@ def idle_bench(lab: Lab, counts: list[int], runs: int, timeout: float, resync: f
                 try:
                     start = agent.wait_syncs(1, timeout=start_timeout, trigger="start")
                 except AssertionError as e:
-                    raise AssertionError(f"idle {n}: no first sync; errors: "
-                                         f"{agent.errors()}") from e
+                    agent.proc.send_signal(signal.SIGUSR1)  # its threads' stacks (faulthandler)
+                    time.sleep(1.0)
+                    stacks = [r["event"] for r in agent.records() if r.get("raw")]
+                    raise AssertionError(f"idle {n}: no first sync; errors: {agent.errors()}; "
+                                         f"its stacks:\n" + "\n".join(stacks[-80:])) from e
                 fo = series(lab, agent, runs, timeout, f"idle {n}")
                 ed = edit_series(lab, agent, path, with_m43, without, runs, timeout, f"idle {n}")
                 # the daemon's own share: sync durations by trigger/mode (config: after

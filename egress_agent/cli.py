@@ -334,6 +334,11 @@ def cmd_run(args) -> int:
         except ValueError as e:
             print(f"egress-agent run: {e}", file=sys.stderr)
             return Exit.USAGE
+    # `kill -USR1 PID`: every thread's stack on stderr (the journal), for a daemon that
+    # seems stuck; it goes on running
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # before anything that reads the kernel: a daemon whose first sync waits (on the
     # kernel's locks, a huge table) has said that it runs, with which config
     log.get().info("starting", config=os.path.abspath(args.config), pid=os.getpid())

@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -931,7 +932,19 @@ def _quiet_ryml_json(data: bytes) -> Optional[str]:
     raising, so fd 2 goes to a memory file meanwhile; whatever else was written
     there in that time (another thread's log line) is passed on, only rapidyaml's
     own report is dropped. Where no such file can be made (or fd 2 is closed), the
-    report is let through rather than the fast path given up."""
+    report is let through rather than the fast path given up.
+
+    fd 2 is the process's, so one thread at a time (_FD2): two parses at once (the
+    daemon's start loads the config while its inotify thread reads the include globs)
+    left fd 2 on the other's memory file for good, and the daemon's log with it."""
+    with _FD2:
+        return _quiet_ryml_json_locked(data)
+
+
+_FD2 = threading.Lock()
+
+
+def _quiet_ryml_json_locked(data: bytes) -> Optional[str]:
     try:
         spill = _spill_file()
         saved = os.dup(2)

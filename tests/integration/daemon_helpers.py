@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from egress_agent.lab.cli import demo_config_text
 from egress_agent.lab.echo import Seen, child_env
@@ -59,16 +59,18 @@ TABLE = "inet egress_agent"
 
 
 def wait_until(fn: Callable[[], Any], timeout: float, interval: float = 0.02,
-               what: str = "condition") -> Any:
+               what: Union[str, Callable[[], str]] = "condition") -> Any:
     """Poll `fn` until it returns something truthy; that value. AssertionError
-    after `timeout` seconds."""
+    after `timeout` seconds, saying `what` (called then, if callable: a log's tail
+    as it is at the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
         value = fn()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for "
+                                 f"{what() if callable(what) else what}")
         time.sleep(interval)
 
 
@@ -182,7 +184,7 @@ class Agent:
             self.check_alive()
             s = self.syncs(**match)
             return s[n - 1] if len(s) >= n else None
-        return wait_until(nth, timeout, what=f"sync #{n} {match} (log: {self.tail()})")
+        return wait_until(nth, timeout, what=lambda: f"sync #{n} {match} (log: {self.tail()})")
 
     def wait_next_sync(self, timeout: float = 15.0, **match: Any) -> dict:
         """The next sync line matching `match` after now."""
