@@ -1563,7 +1563,8 @@ def _splice(seen: "_FileSeen", text: str) -> Optional[tuple[dict, "_Shape", Opti
     return data, _Shape(headers, shape.lists, nodes), keys
 
 
-_KEPT_MODELS = {"egress_ips": EgressIP, "workloads": Workload, "policies": Policy}
+# each kept list's model, as Config declares it (list[Workload] -> Workload)
+_KEPT_MODELS = {k: get_args(Config.model_fields[k].annotation)[0] for k in _KEPT}
 
 
 def _validate_kept(data: Any) -> Config:

@@ -185,9 +185,9 @@ class GuestAgent:
 
 
 PAIR_VIP = re.search(r"^    vip: (\S+)$", FLEET, re.M).group(1)  # type: ignore[union-attr]
-# the guests' kernel -> the image's folder under build/: Debian 12's own (6.1,
-# what a Debian 12 host runs) or bookworm-backports' (6.12)
-KERNELS = {"stable": "vm-stable", "backports": "vm-backports"}
+# the guests' kernel: Debian 12's own (6.1, what a Debian 12 host runs) or
+# bookworm-backports' (6.12); its image is in build/vm-KERNEL, as vagrant/vm-image has it
+KERNELS = ("stable", "backports")
 
 
 class VmPairLab:
@@ -198,7 +198,7 @@ class VmPairLab:
             raise ValueError(f"kernel {kernel!r}: one of {', '.join(KERNELS)}")
         self.prefix = prefix
         self.kernel = kernel
-        self.image_dir = image_dir or f"{REPO}/build/{KERNELS[kernel]}"
+        self.image_dir = image_dir or f"{REPO}/build/vm-{kernel}"
         self.run_dir = f"{self.image_dir}/run-{prefix}"
         self.share = share
         self.hub = f"{prefix}-hub"
