@@ -19,8 +19,10 @@ from __future__ import annotations
 import bisect
 import heapq
 import ipaddress
+import itertools
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional
+from collections.abc import Mapping
+from typing import Iterable, Iterator, Optional
 
 from . import names
 from .config import Config, EgressIP, Workload, policy_ips, policy_matches
@@ -156,6 +158,12 @@ class Allocations:
         if fam == 6 and workload in self.app_choice6:
             return self.app_choice6[workload]
         return self.app_choice.get(workload)
+
+    def copy(self) -> "Allocations":
+        """A copy whose dicts are its own (leases are immutable): what another thread
+        reads while syncs change these in place (AllocChange.apply)."""
+        return Allocations(dict(self.wids), dict(self.eids), dict(self.app_choice),
+                           dict(self.leases), dict(self.app_choice6), dict(self.lingering))
 
     def workloads_by_wid(self) -> dict[int, str]:
         """wid -> workload, for the wids in conntrack marks: a removed workload whose
@@ -620,7 +628,9 @@ class Holders:
     by_ip: dict[str, set[str]] = field(default_factory=dict)  # ip id -> workloads with a lease on it
     wids: set[int] = field(default_factory=set)  # the wids of the workloads
     temporary: set[str] = field(default_factory=set)  # workloads holding a failover block
-    free_from: int = 1  # every wid below it is taken
+    # the wids below `top` that no workload has, ascending; every wid from top up is free
+    free: list[int] = field(default_factory=list)
+    top: int = 1
 
     @staticmethod
     def of(a: Allocations) -> "Holders":
@@ -629,32 +639,39 @@ class Holders:
             h.by_ip.setdefault(ip, set()).add(w)
             if lease.temporary:
                 h.temporary.add(w)
-        h.free_from = min(set(range(1, len(h.wids) + 2)) - h.wids)
+        h.top = max(h.wids, default=0) + 1
+        h.free = sorted(set(range(1, h.top)) - h.wids)
         return h
 
-    def update(self, old: Allocations, new: Allocations, workloads: Iterable[str]) -> None:
-        """After `new` replaced `old` for these workloads (nothing else changed)."""
-        for w in workloads:
-            if w in old.wids and new.wids.get(w) != old.wids[w]:
-                self.wids.discard(old.wids[w])
-                self.free_from = min(self.free_from, old.wids[w])
-            if w in new.wids:
-                self.wids.add(new.wids[w])
-            self.temporary.discard(w)
-        for leases, add in ((old.leases, False), (new.leases, True)):
-            for w in workloads:
-                for ip in self.by_ip:
-                    lease = leases.get((w, ip))
-                    if lease is None:
-                        continue
-                    if add:
-                        self.by_ip[ip].add(w)
-                        if lease.temporary:
-                            self.temporary.add(w)
-                    else:
-                        self.by_ip[ip].discard(w)
-        for ip in new.eids:
-            self.by_ip.setdefault(ip, set())
+    def free_wids(self) -> Iterator[int]:
+        """The wids no workload has, ascending (endless)."""
+        yield from self.free
+        yield from itertools.count(self.top)
+
+    def update(self, change: "AllocChange") -> None:
+        """Once `change` was applied."""
+        moved = [(change.before_wids[w], now) for w, now in change.wids.items()]
+        for was, now in moved:  # every wid given up before any is taken: two may swap
+            if was is not None and was != now:
+                self.wids.discard(was)
+                bisect.insort(self.free, was)
+        for was, now in moved:
+            if now is not None and now != was:
+                self.wids.add(now)
+                if now >= self.top:
+                    self.free.extend(range(self.top, now))
+                    self.top = now + 1
+                elif (i := bisect.bisect_left(self.free, now)) < len(self.free) and self.free[i] == now:
+                    del self.free[i]
+        self.temporary -= change.wids.keys()
+        for (w, ip), lease in change.before_leases.items():
+            if lease is not None:
+                self.by_ip[ip].discard(w)
+        for (w, ip), lease in change.leases.items():
+            if lease is not None:
+                self.by_ip.setdefault(ip, set()).add(w)
+                if lease.temporary:
+                    self.temporary.add(w)
 
     def with_ips(self, ips: Iterable[str]) -> None:
         for ip in ips:
@@ -692,8 +709,7 @@ class NeedsFullAllocation(Exception):
 
 
 def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: set[str],
-                     holders: Holders, positions: dict[str, int]
-                     ) -> tuple[Allocations, list[Event]]:
+                     holders: Holders) -> tuple[Allocations, list[Event]]:
     """`allocate(cfg, prev, usable)` for a config in which only the workloads in
     `changed` (added, removed or edited) differ from the one `prev` was made for, or
     whose egress IPs changed usability, or that a fixed block displaces (displaced());
@@ -705,15 +721,12 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
     here = {ip.id: ip for ip in cfg.ips_here()}
     if set(prev.eids) != set(here):
         raise NeedsFullAllocation("egress IPs changed")
-    present = sorted((w for w in changed if w in positions), key=positions.__getitem__)
-    ws = [cfg.workloads[positions[w]] for w in present]
-    by_id = {x.id: x for x in ws}
+    by_id = cfg.workloads_by_id  # the workloads of the new config
+    present = cfg.in_order(changed)
+    ws = [by_id[w] for w in present]
 
     linger_wid = {l.lease.workload: l.wid for l in prev.lingering.values()}
-    wids = dict(prev.wids)
-    for w in changed:
-        if w not in positions:
-            wids.pop(w, None)
+    wids = {w: prev.wids[w] for w in present if w in prev.wids}  # of the changed workloads
     taken: set[int] = set()
     for w in present:
         if w not in wids and w in linger_wid and linger_wid[w] not in holders.wids \
@@ -721,20 +734,18 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
             wids[w] = linger_wid[w]
             taken.add(wids[w])
     lingering_wids = set(linger_wid.values())
-    cursor = holders.free_from
+    free = holders.free_wids()  # as _FreeIds takes them in allocate(), without a scan
     for w in present:
         if w not in wids:
-            while cursor in holders.wids or cursor in lingering_wids or cursor in taken:
-                cursor += 1
+            cursor = next(c for c in free if c not in lingering_wids and c not in taken)
             wids[w] = cursor
             taken.add(cursor)
             if cursor > names.WID_MAX:
                 raise CapacityError(w, "-", f"more than {names.WID_MAX} workloads")
-    eids = dict(prev.eids)
 
     rests = [(l, r) for l in prev.lingering.values()
              if (r := l.rest(prev.leases.get((l.lease.workload, l.lease.ip)))) is not None]
-    rooms = _Rooms(cfg, here, prev, holders, changed, positions, rests)
+    rooms = _Rooms(cfg, here, prev, holders, changed, rests)
     by_v4 = {ip.ipv4: ip.id for ip in here.values() if ip.ipv4}
     v6_ips = [(ipaddress.IPv6Network(ip.ipv6), ip.id) for ip in here.values() if ip.ipv6]
 
@@ -748,7 +759,7 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
     for key in prev_keys:
         lease = prev.leases[key]
         w, ip_id = key
-        if w not in positions:
+        if w not in by_id:
             continue
         room = rooms[ip_id]
         if _keeps(cfg, prev, by_id[w], lease, need[w], here[ip_id]) and room.fits(lease) \
@@ -763,24 +774,76 @@ def allocate_changed(cfg: Config, prev: Allocations, usable: Usable, changed: se
                 a = ipaddress.IPv6Address(lease.ipv6)
                 hit |= {ip_id for net, ip_id in v6_ips if a in net}
             for ip_id in sorted(i for i in hit if i is not None):
-                rooms[ip_id].reserve(lease, retake=lease.workload in positions)
+                rooms[ip_id].reserve(lease, retake=lease.workload in by_id)
 
     # 2-4. as allocate() does, for the changed workloads alone
     def no_room(e: CapacityError) -> None:
         raise e
-    app_choice, app_choice6 = dict(prev.app_choice), dict(prev.app_choice6)
-    for w in changed:
-        app_choice.pop(w, None)
-        app_choice6.pop(w, None)
     app_choice, app_choice6 = _place(
-        cfg, ws, prev, here, usable, rooms, leases, need, load, no_room, app_choice, app_choice6)
+        cfg, ws, prev, here, usable, rooms, leases, need, load, no_room, {}, {})
 
-    merged = dict(prev.leases)
-    for key in prev_keys:
-        del merged[key]
-    merged.update(leases)
-    lingering, events = _outcome(prev, prev_keys, leases, merged)
-    return Allocations(wids, eids, app_choice, merged, app_choice6, lingering), events
+    updates = {**dict.fromkeys(prev_keys), **leases}
+    lingering, events = _outcome(prev, prev_keys, leases, _Over(prev.leases, updates))
+    return AllocChange(prev, {w: wids.get(w) for w in changed},
+                       {w: app_choice.get(w) for w in changed},
+                       {w: app_choice6.get(w) for w in changed}, updates, lingering), events
+
+
+class _Over(Mapping):
+    """`base` read with `top` over it (a key whose value there is None is gone):
+    the new allocations of an incremental one, before they are written into the old."""
+
+    __slots__ = ("base", "top")
+
+    def __init__(self, base: dict, top: dict) -> None:
+        self.base, self.top = base, top
+
+    def __getitem__(self, key):
+        v = self.top[key] if key in self.top else self.base[key]
+        if v is None:
+            raise KeyError(key)
+        return v
+
+    def __contains__(self, key) -> bool:
+        return self.top[key] is not None if key in self.top else key in self.base
+
+    def __iter__(self):
+        yield from (k for k, v in self.top.items() if v is not None)
+        yield from (k for k in self.base if k not in self.top)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class AllocChange:
+    """What an incremental allocation changes in `prev`: the new value of each key of
+    the changed workloads (None: it goes) and the lingering blocks after it. `view`
+    reads as the new allocations (to plan those workloads); `apply` writes the change
+    into prev's dicts in place, once the kernel took the plan: a 100k-workload host's
+    dicts are not copied per sync. `before` keeps what the keys held (Holders)."""
+
+    def __init__(self, prev: Allocations, wids: dict, app_choice: dict, app_choice6: dict,
+                 leases: dict, lingering: dict) -> None:
+        self.prev = prev
+        self.wids, self.app_choice, self.app_choice6, self.leases = wids, app_choice, app_choice6, leases
+        self.lingering: dict[BlockKey, Lingering] = lingering
+        self.before_wids = {w: prev.wids.get(w) for w in wids}
+        self.before_leases = {k: prev.leases.get(k) for k in leases}
+        self.view = Allocations(_Over(prev.wids, wids), prev.eids,  # type: ignore[arg-type]
+                                _Over(prev.app_choice, app_choice), _Over(prev.leases, leases),
+                                _Over(prev.app_choice6, app_choice6), self.lingering)
+
+    def apply(self) -> Allocations:
+        """The new allocations, written into prev's dicts (prev is the old no more)."""
+        p = self.prev
+        for d, top in ((p.wids, self.wids), (p.app_choice, self.app_choice),
+                       (p.app_choice6, self.app_choice6), (p.leases, self.leases)):
+            for k, v in top.items():
+                if v is None:
+                    d.pop(k, None)
+                else:
+                    d[k] = v
+        return Allocations(p.wids, p.eids, p.app_choice, p.leases, p.app_choice6, self.lingering)
 
 
 def _place(cfg: Config, ws: Iterable[Workload], prev: Allocations, here: dict[str, EgressIP],
@@ -923,17 +986,18 @@ class _Rooms(dict):
     first use as allocate() has it when its step 2 begins: the lingering blocks, then
     the leases of every workload that did not change."""
 
-    def __init__(self, cfg, here, prev, holders, changed, positions, rests):
+    def __init__(self, cfg, here, prev, holders, changed, rests):
         super().__init__()
-        self.args = (cfg, here, prev, holders, changed, positions, rests)
+        self.args = (cfg, here, prev, holders, changed, rests)
 
     def __missing__(self, ip_id: str) -> _Room:
-        cfg, here, prev, holders, changed, positions, rests = self.args
+        cfg, here, prev, holders, changed, rests = self.args
+        by_id = cfg.workloads_by_id
         room = self[ip_id] = _Room(cfg, here[ip_id])
         for _, rest in rests:
             if (rest.ipv4 and rest.ipv4 == room.ip.ipv4) or (
                     rest.ipv6 and room.ip.ipv6 and ipaddress.IPv6Address(rest.ipv6) in room.net6):
-                room.reserve(rest, retake=rest.workload in positions)
+                room.reserve(rest, retake=rest.workload in by_id)
         for w in holders.by_ip.get(ip_id, ()):
             if w not in changed:
                 room.take(prev.leases[(w, ip_id)])

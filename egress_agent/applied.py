@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import alloc as alloc_mod
-from .config import Config
+from .config import Config, Workload, workload_changes
 from .hoststate import HostFacts
 from .model import Desired, Element, Observed
 from .plan import Placed, Plan, build_shared, workload_elements
@@ -45,16 +45,15 @@ class Applied:
         return Applied(cfg, plan.alloc, HostFacts(facts.usable, None, facts.addresses),
                        plan.shared, set(plan.missing_cgroups), holders)
 
-    def elements_of(self, workload: str) -> list[Placed]:
-        """What this workload put in the kernel with the last plan."""
-        w = self.cfg.workloads[self.cfg.workload_positions[workload]]
-        facts = HostFacts(self.facts.usable, frozenset() if workload in self.missing_cgroups
+    def elements_of(self, w: Workload) -> list[Placed]:
+        """What this workload (of `cfg`) put in the kernel with the last plan."""
+        facts = HostFacts(self.facts.usable, frozenset() if w.id in self.missing_cgroups
                           else None, self.facts.addresses)
-        return workload_elements(self.cfg, self.alloc, w, leases_of(self.alloc, workload), facts)[0]
+        return workload_elements(self.cfg, self.alloc, w, leases_of(self.alloc, w.id), facts)[0]
 
     def desired(self) -> Desired:
         """The whole plan again (O(workloads): for a full comparison with the kernel)."""
-        return Desired(_elements(self.shared, (self.elements_of(w.id) for w in self.cfg.workloads)),
+        return Desired(_elements(self.shared, map(self.elements_of, self.cfg.workloads)),
                        self.shared.chains, self.shared.routes, self.shared.rules)
 
 
@@ -68,10 +67,12 @@ class Change:
     workloads' elements before and after, the new shared part."""
 
     cfg: Config
-    alloc: alloc_mod.Allocations
+    alloc: alloc_mod.Allocations  # the new allocations (AllocChange.view until applied)
+    commit: Optional[alloc_mod.AllocChange]  # what `apply` writes once the kernel took it
     events: list[alloc_mod.Event]
     facts: HostFacts
     workloads: set[str]  # every workload whose elements were planned again (or removed)
+    old: dict[str, Workload]  # those of them in the applied config, as it has them
     placed: dict[str, list[Placed]]  # their new elements (removed workloads: absent)
     shared: Desired
     missing_cgroups: set[str]
@@ -87,16 +88,22 @@ class Change:
         """The same part of what the kernel holds (it took `applied`); `routes` and
         `rules` as read from the kernel now."""
         from .nft.text import comments, skeleton_digest
-        old = [applied.elements_of(w) for w in self.workloads
-               if w in applied.cfg.workload_positions]
+        old = map(applied.elements_of, self.old.values())
         return Observed(True, skeleton_digest(), _elements(applied.shared, old),
                         {c: comments(r) for c, r in applied.shared.chains.items()},
                         frozenset(routes), frozenset(rules))
 
-    def applied(self, applied: Applied) -> Applied:
-        """`applied` with this change in it (called once the kernel took it)."""
-        applied.holders.update(applied.alloc, self.alloc, self.workloads)
-        return Applied(self.cfg, self.alloc, HostFacts(self.facts.usable, None, self.facts.addresses),
+    def apply(self, applied: Applied) -> alloc_mod.Allocations:
+        """The new allocations, written into the applied ones (once the kernel took
+        this change: `applied` is then the old no more)."""
+        if self.commit is None:
+            return applied.alloc
+        applied.holders.update(self.commit)
+        return self.commit.apply()
+
+    def applied(self, applied: Applied, alloc: alloc_mod.Allocations) -> Applied:
+        """`applied` with this change (and `alloc`, what apply() gave) in it."""
+        return Applied(self.cfg, alloc, HostFacts(self.facts.usable, None, self.facts.addresses),
                        self.shared,
                        (applied.missing_cgroups - self.workloads) | self.missing_cgroups,
                        applied.holders)
@@ -118,22 +125,36 @@ def changed_workloads(old: Config, new: Config) -> Optional[set[str]]:
     for name in type(new).model_fields:
         if name != "workloads" and getattr(old, name) != getattr(new, name):
             return None
-    # An entry the config reader did not change is the same object (config.Reader
-    # keeps them): the objects are told apart by identity in C (set operations on
-    # their ids), and only the others are compared, by id and then by value.
-    before_objs, after_objs = old.workloads_by_object, new.workloads_by_object
-    fresh = after_objs.keys() - before_objs.keys()
-    if not fresh and len(after_objs) == len(before_objs):
-        return set()
-    gone = before_objs.keys() - after_objs.keys()
-    before, after = old.workload_positions, new.workload_positions
-    out = {w.id for w in map(before_objs.__getitem__, gone) if w.id not in after}
-    for w in map(after_objs.__getitem__, fresh):
-        j = before.get(w.id)
+    changes = workload_changes(old, new)
+    if changes is None:
+        return None
+    added, removed = changes
+    gone = {w.id: w for w in removed}
+    out = set()
+    for w in added:
+        was = gone.pop(w.id, None)
         # the fields as the models hold them (a Workload's are plain values): a dict
         # comparison in C, where pydantic's __eq__ costs ten times more
-        if j is None or old.workloads[j].__dict__ != w.__dict__:
+        if was is None or was.__dict__ != w.__dict__:
             out.add(w.id)
+    return out | gone.keys()
+
+
+def old_versions(old: Config, new: Config, ids: set[str]) -> dict[str, Workload]:
+    """The workloads of `ids` that `old` has, as it has them, found through `new`'s
+    index and the changes between them when `new` knows those."""
+    if old is not new and new.changes_since(old) is None:
+        by_id = old.workloads_by_id
+        return {w: by_id[w] for w in ids if w in by_id}
+    added, removed = new.changes_since(old) if old is not new else ([], [])
+    was = {w.id: w for w in removed}
+    fresh = {w.id for w in added}
+    by_id = new.workloads_by_id
+    out = {}
+    for w in ids:
+        x = was.get(w) or (by_id.get(w) if w not in fresh else None)
+        if x is not None:
+            out[w] = x
     return out
 
 
@@ -173,29 +194,27 @@ def plan_change(applied: Applied, cfg: Config, usable: alloc_mod.Usable,
     changed |= usability_changed(applied, usable)
     # before the cgroups are looked at: a displaced workload's elements are planned anew
     changed |= alloc_mod.displaced(cfg, applied.alloc, changed, applied.holders)
-    positions = cfg.workload_positions
+    by_id = cfg.workloads_by_id
     look = ({w.id for w in cfg.workloads if w.cgroup} if all_cgroups
-            else {w for w in applied.missing_cgroups | changed if w in positions})
-    existing = frozenset(cfg.workloads[positions[w]].cgroup for w in look
-                         if cfg.workloads[positions[w]].cgroup
-                         and cgroup_exists(cfg.workloads[positions[w]].cgroup))
-    changed |= {w for w in look if (w in applied.missing_cgroups)
-                == (cfg.workloads[positions[w]].cgroup in existing)}
-    if not changed:  # nothing to allocate: the allocations stay the same object
-        new_alloc, events = applied.alloc, []
-    else:
+            else {w for w in applied.missing_cgroups | changed if w in by_id})
+    existing = frozenset(by_id[w].cgroup for w in look
+                         if by_id[w].cgroup and cgroup_exists(by_id[w].cgroup))
+    changed |= {w for w in look if (w in applied.missing_cgroups) == (by_id[w].cgroup in existing)}
+    new_alloc, commit, events = applied.alloc, None, []
+    if changed:  # else nothing to allocate: the allocations stay the same object
         try:
-            new_alloc, events = alloc_mod.allocate_changed(cfg, applied.alloc, usable, changed,
-                                                           applied.holders, positions)
+            commit, events = alloc_mod.allocate_changed(cfg, applied.alloc, usable, changed,
+                                                        applied.holders)
         except alloc_mod.NeedsFullAllocation:
             return None
+        new_alloc = commit.view
     facts = HostFacts(usable, existing, addresses)
     placed, missing, notes = {}, set(), []
-    for w in sorted((w for w in changed if w in positions), key=positions.__getitem__):
-        wl = cfg.workloads[positions[w]]
-        placed[w], note = workload_elements(cfg, new_alloc, wl, leases_of(new_alloc, w), facts)
+    for w in cfg.in_order(changed):
+        placed[w], note = workload_elements(cfg, new_alloc, by_id[w], leases_of(new_alloc, w), facts)
         if note:
             missing.add(w)
             notes.append(note)
     shared = build_shared(cfg, new_alloc, HostFacts(usable, None, addresses))
-    return Change(cfg, new_alloc, events, facts, changed, placed, shared, missing, notes)
+    old = old_versions(applied.cfg, cfg, changed)
+    return Change(cfg, new_alloc, commit, events, facts, changed, old, placed, shared, missing, notes)

@@ -386,15 +386,67 @@ class Config(_Model):
     def _by_id(self) -> dict[str, EgressIP]:
         return {ip.id: ip for ip in self.egress_ips}
 
-    @cached_property
-    def workload_positions(self) -> dict[str, int]:
-        """Workload id -> its index in `workloads` (the order allocation follows)."""
-        return dict(zip(map(attrgetter("id"), self.workloads), range(len(self.workloads))))
+    # The indexes of `workloads` live in the instance's __dict__, as cached properties
+    # do: pydantic compares and dumps fields alone, and model_copy shares them with
+    # the copy (which checks they index its own workloads list).
+    @property
+    def _index(self) -> Optional["_Index"]:
+        return self.__dict__.get("_workload_index")
 
-    @cached_property
-    def workloads_by_object(self) -> dict[int, "Workload"]:
-        """id(workload) -> workload: which entries a reload kept (applied.py)."""
-        return dict(zip(map(id, self.workloads), self.workloads))
+    def _set_index(self, ix: "_Index") -> "_Index":
+        self.__dict__["_workload_index"] = ix
+        return ix
+
+    def _ix(self) -> "_Index":
+        ix = self._index
+        if ix is None or ix.workloads is not self.workloads:  # a copy with other workloads
+            ix = self._set_index(_Index(self.workloads))
+        return ix
+
+    @property
+    def workloads_by_id(self) -> dict[str, "Workload"]:
+        """Workload id -> workload. A config the Reader read right after another takes
+        that one's index over and applies what changed (O(changed)); the other builds
+        its own again if it is ever asked (applied.py asks the new one only)."""
+        ix = self._ix()
+        if ix.by_id is None:
+            base = ix.base
+            if base is not None and base.by_id is not None:
+                out, base.by_id = base.by_id, None
+                for w in ix.removed:
+                    if out.get(w.id) is w:
+                        del out[w.id]
+                out.update((w.id, w) for w in ix.added)
+            else:
+                out = dict(zip(map(attrgetter("id"), self.workloads), self.workloads))
+            ix.by_id = out
+        return ix.by_id
+
+    @property
+    def workload_positions(self) -> dict[str, int]:
+        """Workload id -> its index in `workloads` (the order allocation follows): O(workloads)
+        to build, so only for orderings of more than one (in_order)."""
+        ix = self._ix()
+        if ix.positions is None:
+            ix.positions = dict(zip(map(attrgetter("id"), self.workloads), range(len(self.workloads))))
+        return ix.positions
+
+    def in_order(self, ids: Iterable[str]) -> list[str]:
+        """Those of `ids` that are workloads of this config, in config order."""
+        by_id = self.workloads_by_id
+        out = [w for w in ids if w in by_id]
+        if len(out) > 1:
+            out.sort(key=self.workload_positions.__getitem__)
+        return out
+
+    def changes_since(self, old: "Config") -> Optional[tuple[list["Workload"], list["Workload"]]]:
+        """(added, removed): the workload models this config has and `old` has not, and
+        the other way round, when the Reader read this config right after `old` (its
+        unchanged entries are the same models); None when that is not known."""
+        ix, base = self._ix(), old._index
+        if ix.base is None or ix.base is not base or base.workloads is not old.workloads:
+            return None
+        return ix.added, ix.removed
 
     @cached_property
     def _by_owner(self) -> dict[tuple[str, str], list[EgressIP]]:
@@ -419,19 +471,46 @@ class Config(_Model):
     def ip_ports(self, ip: EgressIP) -> tuple[int, int]:
         return port_bounds(ip.ports or self.defaults.port_range)
 
-    @cached_property
+    @property
     def fixed_blocks(self) -> dict[str, dict[str, tuple[int, int]]]:
-        """Egress IP id -> workload id -> the port block its `blocks:` fixes there."""
-        out: dict[str, dict[str, tuple[int, int]]] = {}
-        for w in self.workloads:
-            for ip_id, block in w.blocks.items():
-                out.setdefault(ip_id, {})[w.id] = port_bounds(block)
-        return out
+        """Egress IP id -> workload id -> the port block its `blocks:` fixes there
+        (derived from the base config's, as workloads_by_id is)."""
+        ix = self._ix()
+        if ix.fixed is None:
+            base = ix.base.fixed if ix.base is not None else None
+            out: dict[str, dict[str, tuple[int, int]]] = (
+                {ip: dict(ws) for ip, ws in base.items()} if base is not None else {})
+            for w in ix.removed if base is not None else ():
+                for ip_id in w.blocks:
+                    out.get(ip_id, {}).pop(w.id, None)
+            for w in ix.added if base is not None else self.workloads:
+                for ip_id, block in w.blocks.items():
+                    out.setdefault(ip_id, {})[w.id] = port_bounds(block)
+            ix.fixed = {ip: ws for ip, ws in out.items() if ws}
+        return ix.fixed
 
     def fixed_blocks_of(self, workload: str) -> dict[str, tuple[int, int]]:
         """Egress IP id -> the port block `workload`'s `blocks:` fixes there (none: {})."""
-        i = self.workload_positions.get(workload)
-        return {} if i is None else {ip: port_bounds(b) for ip, b in self.workloads[i].blocks.items()}
+        w = self.workloads_by_id.get(workload)
+        return {} if w is None else {ip: port_bounds(b) for ip, b in w.blocks.items()}
+
+
+class _Index:
+    """The indexes of one workloads list, each built when first asked. A config the
+    Reader read knows the index of the config read before it (`base`) and the
+    workload models that differ (`added`, `removed`), so that its indexes follow from
+    the base's at the cost of what changed (docs/design.md, "Incremental syncs")."""
+
+    __slots__ = ("workloads", "base", "added", "removed", "by_id", "positions", "fixed")
+
+    def __init__(self, workloads: list, base: Optional["_Index"] = None,
+                 added: Iterable = (), removed: Iterable = ()) -> None:
+        self.workloads = workloads
+        self.base = base
+        self.added, self.removed = list(added), list(removed)
+        self.by_id: Optional[dict] = None
+        self.positions: Optional[dict[str, int]] = None
+        self.fixed: Optional[dict[str, dict[str, tuple[int, int]]]] = None
 
 
 def policy_matches(policy: Policy, w: Workload) -> bool:
@@ -1648,14 +1727,6 @@ class Reader:
         self._order = []
         data, _, included = _assemble(text, file, with_lines=False, read=self._read)
         cfg = _validate_kept(data)
-        checked = self._checked.after(cfg) if self._checked is not None else None
-        if checked is None:
-            if _check_semantics(cfg):
-                raise ConfigError([])
-            checked = _Checked(cfg)
-        elif not checked:
-            raise ConfigError([])
-        self._checked = checked
         # Remember each file's entries as models: _include appended the lists in
         # the order the files were read, the main file's first.
         offsets = {key: 0 for key in _KEPT}
@@ -1668,8 +1739,63 @@ class Reader:
                     kept[key] = getattr(cfg, key)[offsets[key]:offsets[key] + n]
                     offsets[key] += n
             files[f] = _FileSeen(digest, ftext, kept, keys, shape)
+        last = self._checked
+        changes = _workload_changes(self._files, files) if last is not None else None
+        checked = last.after(cfg, changes) if last is not None else None
+        if checked is None:
+            if _check_semantics(cfg):
+                raise ConfigError([])
+            checked = _Checked(cfg)
+        elif not checked:
+            raise ConfigError([])
+        base = last.cfg._index if last is not None and changes is not None else None
+        if base is not None and base.workloads is last.cfg.workloads:
+            base.base, base.added, base.removed = None, [], []  # one step back is enough
+            cfg._set_index(_Index(cfg.workloads, base, *changes))
+        cfg.workloads_by_id, cfg.fixed_blocks  # derived now, while the base has its own
+        self._checked = checked
         self._files, self._order = files, []
         return Loaded(cfg, file, text, (file, *included))
+
+
+def workload_changes(old: Config, new: Config) -> Optional[tuple[list, list]]:
+    """(added, removed): the workload models `new` has and `old` has not, and the
+    other way round. An entry a Reader did not change is the same model, and a config
+    it read right after `old` knows which are not (O(changed)); otherwise the models
+    are told apart by identity, with set operations in C (O(workloads)). None when
+    `new` holds one model twice."""
+    changes = new.changes_since(old)
+    if changes is not None:
+        return changes
+    before = dict(zip(map(id, old.workloads), old.workloads))
+    after = dict(zip(map(id, new.workloads), new.workloads))
+    if len(after) != len(new.workloads):
+        return None
+    return ([after[k] for k in after.keys() - before.keys()],
+            [before[k] for k in before.keys() - after.keys()])
+
+
+def _workload_changes(old: dict[str, _FileSeen], new: dict[str, _FileSeen]
+                      ) -> Optional[tuple[list, list]]:
+    """(added, removed): the workload models in `new`'s files that were not in `old`'s,
+    and the other way round, looked for in the files that changed alone (a file with
+    the same bytes holds the same models). None when a changed file holds one model
+    twice (two entries alike: the full check names them)."""
+    added, removed = [], []
+    for f in [*old, *(f for f in new if f not in old)]:
+        o, n = old.get(f), new.get(f)
+        if o is not None and n is not None and o.digest == n.digest:
+            continue
+        before = o.data.get("workloads") if o is not None else None
+        after = n.data.get("workloads") if n is not None else None
+        before = before if isinstance(before, list) else []
+        after = after if isinstance(after, list) else []
+        had, has = set(map(id, before)), set(map(id, after))
+        if len(has) != len(after):
+            return None
+        removed += [w for w in before if id(w) not in has]
+        added += [w for w in after if id(w) not in had]
+    return added, removed
 
 
 class _Checked:
@@ -1692,25 +1818,19 @@ class _Checked:
             ws = cfg.workloads
             index = ({w.id for w in ws}, {s for w in ws for s in w.source},
                      {w.cgroup for w in ws if w.cgroup}, collections.Counter(w.app for w in ws))
-        self.objects = cfg.workloads_by_object.keys()
         self.ids, self.sources, self.cgroups, self.apps = index
 
-    def after(self, new: Config) -> "Union[_Checked, None, Literal[False]]":
-        """None: take the full check (more than workloads changed); else a false
-        value when `new` has a problem, a _Checked of `new` when not."""
+    def after(self, new: Config, changes: Optional[tuple[list, list]]
+              ) -> "Union[_Checked, None, Literal[False]]":
+        """None: take the full check (more than workloads changed, or the workload
+        models that changed are not known: `changes`, from _workload_changes); else a
+        false value when `new` has a problem, a _Checked of `new` when not."""
         old = self.cfg
-        if (new.version, new.host, new.defaults, new.managed_sources) != \
+        if changes is None or (new.version, new.host, new.defaults, new.managed_sources) != \
                 (old.version, old.host, old.defaults, old.managed_sources) or \
                 not _same(new.egress_ips, old.egress_ips) or not _same(new.policies, old.policies):
             return None
-        # unchanged entries are the same models (the Reader keeps them): told apart
-        # by identity with set operations in C (workloads_by_object is cached on
-        # the config, and applied.changed_workloads reads it too)
-        objects = new.workloads_by_object
-        if len(objects) != len(new.workloads):
-            return None  # one model twice
-        added = list(map(objects.__getitem__, objects.keys() - self.objects))
-        removed = list(map(old.workloads_by_object.__getitem__, self.objects - objects.keys()))
+        added, removed = changes
         if any(w.blocks for w in added):
             return None
         ids = [w.id for w in added]

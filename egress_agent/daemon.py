@@ -528,7 +528,7 @@ class Daemon:
         rec = self.rec
         # what the kernel holds (memory), not the disk, which may be behind or corrupt
         log = TranslationLog(self.translation_log,
-                             workload_lookup(lambda: rec.alloc or rec.store.load()))
+                             workload_lookup(lambda: rec.allocations() or rec.store.load()))
         self.log.info("translation log", path=self.translation_log)
         def overrun(msg: str, n: int) -> None:
             with self.metrics.lock:
@@ -572,7 +572,7 @@ class Daemon:
                 continue
             try:
                 # what the kernel holds (memory), as the translation log reads it
-                snap = self.collect_usage(cfg, self.rec.alloc if self.rec else None)
+                snap = self.collect_usage(cfg, self.rec.allocations() if self.rec else None)
             except Exception as e:
                 self.log.error("usage collection failed", error=f"{type(e).__name__}: {e}")
                 continue

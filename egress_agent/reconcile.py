@@ -23,6 +23,7 @@ import errno as errno_mod
 import functools
 import gc
 import heapq
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -135,6 +136,9 @@ class Reconciler:
         self.live_leases = live_leases
         self.index: Optional[Applied] = None  # what the kernel accepted last, per workload
         self.alloc: Optional[alloc_mod.Allocations] = None  # the allocations it accepted with it
+        # held while an incremental sync writes the new allocations into self.alloc's
+        # dicts (AllocChange.apply): other threads read them through allocations()
+        self.alloc_lock = threading.Lock()
         self.generation: Optional[int] = None  # nftables' generation after our last batch
         self.trusted = False  # memory is what the kernel held at that generation
         self._gen_start: Optional[int] = None
@@ -286,8 +290,10 @@ class Reconciler:
         except Exception:
             self.full_next = True
             raise
-        self.alloc = self._drain(change.alloc, change.events, change.notes)
-        self.index = replace(change, alloc=self.alloc).applied(self.index)
+        with self.alloc_lock:  # another thread may be copying them (allocations())
+            alloc = change.apply(self.index)
+        self.alloc = self._drain(alloc, change.events, change.notes)
+        self.index = change.applied(self.index, self.alloc)
         return self._after(trigger, "incremental", ops, tx, change.notes, change.facts.usable,
                            change.events, False, False, drift, t0, len(change.workloads),
                            change.workloads)
@@ -374,6 +380,11 @@ class Reconciler:
         """Is nftables as this process left it (trusted, its generation number the same)?"""
         return (self.index is not None and not self.full_next and self.trusted
                 and self.generation is not None and self._gen_start == self.generation)
+
+    def allocations(self) -> Optional[alloc_mod.Allocations]:
+        """What the kernel holds, for another thread than the syncs': a copy."""
+        with self.alloc_lock:
+            return self.alloc.copy() if self.alloc is not None else None
 
     @property
     def applied(self) -> Observed:

@@ -7,7 +7,8 @@ reports what a cold load() reports."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egress_agent.config import Config, ConfigError, Reader, _check_semantics, _Checked, load
+from egress_agent.config import (Config, ConfigError, Reader, _check_semantics, _Checked, load,
+                                 workload_changes)
 
 BASE = {
     "version": 1, "host": {"name": "h", "region": "r"},
@@ -80,7 +81,7 @@ def test_the_check_of_changed_workloads_agrees_with_the_full_check(changes):
     for change in changes:
         new = changed(checked.cfg, change)
         full = bool(_check_semantics(new))
-        fast = checked.after(new)
+        fast = checked.after(new, workload_changes(checked.cfg, new))
         if fast is None:  # only for an added workload with fixed blocks
             assert change[0] != "remove" and change[2].get("blocks"), change
             checked = checked if full else _Checked(new)
@@ -96,7 +97,8 @@ def test_a_change_beyond_the_workloads_takes_the_full_check():
     checked = _Checked(cfg)
     data = cfg.model_dump(exclude_defaults=True)
     data["policies"] = data["policies"][:1]
-    assert checked.after(Config.model_validate({**data, "workloads": cfg.workloads})) is None
+    new = Config.model_validate({**data, "workloads": cfg.workloads})
+    assert checked.after(new, workload_changes(cfg, new)) is None
 
 
 def workload_line(w: dict) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from egress_agent.alloc import allocate, drain
-from egress_agent.config import parse
+from egress_agent.config import Config, Reader, parse
 from egress_agent.hoststate import HostFacts, HostState, existing_cgroups, usable_from
 from egress_agent.nft.fake import FakeNft
 from egress_agent.nft.listing import observed_from_json
@@ -199,8 +199,22 @@ def assert_disjoint(a) -> None:
     assert len(v6) == len(set(v6)), sorted(v6)
 
 
-def check_step(rec: Reconciler, world: World, cgroot: str, kind: str, prev) -> None:
-    cfg = parse(world.config_text()).config
+def read(world: World, reader) -> Config:
+    """The world's config: parsed anew, or (`reader`: (Reader, path)) through a Reader
+    and copied as the daemon copies it, so that the sync finds what changed from the
+    Reader (Config.changes_since) instead of comparing every workload."""
+    if reader is None:
+        return parse(world.config_text()).config
+    r, path = reader
+    path.write_text(world.config_text())
+    return r.load(path).config.model_copy(update={"state_dir": str(path.parent)})
+
+
+def check_step(rec: Reconciler, world: World, cgroot: str, kind: str, prev, reader=None) -> None:
+    before = rec.index.cfg
+    cfg = read(world, reader)
+    if reader is not None and kind == "workloads":
+        assert cfg.changes_since(before) is not None
     host = world.host()
     rec.read_host = lambda: host
     trigger = {"usable": "netlink", "resync": "resync"}.get(kind, "config")
@@ -243,10 +257,12 @@ def test_incremental_syncs_equal_a_whole_plan(tmp_path_factory, edits, seed):
     rec = Reconciler(FakeNft(), FakeRouting(), Store(tmp / "state"), world.host,
                      cgroup_root=cgroot,
                      live_leases=lambda marks: frozenset() if world.drain else live["all"])
-    rec.sync(parse(world.config_text()).config, trigger="start", full=True)
+    reader = (Reader(), tmp / "c.yaml") if seed % 2 else None
+    rec.sync(read(world, reader), trigger="start", full=True)
     for edit, k in edits:
         kind = edit(world, k)
-        check_step(rec, world, cgroot, kind, rec.alloc)
+        # a copy: an incremental sync writes its change into rec.alloc's dicts
+        check_step(rec, world, cgroot, kind, rec.alloc.copy(), reader)
 
 
 # --- the resync trusts memory only while nftables' generation says nothing else committed ---
