@@ -31,7 +31,7 @@ from .hoststate import Usable
 Ports = tuple[int, int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     """Workload `workload` may leave via egress IP `ip` with these addresses."""
 
@@ -67,7 +67,7 @@ def lingering_order(k: BlockKey) -> tuple:
     return (k[0], k[1], k[2] or "", k[3] or (0, 0), k[4] or "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lingering:
     """A released lease whose connections may still live in conntrack.
 
