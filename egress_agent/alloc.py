@@ -130,11 +130,11 @@ class Allocations:
     app_choice6: dict[str, str] = field(default_factory=dict)
     lingering: dict[BlockKey, Lingering] = field(default_factory=dict)  # released, still in use
 
-    def to_json(self) -> dict:
+    def to_json(self, leases: bool = True) -> dict:
         d = {"version": 1, "wids": self.wids, "eids": self.eids,
-             "app_choice": self.app_choice, "app_choice6": self.app_choice6,
-             "leases": [l.to_json() for l in sorted(self.leases.values(),
-                                                     key=lambda l: (l.workload, l.ip))]}
+             "app_choice": self.app_choice, "app_choice6": self.app_choice6}
+        if leases:  # (store.allocations_text writes them itself)
+            d["leases"] = [self.leases[k].to_json() for k in sorted(self.leases)]
         if self.lingering:  # absent when empty: older readers see the file they know
             d["lingering"] = [self.lingering[k].to_json()
                               for k in sorted(self.lingering, key=lingering_order)]

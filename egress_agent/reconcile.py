@@ -146,7 +146,7 @@ class Reconciler:
         self._batches = 1  # nft batches (commits) the last sync sent
         self.full_next = True
         self.quarantine = True  # move a corrupt store aside (False: plan only, touch nothing)
-        self.unsaved: list[dict] = []  # history records the kernel took and the disk has not
+        self.unsaved: list[str] = []  # history lines the kernel took and the disk has not
         self.store_dirty = False  # allocations.json is older than self.alloc
         # the workloads whose allocations changed since the last write (journaled);
         # None: write allocations.json whole

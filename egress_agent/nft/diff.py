@@ -93,7 +93,16 @@ class Transaction:
         return not self.lines
 
 
+# Elements are written sorted, so that a batch reads the same every time (plan --nft,
+# the sync log, golden files); past this many in one map they are written in the
+# set's own order: sorting 400k element strings is a quarter of a second of a
+# 100k-workload full sync, for a batch nobody reads.
+SORTED_UP_TO = 10_000
+
+
 def _chunks(items: list[str]):
+    if len(items) <= SORTED_UP_TO:
+        items.sort()
     for i in range(0, len(items), CHUNK):
         yield items[i:i + CHUNK]
 
@@ -180,11 +189,11 @@ def transaction(desired: Desired, observed: Observed,
             new = {e for e in want if have_map.get(e[0], _MISSING) != e[1]}
         if gone:
             tx.removed += len(gone)
-            for chunk in _chunks(sorted(map(element_writer(name, False), gone))):
+            for chunk in _chunks(list(map(element_writer(name, False), gone))):
                 tx.lines.append(f"delete element {T} {name} {{ {', '.join(chunk)} }}")
         if new:
             tx.added += len(new)
-            for chunk in _chunks(sorted(map(element_writer(name), new))):
+            for chunk in _chunks(list(map(element_writer(name), new))):
                 adds.append(f"add element {T} {name} {{ {', '.join(chunk)} }}")
                 tx.add_sizes.append((name, len(chunk)))
     tx.adds_at = (len(tx.lines), len(tx.lines) + len(adds))
