@@ -143,10 +143,11 @@ def changed_workloads(old: Config, new: Config) -> Optional[set[str]]:
 def old_versions(old: Config, new: Config, ids: set[str]) -> dict[str, Workload]:
     """The workloads of `ids` that `old` has, as it has them, found through `new`'s
     index and the changes between them when `new` knows those."""
-    if old is not new and new.changes_since(old) is None:
+    changes = ([], []) if old is new else new.changes_since(old)
+    if changes is None:
         by_id = old.workloads_by_id
         return {w: by_id[w] for w in ids if w in by_id}
-    added, removed = new.changes_since(old) if old is not new else ([], [])
+    added, removed = changes
     was = {w.id: w for w in removed}
     fresh = {w.id for w in added}
     by_id = new.workloads_by_id

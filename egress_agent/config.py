@@ -1766,11 +1766,12 @@ class Reader:
             checked = _Checked(cfg)
         elif not checked:
             raise ConfigError([])
-        base = last.cfg._index if last is not None and changes is not None else None
-        if base is not None and base.workloads is last.cfg.workloads:
+        if last is not None and changes is not None:
+            base = last.cfg._ix()
             base.base, base.added, base.removed = None, [], []  # one step back is enough
             cfg._set_index(_Index(cfg.workloads, base, *changes))
-        cfg.workloads_by_id, cfg.fixed_blocks  # derived now, while the base has its own
+        # derived now, from the base's own (which the next load cuts loose)
+        cfg.workloads_by_id, cfg.fixed_blocks
         self._checked = checked
         self._files, self._order = files, []
         return Loaded(cfg, file, text, (file, *included))
