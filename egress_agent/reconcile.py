@@ -291,8 +291,8 @@ class Reconciler:
             self.full_next = True
             raise
         with self.alloc_lock:  # another thread may be copying them (allocations())
-            alloc = change.apply(self.index)
-        self.alloc = self._drain(alloc, change.events, change.notes)
+            self.alloc = change.apply(self.index)
+        self.alloc = self._drain(self.alloc, change.events, change.notes)
         self.index = change.applied(self.index, self.alloc)
         return self._after(trigger, "incremental", ops, tx, change.notes, change.facts.usable,
                            change.events, False, False, drift, t0, len(change.workloads),
