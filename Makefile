@@ -14,6 +14,14 @@ bench: venv
 
 # the guest image of `egress-agent lab vm-pair`: Debian 12's own kernel, cached in
 # build/vm-stable (EGRESS_VM_KERNEL=backports: 6.12, in build/vm-backports); not in CI
-.PHONY: vm-image
+.PHONY: vm-image vagrant-box
 vm-image:
+	scripts/install-deps mmdebstrap qemu-utils qemu-system-x86 e2fsprogs
 	vagrant/vm-image
+
+# the same lab's Vagrant box (libvirt), for `egress-agent lab vm-pair --vagrant` and
+# vagrant/pair/Vagrantfile: build/box-stable, added to VAGRANT_HOME=build/vagrant
+vagrant-box:
+	scripts/install-deps mmdebstrap qemu-utils qemu-system-x86 e2fsprogs vagrant \
+	  vagrant-libvirt libvirt-daemon-system dnsmasq-base rsync openssh-client
+	VAGRANT_HOME=$(CURDIR)/build/vagrant vagrant/box

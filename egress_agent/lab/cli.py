@@ -206,14 +206,15 @@ def _report(rows: list[dict], as_json: bool) -> int:
 def cmd_vm_pair(args) -> int:
     from . import vmlab
     prefix = args.prefix
+    cls = vmlab.VagrantPairLab if args.vagrant else vmlab.VmPairLab
     try:
-        lab = vmlab.VmPairLab(prefix, accel=args.accel, kernel=args.kernel)
+        lab = cls(prefix, accel=args.accel, kernel=args.kernel)
     except ValueError as e:
         print(f"lab vm-pair: {e}", file=sys.stderr)
         return 2
     if args.down:
         if not os.path.exists(lab.run_dir):  # kept with the other kernel's image
-            lab = next((x for x in (vmlab.VmPairLab(prefix, accel=args.accel, kernel=k)
+            lab = next((x for x in (cls(prefix, accel=args.accel, kernel=k)
                                     for k in vmlab.KERNELS) if os.path.exists(x.run_dir)), lab)
         lab.down()
         print(f"VM pair lab {prefix} removed")
@@ -282,6 +283,12 @@ def add_lab_commands(sub) -> None:
                             help="the guests' kernel: Debian 12's own, 6.1 (stable, the "
                                  "default; image in build/vm-stable) or bookworm-backports' "
                                  "6.12 (image in build/vm-backports)")
+            sp.add_argument("--vagrant", action="store_true",
+                            help="boot the VMs with Vagrant instead (vagrant/pair/Vagrantfile, "
+                                 "vagrant-libvirt, the box vagrant/box makes; libvirtd and "
+                                 "Vagrant run in the lab's namespace); the same checks, over "
+                                 "SSH. Files in build/box-KERNEL/run-PREFIX, Vagrant's in "
+                                 "build/vagrant")
             sp.add_argument("--render", metavar="DIR",
                             help="only write the fleet file and each host's files into DIR "
                                  "(for vagrant/pair/Vagrantfile: vagrant/pair/rendered)")

@@ -16,15 +16,20 @@ the host has no address on any segment. The guests are driven through
 qemu-guest-agent on a virtio-serial port (a unix socket here), not SSH: the
 checkout is shared read-only with 9p at /egress-agent (tag egress-agent), the
 rendered files at /lab (tag lab).
+
+`--vagrant` (VagrantPairLab) boots the same hosts from vagrant/pair/Vagrantfile
+with vagrant-libvirt instead, and runs the same checks over SSH.
 """
 
 from __future__ import annotations
 
 import base64
+import glob
 import ipaddress
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -222,6 +227,9 @@ class VmPairLab:
                            stdout=subprocess.DEVNULL,
                            env={**os.environ, "EGRESS_VM_KERNEL": self.kernel})
             self.timings["image"] = time.monotonic() - t0
+        self.package(say)
+
+    def package(self, say=print) -> None:
         dist = f"{self.share}/dist"
         if not (os.path.isdir(dist) and any(f.endswith(".deb") for f in os.listdir(dist))):
             say("building the package the guests install (packaging/build-deb) ...")
@@ -287,14 +295,13 @@ class VmPairLab:
         self.timings["boot"] = time.monotonic() - t0
 
     def provision(self) -> None:
-        """provision.sh in all five guests at once (each has its own agent socket)."""
+        """provision.sh in all five guests at once."""
         t0 = time.monotonic()
         errors: dict[str, BaseException] = {}
 
         def one(h: str) -> None:
             try:
-                self.sh(h, "mountpoint -q /egress-agent && mountpoint -q /lab")
-                self.sh(h, " ".join(provision_argv(h, "/lab")), timeout=900)
+                self.provision_one(h)
             except BaseException as e:  # noqa: B036 - reported below, for every guest
                 errors[h] = e
 
@@ -308,6 +315,10 @@ class VmPairLab:
                 f"{h}: {e}" for h, e in errors.items()))
         self.timings["provision"] = time.monotonic() - t0
 
+    def provision_one(self, host: str) -> None:
+        self.sh(host, "mountpoint -q /egress-agent && mountpoint -q /lab")
+        self.sh(host, " ".join(provision_argv(host, "/lab")), timeout=900)
+
     def up(self, say=print) -> None:
         self.image(say)
         say(f"booting 5 VMs ({self.accel}, {MEMORY_MB} MB, 1 vCPU each; files in "
@@ -320,8 +331,12 @@ class VmPairLab:
 
     # --- in the guests ----------------------------------------------------------
 
+    def run(self, host: str, script: str, timeout: float = 10.0) -> tuple[int, str, str]:
+        """`sh -c script` as root in the guest: exit code, stdout, stderr."""
+        return self.agents[host].run(script, timeout)
+
     def sh(self, host: str, script: str, timeout: float = 60.0, check: bool = True) -> str:
-        rc, out, err = self.agents[host].run(script, timeout)
+        rc, out, err = self.run(host, script, timeout)
         if check and rc != 0:
             raise RuntimeError(f"{host}: `{script}` exited {rc}\n{out}{err}")
         return out
@@ -330,7 +345,7 @@ class VmPairLab:
         return APP_IP in self.sh(g, "ip -4 addr show dev up0")
 
     def gate_open(self, g: str) -> bool:
-        return self.agents[g].run(f"nft list table {GATE_TABLE}")[0] != 0
+        return self.run(g, f"nft list table {GATE_TABLE}")[0] != 0
 
     def wait_active(self, g: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -450,29 +465,174 @@ systemd-run -q --unit {name}-pipe sh -c 'exec sleep infinity > /run/{name}.in'""
         return read_pids(self.run_dir)
 
     def _ours(self, pid: int) -> bool:
-        """The pid is still one of this lab's qemu (a pid reused since is not)."""
+        """The pid is still one of this lab's processes, qemu (or libvirtd and
+        virtlogd, VagrantPairLab): its command line names the run dir (a pid
+        reused since does not)."""
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             return False
-        return argv[0].endswith(b"qemu-system-x86_64") and \
+        return argv[0].endswith((b"qemu-system-x86_64", b"libvirtd", b"virtlogd")) and \
             f"{self.run_dir}/".encode() in b" ".join(argv)
 
-    def down(self) -> None:
-        for a in self.agents.values():
-            a.close()
-        pids = [p for p in self._pids().values() if self._ours(p)]
+    def _stop(self, pids: list[int]) -> None:
+        """SIGTERM (qemu powers the guest off at once), SIGKILL after 10 s."""
+        pids = [p for p in pids if self._ours(p)]
         for p in pids:
-            os.kill(p, signal.SIGTERM)  # qemu: powers the guest off at once
+            os.kill(p, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while (left := [p for p in pids if self._ours(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         for p in left:
             os.kill(p, signal.SIGKILL)
+
+    def down(self) -> None:
+        for a in self.agents.values():
+            a.close()
+        self._stop(list(self._pids().values()))
         if os.path.exists(f"/run/netns/{self.hub}"):
             subprocess.run(["ip", "netns", "del", self.hub], check=True)
         subprocess.run(["rm", "-rf", "--one-file-system", self.run_dir], check=True)
+
+
+class VagrantPairLab(VmPairLab):
+    """The same lab from vagrant/pair/Vagrantfile, with vagrant-libvirt: the box
+    vagrant/box makes (the lab's image with sshd and the user vagrant), `vagrant up`
+    (which runs provision.sh in each box), and the checks over SSH with the config
+    `vagrant ssh-config` prints. Vagrant, libvirtd, virtlogd and so every qemu run
+    in the lab's own network namespace (PREFIX-hub): the management network
+    (192.168.121.0/24, SSH from Vagrant) and the two veryisolated segments are
+    bridges there, with no route out. Vagrant's files (VAGRANT_HOME, with the box)
+    are in build/vagrant; a run's domains' disks in a storage pool in its run dir."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, accel: str | None = None,
+                 kernel: str = "stable"):
+        super().__init__(prefix, image_dir=f"{REPO}/build/box-{kernel}", accel=accel,
+                         kernel=kernel)
+        self.box = f"egress-lab-{kernel}"
+        self.rendered = f"{REPO}/vagrant/pair/rendered"
+        self.ssh_config = f"{self.run_dir}/ssh_config"
+        # the storage pool outlives a run: it holds the box's volume, uploaded once
+        # (minutes: libvirt streams the whole disk), and the domains' disks over it
+        self.pool = f"{REPO}/build/vagrant/pool"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "VAGRANT_HOME": f"{REPO}/build/vagrant",
+                "VAGRANT_DOTFILE_PATH": f"{self.run_dir}/.vagrant",
+                "VAGRANT_DEFAULT_PROVIDER": "libvirt", "VAGRANT_CHECKPOINT_DISABLE": "1",
+                "EGRESS_BOX": self.box, "EGRESS_PREFIX": self.prefix,
+                "EGRESS_ACCEL": self.accel, "EGRESS_POOL": self.prefix,
+                "EGRESS_VM_KERNEL": self.kernel}
+
+    def vagrant(self, *args: str, timeout: float = 1800) -> str:
+        p = subprocess.run(["ip", "netns", "exec", self.hub, "vagrant", *args],
+                           cwd=f"{REPO}/vagrant/pair", env=self.env(), capture_output=True,
+                           text=True, timeout=timeout)
+        with open(f"{self.run_dir}/vagrant.log", "a") as log:
+            log.write(f"$ vagrant {' '.join(args)}\n{p.stdout}{p.stderr}")
+        if p.returncode != 0:  # the error first, then Ruby's backtrace
+            raise RuntimeError(f"vagrant {' '.join(args)} exited {p.returncode} (whole output "
+                               f"in {self.run_dir}/vagrant.log):\n{p.stderr[:2000]}")
+        return p.stdout
+
+    def image(self, say=print) -> None:
+        """The box (vagrant/box: builds its image when missing, cached) and the package."""
+        t0 = time.monotonic()
+        subprocess.run([f"{REPO}/vagrant/box"], check=True, stdout=subprocess.DEVNULL,
+                       env=self.env())
+        self.timings["box"] = time.monotonic() - t0
+        self.package(say)
+
+    def boot(self) -> None:
+        if subprocess.run(["virsh", "-q", "version"], capture_output=True).returncode == 0:
+            raise RuntimeError("a libvirtd runs already: this lab starts its own in its "
+                               "namespace (or run vagrant/pair/Vagrantfile with yours)")
+        os.makedirs(self.run_dir)
+        os.makedirs(self.pool, exist_ok=True)
+        self.render(self.rendered)
+        subprocess.run(["ip", "netns", "add", self.hub], check=True)
+        self._hub("link", "set", "lo", "up")
+        pids = {}
+        # `ip netns exec` gives the daemons a mount namespace of their own. Under TCG
+        # /dev/kvm is hidden there: a /dev/kvm without vmx/svm (PVM) made libvirtd
+        # probe qemu anew at every domain start (a minute each)
+        hide = "mount --bind /dev/null /dev/kvm && " \
+            if self.accel == "tcg" and os.path.exists("/dev/kvm") else ""
+        for d in ("virtlogd", "libvirtd"):
+            with open(f"{self.run_dir}/{d}.log", "w") as log:
+                pids[d] = subprocess.Popen(
+                    ["ip", "netns", "exec", self.hub, "sh", "-c",
+                     f'{hide}exec {d} --pid-file "$0"', f"{self.run_dir}/{d}.pid"],
+                    stdout=log, stderr=log, start_new_session=True).pid
+            with open(f"{self.run_dir}/{PIDS}", "w") as f:
+                json.dump(pids, f)
+        t0 = time.monotonic()
+        while subprocess.run(["virsh", "-q", "version"], capture_output=True).returncode != 0:
+            if time.monotonic() - t0 > 30:
+                raise TimeoutError(f"libvirtd did not answer: {self.run_dir}/libvirtd.log")
+            time.sleep(0.2)
+        p = subprocess.run(["virsh", "-q", "pool-create-as", self.prefix, "dir", "--target",
+                            self.pool], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"virsh pool-create-as {self.prefix}: {p.stderr.strip()}")
+        t0 = time.monotonic()
+        self.vagrant("up", "--no-provision")
+        self.timings["boot"] = time.monotonic() - t0
+        with open(self.ssh_config, "w") as f:
+            f.write(self.vagrant("ssh-config"))
+
+    def provision_one(self, host: str) -> None:
+        """The Vagrantfile's provisioner (provision.sh) in one box."""
+        self.vagrant("provision", host)
+
+    def run(self, host: str, script: str, timeout: float = 10.0) -> tuple[int, str, str]:
+        p = subprocess.run(
+            ["ip", "netns", "exec", self.hub, "ssh", "-F", self.ssh_config,
+             "-o", "ControlMaster=auto", "-o", f"ControlPath={self.run_dir}/ssh-%h",
+             "-o", "ControlPersist=600", host, "sudo sh -c " + shlex.quote(script)],
+            capture_output=True, text=True, timeout=timeout + 30)
+        return p.returncode, p.stdout, p.stderr
+
+    def down(self) -> None:
+        """`vagrant destroy`, then whatever of the lab libvirtd still holds (a run
+        that failed half-way): its domains, networks and pool; libvirtd keeps
+        them in /run/libvirt across its own restart."""
+        if any(self._ours(p) for p in self._pids().values()):
+            if os.path.exists(f"{self.run_dir}/.vagrant"):
+                try:
+                    self.vagrant("destroy", "-f", timeout=300)
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    pass
+            for kind, stop, drop in (("", "destroy", "undefine"),
+                                     ("net-", "net-destroy", "net-undefine")):
+                names = subprocess.run(["virsh", "-q", f"{kind}list", "--all", "--name"],
+                                       capture_output=True, text=True).stdout.split()
+                for n in names:
+                    if n.startswith(f"{self.prefix}-"):
+                        subprocess.run(["virsh", "-q", stop, n], capture_output=True)
+                        subprocess.run(["virsh", "-q", drop, n], capture_output=True)
+            subprocess.run(["virsh", "-q", "pool-destroy", self.prefix], capture_output=True)
+        qemu = [int(p) for p in subprocess.run(["pgrep", "-f", f"guest={self.prefix}-"],
+                                               capture_output=True, text=True).stdout.split()]
+        self._stop(qemu)
+        super().down()
+        # what libvirtd leaves of the lab's domains and networks once stopped
+        for path in (glob.glob(f"/run/libvirt/network/{self.prefix}-*")
+                     + glob.glob(f"/var/log/libvirt/qemu/{self.prefix}-*.log")):
+            subprocess.run(["rm", "-rf", "--one-file-system", path], check=True)
+
+    def _ours(self, pid: int) -> bool:
+        """libvirtd and virtlogd name the run dir (their pid files); libvirt's qemu
+        names its domain, PREFIX-HOST."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return False
+        return super()._ours(pid) or (argv[0].endswith(b"qemu-system-x86_64")
+                                      and any(a.startswith(f"guest={self.prefix}-".encode())
+                                              for a in argv))
 
 
 def demo(lab: VmPairLab, say=print, keep: bool = False) -> list[dict]:
@@ -546,7 +706,7 @@ def checks(lab: VmPairLab, say=print) -> list[dict]:
     lab.wait_active(other)
     took = time.monotonic() - t_fail
     say(f"  keepalived stopped on {active}: {other} active after {took:.1f} s "
-        f"(as seen through the guest agent)")
+        f"(as the lab polled it)")
     for w in ("w1", "w2"):  # the pair's fabric address must point at the new active one
         say(f"  {w}: the pair's address {PAIR_VIP} is {lab.neighbours(w)}")
     for (k, fam), n in names.items():

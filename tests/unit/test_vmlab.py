@@ -8,7 +8,10 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -194,3 +197,43 @@ def test_each_kernel_has_its_image_and_run_dir_and_stable_is_the_default():
     assert other.run_dir == f"{REPO}/build/vm-backports/run-vmt"
     with pytest.raises(ValueError, match="one of stable, backports"):
         vmlab.VmPairLab("vmt", accel="tcg", kernel="6.1")
+
+
+def test_the_vagrantfiles_segments_carry_no_address_of_the_host_and_no_route_out():
+    text = open(f"{REPO}/vagrant/pair/Vagrantfile").read()
+    net = text[text.index('vm.vm.network "private_network"'):text.index("vm.vm.provision")]
+    assert "ip:" not in net  # an ip would give the host's bridge an address there
+    assert 'libvirt__forward_mode: "veryisolated"' in net and "auto_config: false" in net
+    assert 'lv.management_network_mode = "none"' in text  # SSH from the host, no NAT
+
+
+def test_the_vagrant_lab_keeps_vagrants_files_in_build_and_its_run_in_the_box_dir():
+    lab = vmlab.VagrantPairLab("vgt", accel="tcg")
+    assert lab.run_dir == f"{REPO}/build/box-stable/run-vgt"
+    env = lab.env()
+    assert env["VAGRANT_HOME"] == f"{REPO}/build/vagrant"
+    assert env["VAGRANT_DOTFILE_PATH"] == f"{lab.run_dir}/.vagrant"
+    assert (env["EGRESS_BOX"], env["EGRESS_PREFIX"], env["EGRESS_ACCEL"], env["EGRESS_POOL"]) \
+        == ("egress-lab-stable", "vgt", "tcg", "vgt")
+
+
+def test_the_vagrant_lab_stops_only_its_own_libvirt_qemu():
+    """down() stops leftover qemu by its domain name (PREFIX-HOST): another lab's
+    qemu, or any other process, is not this lab's."""
+    lab = vmlab.VagrantPairLab("vgt", accel="tcg")
+    procs = {name: subprocess.Popen(
+        ["bash", "-c", f'exec -a /usr/bin/qemu-system-x86_64 {sys.executable} '
+                       f'-c "import time; time.sleep(30)" -name guest={name},debug-threads=on'])
+        for name in ("vgt-w1", "vgtx-w1")}
+    try:
+        deadline = time.monotonic() + 5
+        while not all(open(f"/proc/{p.pid}/cmdline").read().startswith("/usr/bin/qemu")
+                      for p in procs.values()):  # bash has exec'd
+            assert time.monotonic() < deadline
+        assert lab._ours(procs["vgt-w1"].pid)
+        assert not lab._ours(procs["vgtx-w1"].pid)
+        assert not lab._ours(os.getpid())
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
