@@ -465,15 +465,9 @@ systemd-run -q --unit {name}-pipe sh -c 'exec sleep infinity > /run/{name}.in'""
         return read_pids(self.run_dir)
 
     def _ours(self, pid: int) -> bool:
-        """The pid is still one of this lab's processes, qemu (or libvirtd and
-        virtlogd, VagrantPairLab): its command line names the run dir (a pid
-        reused since does not)."""
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            return False
-        return argv[0].endswith((b"qemu-system-x86_64", b"libvirtd", b"virtlogd")) and \
+        """The pid is still one of this lab's qemu (a pid reused since is not)."""
+        argv = _argv(pid)
+        return argv[0].endswith(b"qemu-system-x86_64") and \
             f"{self.run_dir}/".encode() in b" ".join(argv)
 
     def _stop(self, pids: list[int]) -> None:
@@ -504,7 +498,8 @@ class VagrantPairLab(VmPairLab):
     in the lab's own network namespace (PREFIX-hub): the management network
     (192.168.121.0/24, SSH from Vagrant) and the two veryisolated segments are
     bridges there, with no route out. Vagrant's files (VAGRANT_HOME, with the box)
-    are in build/vagrant; a run's domains' disks in a storage pool in its run dir."""
+    and the storage pool (the box's volume, the domains' disks) are in build/vagrant;
+    a run's own files in build/box-KERNEL/run-PREFIX."""
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, accel: str | None = None,
                  kernel: str = "stable"):
@@ -513,8 +508,8 @@ class VagrantPairLab(VmPairLab):
         self.box = f"egress-lab-{kernel}"
         self.rendered = f"{REPO}/vagrant/pair/rendered"
         self.ssh_config = f"{self.run_dir}/ssh_config"
-        # the storage pool outlives a run: it holds the box's volume, uploaded once
-        # (minutes: libvirt streams the whole disk), and the domains' disks over it
+        # the storage pool outlives a run: the box's volume (800 MB) is uploaded into
+        # it once, not at every run; the domains' disks are copy-on-write over it
         self.pool = f"{REPO}/build/vagrant/pool"
 
     def env(self) -> dict[str, str]:
@@ -625,14 +620,20 @@ class VagrantPairLab(VmPairLab):
     def _ours(self, pid: int) -> bool:
         """libvirtd and virtlogd name the run dir (their pid files); libvirt's qemu
         names its domain, PREFIX-HOST."""
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            return False
-        return super()._ours(pid) or (argv[0].endswith(b"qemu-system-x86_64")
-                                      and any(a.startswith(f"guest={self.prefix}-".encode())
-                                              for a in argv))
+        argv = _argv(pid)
+        if argv[0].endswith((b"libvirtd", b"virtlogd")):
+            return f"{self.run_dir}/".encode() in b" ".join(argv)
+        return argv[0].endswith(b"qemu-system-x86_64") and \
+            any(a.startswith(f"guest={self.prefix}-".encode()) for a in argv)
+
+
+def _argv(pid: int) -> list[bytes]:
+    """A process's command line ([b""] when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return [b""]
 
 
 def demo(lab: VmPairLab, say=print, keep: bool = False) -> list[dict]:
