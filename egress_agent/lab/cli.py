@@ -225,7 +225,7 @@ def cmd_vm_pair(args) -> int:
         return 0
     try:
         rows = vmlab.demo(lab, say=(lambda s: print(s, file=sys.stderr)) if args.json else print,
-                          keep=args.keep)
+                          keep=args.keep, rounds=args.failovers)
     except FileExistsError as e:
         print(f"lab vm-pair: {e}", file=sys.stderr)
         return 2
@@ -289,6 +289,10 @@ def add_lab_commands(sub) -> None:
                                  "Vagrant run in the lab's namespace); the same checks, over "
                                  "SSH. Files in build/box-KERNEL/run-PREFIX, Vagrant's in "
                                  "build/vagrant")
+            sp.add_argument("--failovers", type=int, default=0, metavar="N",
+                            help="after the checks, N more failovers, keepalived stopped and "
+                                 "the fabric link down in turn, each with connections held "
+                                 "from m1 and m2 (a row each; default 0)")
             sp.add_argument("--render", metavar="DIR",
                             help="only write the fleet file and each host's files into DIR "
                                  "(for vagrant/pair/Vagrantfile: vagrant/pair/rendered)")

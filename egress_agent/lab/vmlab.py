@@ -636,7 +636,7 @@ def _argv(pid: int) -> list[bytes]:
         return [b""]
 
 
-def demo(lab: VmPairLab, say=print, keep: bool = False) -> list[dict]:
+def demo(lab: VmPairLab, say=print, keep: bool = False, rounds: int = 0) -> list[dict]:
     """`egress-agent lab vm-pair`: the checks of `lab pair`, in VMs. One row per
     check: what, expected, observed, ok."""
     prefix = lab.prefix
@@ -649,7 +649,7 @@ def demo(lab: VmPairLab, say=print, keep: bool = False) -> list[dict]:
     try:
         lab.up(say)
         t1 = time.monotonic()
-        rows = checks(lab, say)
+        rows = checks(lab, say, rounds)
         lab.timings["checks"] = time.monotonic() - t1
         if keep:
             lab.wait_any_active()
@@ -666,12 +666,13 @@ def demo(lab: VmPairLab, say=print, keep: bool = False) -> list[dict]:
     return rows
 
 
-def checks(lab: VmPairLab, say=print) -> list[dict]:
+def checks(lab: VmPairLab, say=print, rounds: int = 0) -> list[dict]:
     """The checks of `lab pair` in a VM lab that is up: what the origin sees of
     each machine against the fleet's blocks, held connections across a failover
     (keepalived stopped on the active gateway), new connections and the policy
-    through the other, the drop fallback with both gateways cut off, and the
-    origin's count of packets from any other source."""
+    through the other, the drop fallback with both gateways cut off, `rounds` more
+    failovers (`failovers`), and the origin's count of packets from any other
+    source."""
     rows: list[dict] = []
 
     def show(r: dict) -> None:
@@ -734,7 +735,62 @@ def checks(lab: VmPairLab, say=print) -> list[dict]:
           "observed": f"{'an answer' if r.get('ok') else 'no answer'} "
                       f"(unusable after {took * 1000:.0f} ms)",
           "ok": not r.get("ok")})
+    rows += failovers(lab, rounds, say, diagnose=not any(not r["ok"] for r in rows))
     leaked = lab.leaked()
     show({"check": "packets at the origin from another source", "expected": "0",
           "observed": str(leaked), "ok": leaked == 0})
+    return rows
+
+
+# how a round of `failovers` takes the active gateway away, and gives it back
+CUTS = {"keepalived stopped": ("systemctl stop keepalived.service",
+                               "systemctl start keepalived.service"),
+        "fabric link down": ("ip link set fabr0 down", "ip link set fabr0 up")}
+
+
+def failovers(lab: VmPairLab, rounds: int, say=print, diagnose: bool = True) -> list[dict]:
+    """`rounds` more failovers, keepalived stopped and the fabric link down in turn
+    (the two of the issue), each while m1 and m2 hold a TCP connection over IPv4:
+    both must answer again from the same port, a new connection from each must
+    leave in its block, and neither workload host may find the pair unusable (its
+    probe) for long. One row per round; the first failed round is diagnosed."""
+    rows: list[dict] = []
+    for i in range(rounds):
+        how = list(CUTS)[i % len(CUTS)]
+        cut, restore = CUTS[how]
+        lab.wait_any_active()
+        for w in ("w1", "w2"):
+            lab.wait_usable(w, True)
+        active = "g1" if lab.holds_app_ip("g1") else "g2"
+        other = "g2" if active == "g1" else "g1"
+        names = {k: lab.hold(k, 4) for k in (1, 2)}
+        first = {k: lab.held(k, n, 0) for k, n in names.items()}
+        t0 = time.monotonic()
+        lab.sh(active, cut)
+        lab.wait_active(other)
+        took = time.monotonic() - t0
+        held = {}
+        for k, n in names.items():
+            lab.ping(k, n)
+            r = lab.held(k, n, 1)
+            held[k] = lab.in_block(r, k) and bool(first[k]) and \
+                (r or {}).get("source_port") == first[k].get("source_port")
+            lab.sh(f"w{k}", f"systemctl stop {n}-pipe {n}", check=False)
+        new = {k: lab.in_block(lab.probe(k), k) for k in (1, 2)}
+        usable = {w: lab.usable(w) for w in ("w1", "w2")}
+        ok = all(held.values()) and all(new.values()) and all(usable.values())
+        r = {"check": f"failover {i + 1}: {how} on {active}",
+             "expected": f"{other} active, m1 m2 held and new",
+             "observed": f"{other} after {took:.1f} s; held "
+                         f"{sum(held.values())}/2, new {sum(new.values())}/2"
+                         + "".join(f", {w} unusable" for w, u in usable.items() if not u),
+             "ok": ok}
+        rows.append(r)
+        say(f"{r['check']:44} {r['expected']:40} {r['observed']:28} {'yes' if ok else 'NO'}")
+        if not ok and diagnose:
+            lab.diagnose(say)
+            diagnose = False
+        lab.sh(active, restore)
+    if rounds:
+        lab.wait_any_active()
     return rows

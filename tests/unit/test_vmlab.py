@@ -171,6 +171,12 @@ class _Lab:
     def wait_usable(self, h, want, timeout=60.0):
         return 0.5
 
+    def wait_any_active(self, timeout=30.0):
+        return "g1"
+
+    def usable(self, h):
+        return True
+
     def leaked(self):
         return 0
 
@@ -237,3 +243,49 @@ def test_the_vagrant_lab_stops_only_its_own_libvirt_qemu():
         for p in procs.values():
             p.kill()
             p.wait()
+
+
+class _Flipping(_Lab):
+    """A pair that fails over for real: the active gateway is whichever was not cut
+    last; m1's held connection is lost in round `lose` (None: never)."""
+
+    def __init__(self, lose=None):
+        super().__init__()
+        self.active, self.round, self.lose, self.scripts = "g1", 0, lose, []
+
+    def holds_app_ip(self, g):
+        return g == self.active
+
+    def sh(self, host, script, timeout=60.0, check=True):
+        self.scripts.append((host, script))
+        if script in (cut for cut, _ in vmlab.CUTS.values()):
+            self.active, self.round = ("g2" if host == "g1" else "g1"), self.round + 1
+        return ""
+
+    def held(self, k, name, pings, timeout=15.0):
+        if k == 1 and pings == 1 and self.round == self.lose:
+            return {"ok": False, "error": "timed out"}
+        return {"ok": True, "source_address": "203.0.113.140", "source_port": 1100 * k}
+
+
+def test_failover_rounds_take_turns_cutting_the_active_gateway_and_give_it_back():
+    lab, said = _Flipping(), []
+    rows = vmlab.failovers(lab, 4, said.append)
+    assert [r["check"] for r in rows] == [
+        "failover 1: keepalived stopped on g1", "failover 2: fabric link down on g2",
+        "failover 3: keepalived stopped on g1", "failover 4: fabric link down on g2"]
+    assert all(r["ok"] for r in rows) and lab.diagnosed == 0
+    cuts = [(h, s) for h, s in lab.scripts if "keepalived" in s or "fabr0" in s]
+    assert cuts == [("g1", "systemctl stop keepalived.service"),
+                    ("g1", "systemctl start keepalived.service"),
+                    ("g2", "ip link set fabr0 down"), ("g2", "ip link set fabr0 up"),
+                    ("g1", "systemctl stop keepalived.service"),
+                    ("g1", "systemctl start keepalived.service"),
+                    ("g2", "ip link set fabr0 down"), ("g2", "ip link set fabr0 up")]
+
+
+def test_a_failover_round_that_loses_a_held_connection_fails_and_is_diagnosed_once():
+    lab = _Flipping(lose=2)
+    rows = vmlab.failovers(lab, 3, lambda s: None)
+    assert [r["ok"] for r in rows] == [True, False, True]
+    assert rows[1]["observed"].endswith("held 1/2, new 2/2") and lab.diagnosed == 1
