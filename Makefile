@@ -24,4 +24,4 @@ vm-image:
 vagrant-box:
 	scripts/install-deps mmdebstrap qemu-utils qemu-system-x86 e2fsprogs vagrant \
 	  vagrant-libvirt libvirt-daemon-system dnsmasq-base rsync openssh-client
-	VAGRANT_HOME=$(CURDIR)/build/vagrant vagrant/box
+	vagrant/box
