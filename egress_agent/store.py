@@ -41,6 +41,7 @@ MAX_ALLOCATIONS_BYTES = 256 << 20
 # history lines per write() (about 50 KiB)
 HISTORY_CHUNK = 256
 _quote = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
+# no indent: the C encoder (json.dump(indent=...) is ~20x slower)
 _COMPACT = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 LEASE_KEYS = frozenset({"workload", "ip", "ipv4", "ports", "ipv6", "temporary"})
 TOP_KEYS = frozenset({"version", "wids", "eids", "app_choice", "leases"})
@@ -495,7 +496,6 @@ class Store:
         # unique per writer: two writers never share (and never rename away) one temp file
         fd, tmp = tempfile.mkstemp(prefix=ALLOCATIONS + ".", suffix=".tmp", dir=self.dir)
         try:
-            # dumps() without indent is the C encoder: json.dump(indent=...) is ~20x slower
             token = os.urandom(8).hex()
             _write_all(fd, allocations_text(alloc, token).encode())
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 ignores the umask; open() would not
